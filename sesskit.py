@@ -1,0 +1,1362 @@
+#!/usr/bin/env python3
+"""sesskit: server-side sessions that never lose a write.
+
+One stdlib-only module for scripts, CGI programs and multi-process WSGI servers::
+
+    import sesskit
+    with sesskit.open_session(sid_from_cookie) as s:    # load (or create), save on clean exit
+        s["visits"] = s.get("visits", 0) + 1
+
+Guarantees, each explained where it is implemented:
+
+* Concurrent requests of one session lose nothing: in the default ``lock="merge"`` mode only the keys a
+  block changed are applied, under the session's own lock, to the record as it is at write-back time.
+  ``lock="exclusive"`` serialises the requests of one session; ``lock="read"`` is a read-only snapshot.
+* Locks are per session and are the operating system's own file locks, so they die with a killed process.
+* A reader never sees a half-written session and a process killed at any instant leaves every session
+  loadable with its old or its new content.
+* Session ids are unique by construction (time, host, process, counter) and unguessable (144 random bits);
+  an incoming id that is malformed, unknown or expired is never adopted.
+"""
+
+__version__ = "0.1.0"
+__license__ = "MIT"
+__all__ = [
+    "DEFAULTS", "SesskitError", "LockTimeout", "InvalidSessionId", "ReadOnlySession",
+    "SessionTooLarge", "ContainerError", "new_session_id", "is_valid_session_id", "Record",
+    "Container", "MemoryContainer", "FileContainer", "open_store", "Session", "open_session",
+]
+
+###############################################################################
+# Imports #####################################################################
+###############################################################################
+
+import binascii
+import errno
+import itertools
+import json
+import os
+import stat
+import struct
+import time
+import zlib
+from collections.abc import MutableMapping
+
+###############################################################################
+# Constants & defaults ########################################################
+###############################################################################
+
+#: Tunables, with their units. ``open_session`` and the containers read them when an argument is None.
+DEFAULTS = {
+    "timeout": 1800.0,          # seconds of inactivity after which a session expires (sliding)
+    "max_age": 0.0,             # seconds after creation after which a session expires anyway; 0 = never
+    "lock_timeout": 10.0,       # seconds to wait for a session's lock before LockTimeout
+    "poll_interval": 0.005,     # seconds, the longest sleep between two tries of a busy lock
+    "max_size": 1 << 20,        # bytes of serialised session data at most (SessionTooLarge beyond)
+    "touch_interval": 60.0,     # seconds: expiry is pushed forward on a read at most this often
+    "reap_interval": 300.0,     # seconds between two opportunistic reaps of one store (0 = never)
+    "reap_budget": 0.05,        # seconds an opportunistic reap may take before it stops and resumes later
+    "durable": False,           # fsync file and directory on every write (survives power loss)
+}
+
+#: The lock modes of ``open_session``.
+LOCK_MODES = ("merge", "exclusive", "read")
+
+###############################################################################
+# Exceptions ##################################################################
+###############################################################################
+
+
+class SesskitError(Exception):
+    """Root of every error sesskit raises on purpose."""
+
+
+class LockTimeout(SesskitError, TimeoutError):
+    """A session's lock could not be acquired within the lock timeout."""
+
+
+class InvalidSessionId(SesskitError, ValueError):
+    """A session id was given where a valid one is required (container API, CLI)."""
+
+
+class ReadOnlySession(SesskitError, TypeError):
+    """A session opened with ``lock="read"`` was written to."""
+
+
+class SessionTooLarge(SesskitError, ValueError):
+    """The serialised session is larger than its ``max_size``; nothing was stored."""
+
+
+class ContainerError(SesskitError, OSError):
+    """A storage backend failed, or refused an unsafe configuration; the stored data is unchanged."""
+
+
+###############################################################################
+# Utilities: JSON, clock ######################################################
+###############################################################################
+
+# One encoder, built once: json.dumps() with options builds a new encoder per call.
+_encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+_decode = json.loads
+
+
+def _check_json(key, value):
+    """Return the JSON text of ``value``; raise TypeError naming ``key`` if it is not JSON."""
+    try:
+        return _encode(value)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise TypeError(f"session key {key!r}: value {type(value).__name__} is not JSON "
+                        f"serialisable ({exc})") from None
+
+
+def _encode_data(data):
+    """Encode a session dict, naming the first key whose value is not JSON."""
+    try:
+        return _encode(data)
+    except (TypeError, ValueError, RecursionError):
+        for key, value in data.items():
+            if type(key) is not str:
+                raise TypeError(f"session keys must be str, not {type(key).__name__}: {key!r}") from None
+            _check_json(key, value)
+        raise
+
+
+def _merge_data(text, changed, deleted):
+    """Apply ``changed`` (key -> value) and ``deleted`` (keys) to the JSON object ``text``."""
+    if not changed and not deleted:
+        return text
+    data = _decode(text)
+    data.update(changed)
+    for key in deleted:
+        data.pop(key, None)
+    return _encode(data)
+
+
+def _short(sid):
+    """A session id shortened for messages and logs (never log whole ids: they are credentials)."""
+    return f"{sid[:6]}…" if isinstance(sid, str) else repr(sid)[:12]
+
+
+###############################################################################
+# OS file locking #############################################################
+###############################################################################
+# The only OS-specific code of the module. POSIX uses flock(2): the lock belongs to the open file
+# description, so two open() calls exclude each other even inside one process (threads), the kernel drops
+# it when the last descriptor closes (a killed process), and it does not mix with the fcntl/lockf record
+# locks that SQLite uses internally. Windows gets msvcrt.locking on byte 0, which behaves the same way for
+# what we need (one exclusive, non-blocking attempt per descriptor).
+
+if os.name == "nt":  # pragma: no cover - POSIX is what the tests prove
+    import msvcrt
+
+    _O_NOFOLLOW = 0
+    _O_CLOEXEC = getattr(os, "O_BINARY", 0) | getattr(os, "O_NOINHERIT", 0)
+
+    def _try_lock(fd):
+        """Try once to take the exclusive lock of ``fd``; return whether we got it."""
+        os.lseek(fd, 0, os.SEEK_SET)
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+
+    def _unlock(fd):
+        """Release the lock of ``fd`` (the descriptor stays open)."""
+        os.lseek(fd, 0, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+
+else:
+    import fcntl
+
+    _O_NOFOLLOW = os.O_NOFOLLOW
+    _O_CLOEXEC = os.O_CLOEXEC
+    _CONTENDED = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES)
+
+    def _try_lock(fd):
+        """Try once to take the exclusive lock of ``fd``; return whether we got it."""
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in _CONTENDED:
+                return False
+            raise
+        return True
+
+    def _unlock(fd):
+        """Release the lock of ``fd`` (the descriptor stays open)."""
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def _wait_lock(fd, timeout, what):
+    """Take the exclusive lock of ``fd``, waiting at most ``timeout`` seconds (None: forever).
+
+    Polls with a growing sleep (0.2 ms up to ``DEFAULTS["poll_interval"]``) so that a lock held for
+    microseconds, the common case in merge mode, is picked up quickly. Raises LockTimeout naming ``what``.
+    """
+    if _try_lock(fd):
+        return
+    if timeout is not None and timeout <= 0:
+        raise LockTimeout(f"{what} is locked by another request (not waiting)")
+    deadline = None if timeout is None else time.monotonic() + timeout
+    delay, longest = 0.0002, DEFAULTS["poll_interval"]
+    while True:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise LockTimeout(f"{what} is still locked after {timeout:g} s; the request holding "
+                                  f"it is slow or stuck (raise lock_timeout, or use lock='merge')")
+            time.sleep(min(delay, left))
+        else:
+            time.sleep(delay)
+        if _try_lock(fd):
+            return
+        delay = min(delay * 2, longest)
+
+
+###############################################################################
+# Session ids #################################################################
+###############################################################################
+# 33 bytes, base64url-encoded to 44 characters of [A-Za-z0-9_-]:
+#   18 bytes  os.urandom         144 bits of secrecy, first so that id prefixes spread files evenly
+#    6 bytes  time in ms         with the next three fields: unique by construction
+#    3 bytes  host tag           CRC-32 of the host name (the name itself is not revealed)
+#    3 bytes  process id         (Linux pids fit in 22 bits)
+#    3 bytes  per-process counter
+# Two generators differ in host, pid or time, and one process never repeats a counter value within a
+# millisecond, so no two ids collide without a CSPRNG failure. A forked child has a new pid, so it cannot
+# repeat its parent's ids even though it inherits the counter; os.urandom is fork-safe by construction.
+
+SID_LENGTH = 44
+_SID_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
+_sid_counter = itertools.count()
+_host_tag = None
+
+
+def _host_bytes():
+    global _host_tag
+    if _host_tag is None:
+        name = os.uname().nodename if hasattr(os, "uname") else os.environ.get("COMPUTERNAME", "")
+        _host_tag = struct.pack(">I", zlib.crc32(name.encode("utf-8", "replace")))[1:]
+    return _host_tag
+
+
+def new_session_id() -> str:
+    """Return a new session id: 44 URL- and cookie-safe characters, unique and unguessable.
+
+    Thread-safe and fork-safe; it touches no store.
+    """
+    raw = b"".join((
+        os.urandom(18),
+        struct.pack(">Q", time.time_ns() // 1_000_000)[2:],
+        _host_bytes(),
+        struct.pack(">I", os.getpid() & 0xFFFFFF)[1:],
+        struct.pack(">I", next(_sid_counter) & 0xFFFFFF)[1:],
+    ))
+    return binascii.b2a_base64(raw, newline=False).translate(_URLSAFE).decode("ascii")
+
+
+def is_valid_session_id(sid) -> bool:
+    """Tell whether ``sid`` has the exact form of an id made by ``new_session_id()``.
+
+    This is checked before anything else touches an incoming id, so a hostile value (path traversal,
+    NUL bytes, 10 KB strings, non-ASCII) never reaches a file name or a database key.
+    """
+    return type(sid) is str and len(sid) == SID_LENGTH and not sid.strip(_SID_ALPHABET)
+
+
+def _require_sid(sid):
+    if not is_valid_session_id(sid):
+        raise InvalidSessionId(f"not a sesskit session id: {_short(sid)}")
+    return sid
+
+
+###############################################################################
+# Containers ##################################################################
+###############################################################################
+
+
+class Record:
+    """One stored session as a container returns it.
+
+    ``data`` is the JSON text of the session dict; ``created`` and ``expires`` are wall-clock epoch
+    seconds; ``timeout`` is the sliding inactivity timeout and ``max_age`` the absolute lifetime (0: none)
+    the session was created with; ``forward`` is the id a rotated session now lives under (a tombstone left
+    for a grace period by ``Session.regenerate(grace=...)``), else None.
+    """
+
+    __slots__ = ("data", "created", "expires", "timeout", "max_age", "forward")
+
+    def __init__(self, data, created, expires, timeout, max_age=0.0, forward=None):
+        self.data = data
+        self.created = created
+        self.expires = expires
+        self.timeout = timeout
+        self.max_age = max_age
+        self.forward = forward
+
+    def replace(self, **changes):
+        """Return a copy with some fields changed."""
+        fields = {name: getattr(self, name) for name in self.__slots__}
+        fields.update(changes)
+        return Record(**fields)
+
+    def __repr__(self):
+        return (f"Record(created={self.created:.3f}, expires={self.expires:.3f}, timeout={self.timeout:g}, "
+                f"max_age={self.max_age:g}, forward={self.forward and _short(self.forward)}, "
+                f"{len(self.data)} bytes)")
+
+
+class Container:
+    """The storage protocol. Containers only store; every policy lives once, in ``Session``.
+
+    Every method takes a valid session id (``is_valid_session_id``) and is safe to call from many threads
+    and processes at once. Expiry is decided by the caller's clock: containers compare against the ``now``
+    they are given and never drop a record on their own except in ``reap``.
+
+    * ``load(sid)`` returns the stored ``Record`` or None (absent or unreadable). It takes no lock and
+      never sees a half-written record.
+    * ``create(sid, record)`` stores a record under a fresh id that is not stored yet.
+    * ``update(sid, changed, deleted, meta, now, held=None)`` is the write-back of merge and exclusive
+      modes. Under the session's exclusive lock (``held`` when the caller already holds it) it re-reads
+      the record and, unless it is missing, a tombstone or expired at ``now`` (then it writes nothing and
+      returns False: a late write-back never resurrects a session), applies ``changed`` (key -> JSON
+      value) and ``deleted`` (keys) to it, takes ``created``/``expires``/``timeout``/``max_age``/
+      ``forward`` from ``meta`` and writes it atomically. Returns True when written.
+    * ``touch(sid, expires)`` pushes a record's expiry forward without rewriting its data.
+    * ``delete(sid, held=None)`` removes a record, under its lock.
+    * ``lock(sid, timeout)`` returns a held lock of a stored session (a context manager releasing it),
+      or None when the session is not stored. Raises LockTimeout. Locks are not reentrant.
+    * ``reap(now=None, budget=None, interval=0)`` removes expired records; one reaper runs at a time per
+      store (others return 0 at once), a ``budget`` in seconds bounds one call (the next resumes), and
+      with ``interval`` the call does nothing if a reap of this store started less than that long ago.
+      Returns the number of records removed.
+    * ``count(now=None)`` and ``sids(now=None)`` count and list unexpired sessions; ``close()`` frees
+      handles (the container stays usable and reopens them on demand).
+    """
+
+    #: Set by ``open_session``: the earliest wall time at which this process may reap again.
+    _next_reap = 0.0
+
+    def load(self, sid):
+        raise NotImplementedError
+
+    def create(self, sid, record):
+        raise NotImplementedError
+
+    def update(self, sid, changed, deleted, meta, now, held=None):
+        raise NotImplementedError
+
+    def touch(self, sid, expires):
+        raise NotImplementedError
+
+    def delete(self, sid, held=None):
+        raise NotImplementedError
+
+    def lock(self, sid, timeout):
+        raise NotImplementedError
+
+    def reap(self, now=None, budget=None, interval=0.0):
+        raise NotImplementedError
+
+    def count(self, now=None):
+        return sum(1 for _ in self.sids(now))
+
+    def sids(self, now=None):
+        raise NotImplementedError
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+# Memory ----------------------------------------------------------------------
+
+
+class _MemoryLock:
+    """A held per-session lock of a MemoryContainer."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self, lock):
+        self._lock = lock
+
+    def release(self):
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.release()
+
+
+class MemoryContainer(Container):
+    """Sessions in a dict of this process: for tests, development and single-process servers.
+
+    Thread-safe; per-session locks are ``threading.Lock`` objects. Nothing is shared with other processes
+    (a forked child gets a copy) and nothing survives the process.
+    """
+
+    def __init__(self):
+        import threading
+        self._records = {}
+        self._locks = {}
+        self._mutex = threading.Lock()
+        self._new_lock = threading.Lock
+        self._reaping = threading.Lock()
+        self._last_reap = float("-inf")
+
+    def __reduce__(self):
+        return (MemoryContainer, ())
+
+    def _session_lock(self, sid):
+        with self._mutex:
+            lock = self._locks.get(sid)
+            if lock is None:
+                lock = self._locks[sid] = self._new_lock()
+            return lock
+
+    def _acquire(self, sid, timeout):
+        lock = self._session_lock(sid)
+        if not lock.acquire(timeout=-1 if timeout is None else max(timeout, 0)):
+            raise LockTimeout(f"session {_short(sid)} is still locked after {timeout:g} s")
+        return _MemoryLock(lock)
+
+    def load(self, sid):
+        return self._records.get(sid)
+
+    def create(self, sid, record):
+        with self._mutex:
+            if sid in self._records:
+                raise ContainerError(f"session {_short(sid)} exists already")
+            self._records[sid] = record
+
+    def update(self, sid, changed, deleted, meta, now, held=None):
+        handle = held or self._acquire(sid, DEFAULTS["lock_timeout"])
+        try:
+            current = self._records.get(sid)
+            if current is None or current.forward is not None or current.expires < now:
+                return False
+            self._records[sid] = meta.replace(data=_merge_data(current.data, changed, deleted))
+            return True
+        finally:
+            if held is None:
+                handle.release()
+
+    def touch(self, sid, expires):
+        with self._mutex:
+            current = self._records.get(sid)
+            if current is not None and current.expires < expires:
+                self._records[sid] = current.replace(expires=expires)
+
+    def delete(self, sid, held=None):
+        handle = held or self._acquire(sid, DEFAULTS["lock_timeout"])
+        try:
+            self._records.pop(sid, None)
+        finally:
+            if held is None:
+                handle.release()
+
+    def lock(self, sid, timeout):
+        if sid not in self._records:
+            return None
+        handle = self._acquire(sid, timeout)
+        if sid not in self._records:
+            handle.release()
+            return None
+        return handle
+
+    def reap(self, now=None, budget=None, interval=0.0):
+        now = time.time() if now is None else now
+        if not self._reaping.acquire(blocking=False):
+            return 0
+        try:
+            if interval and now - self._last_reap < interval:
+                return 0
+            self._last_reap = now
+            removed = 0
+            for sid in [sid for sid, rec in list(self._records.items()) if rec.expires < now]:
+                lock = self._session_lock(sid)
+                if not lock.acquire(blocking=False):
+                    continue
+                try:
+                    rec = self._records.get(sid)
+                    if rec is not None and rec.expires < now:
+                        del self._records[sid]
+                        removed += 1
+                finally:
+                    lock.release()
+                with self._mutex:
+                    if sid not in self._records and not lock.locked():
+                        self._locks.pop(sid, None)
+            return removed
+        finally:
+            self._reaping.release()
+
+    def sids(self, now=None):
+        now = time.time() if now is None else now
+        return [sid for sid, rec in list(self._records.items()) if rec.expires >= now]
+
+
+# File --------------------------------------------------------------------------
+# Layout: ROOT/<first two characters of the id>/<id>, one file per session. The id's first characters are
+# random, so 4,096 sub-directories share the files evenly (about 250 each at a million sessions).
+#
+# A session file holds two slots and is rewritten in place, never renamed on an ordinary write:
+#
+#     header  16 bytes   b"SSK1", slot capacity (uint32 LE), 8 reserved bytes
+#     slot 0  at 16          seq (uint64), length (uint32), CRC-32 of seq+length+payload, payload
+#     slot 1  at 16 + cap    the same
+#
+# A write goes, under the session's lock, into the slot that does not hold the newest valid record, with a
+# higher sequence number. A reader takes the valid slot with the highest sequence. A process killed
+# half-way through a write (or a reader racing it) meets a slot whose CRC fails, and falls back to the
+# other slot, which holds the previous record: old or new content, never a mix. This costs one pwrite per
+# save instead of the temporary file and rename whose data flush dominates a save on ext4 (about 150 us
+# against 5 us here). A record that outgrows its slot moves to a new file of twice the capacity, written
+# aside and renamed over the old one, so that path stays atomic too.
+#
+# The payload is a JSON list of metadata, a newline, then the session's JSON object. The metadata carries
+# the session id, so a file copied or swapped under another name is refused.
+#
+# The file's mtime is set to the session's expiry time. touch() is then one utime() call that rewrites no
+# data, and reap() finds expired candidates with one stat() per file without opening any. The expiry in
+# the record is authoritative together with the mtime: a session expires at max(record, mtime), because a
+# write sets the mtime to "now" for a moment before it is set to the new expiry.
+#
+# The lock of a session is flock() on its data file. Because writes happen in place the file keeps its
+# inode; the one exception (a record moving to a bigger file) and deletion are detected by the waiter,
+# which finds the inode it locked unlinked and retries on the current file.
+
+_FILE_MAGIC = b"SSK1"
+_FILE_HEADER = struct.Struct("<4sI8x")
+_SLOT_HEADER = struct.Struct("<QII")
+_MIN_SLOT = 1024
+_STATE_FILE = ".reap-state"
+_REAP_LOCK = ".reap-lock"
+
+
+def _parse_session_file(blob):
+    """Return ``(payload, slot index, seq, capacity)`` of the newest valid slot; payload None if none."""
+    if len(blob) < _FILE_HEADER.size:
+        return None, -1, 0, 0
+    magic, cap = _FILE_HEADER.unpack_from(blob)
+    if magic != _FILE_MAGIC or cap < _MIN_SLOT:
+        return None, -1, 0, 0
+    best = (None, -1, 0, cap)
+    for index in (0, 1):
+        offset = _FILE_HEADER.size + index * cap
+        start = offset + _SLOT_HEADER.size
+        if start > len(blob):
+            continue
+        seq, length, crc = _SLOT_HEADER.unpack_from(blob, offset)
+        if length > cap - _SLOT_HEADER.size or start + length > len(blob):
+            continue
+        payload = blob[start:start + length]
+        if zlib.crc32(payload, zlib.crc32(blob[offset:offset + 12])) != crc:
+            continue
+        if best[0] is None or seq > best[2]:
+            best = (payload, index, seq, cap)
+    return best
+
+
+def _slot_bytes(seq, payload):
+    head = struct.pack("<QI", seq, len(payload))
+    return head + struct.pack("<I", zlib.crc32(payload, zlib.crc32(head))) + payload
+
+
+def _encode_record(sid, record):
+    meta = _encode([1, sid, record.created, record.expires, record.timeout, record.max_age,
+                    record.forward])
+    return f"{meta}\n{record.data}".encode("utf-8")
+
+
+def _decode_record(sid, payload, mtime):
+    """Decode a slot payload into a Record, or None if it is not a record of ``sid``."""
+    try:
+        head, _, data = payload.partition(b"\n")
+        version, owner, created, expires, timeout, max_age, forward = _decode(head)
+        if version != 1 or owner != sid:
+            return None
+        return Record(data.decode("utf-8"), created, max(expires, mtime), timeout, max_age, forward)
+    except (ValueError, TypeError, UnicodeDecodeError):
+        return None
+
+
+def _read_fd(fd):
+    """Return ``(contents, stat)`` of an open file: one fstat and, for a few KB, one pread."""
+    st = os.fstat(fd)
+    want = st.st_size + 4096
+    blob = os.pread(fd, want, 0)
+    while len(blob) == want:                      # grew while we read: read the rest
+        chunk = os.pread(fd, 65536, len(blob))
+        if not chunk:
+            break
+        blob += chunk
+        want = len(blob)
+    return blob, st
+
+
+_UTIME_FD = os.utime in os.supports_fd
+
+
+def _set_expiry(target, expires):
+    """Set a session file's mtime (its expiry) and atime to ``expires``."""
+    ns = int(expires * 1e9)
+    os.utime(target, ns=(ns, ns))
+
+
+def _check_store_dir(path, create):
+    """Make sure ``path`` is a directory only we control; create it 0700 if asked.
+
+    Refuses (ContainerError) a symlink, a directory owned by another user or writable by group or others:
+    on shared ground such as /tmp another local user could otherwise plant, read or swap session files.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        if not create:
+            raise ContainerError(f"session store {path!r} does not exist") from None
+        parent = os.path.dirname(os.path.abspath(path))
+        os.makedirs(parent, exist_ok=True)
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise ContainerError(f"session store {path!r} is a symbolic link; refusing it (give the real path)")
+    if not stat.S_ISDIR(st.st_mode):
+        raise ContainerError(f"session store {path!r} is not a directory")
+    if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
+        raise ContainerError(f"session store {path!r} is owned by uid {st.st_uid}, not by this process "
+                             f"(uid {os.geteuid()}); refusing a directory another user controls")
+    if os.name != "nt" and st.st_mode & 0o022:
+        raise ContainerError(f"session store {path!r} is writable by group or others (mode "
+                             f"{st.st_mode & 0o777:o}); run 'chmod 700' on it")
+
+
+class _FileLock:
+    """A held lock of one session file: the open descriptor whose flock we hold."""
+
+    __slots__ = ("fd", "path", "stat")
+
+    def __init__(self, fd, path, stat):
+        self.fd, self.path, self.stat = fd, path, stat
+
+    def release(self):
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            try:
+                _unlock(fd)
+            finally:
+                os.close(fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.release()
+
+
+class FileContainer(Container):
+    """One file per session in a directory tree: the stdlib-only default.
+
+    :param path: the store directory; created 0700 if missing, refused if it is a symlink, owned by
+        another user or writable by others.
+    :param durable: fsync every write (and the directory when a file is created or replaced), so that
+        a power loss keeps the last acknowledged write. Off by default: a killed process loses nothing
+        either way, only a machine crash can.
+
+    Writes are atomic (see the layout above), session files are created 0600 and never follow symlinks.
+    The container holds no open handles, so it is safe to share between threads and across ``fork()``.
+    Not for NFS or SMB: their flock() emulation is not reliable.
+    """
+
+    def __init__(self, path, durable=None, create=True):
+        self.path = os.path.abspath(os.fspath(path))
+        self.durable = DEFAULTS["durable"] if durable is None else bool(durable)
+        _check_store_dir(self.path, create)
+        self.last_reap_visited = 0
+
+    def __reduce__(self):
+        return (FileContainer, (self.path, self.durable, False))
+
+    def __repr__(self):
+        return f"FileContainer({self.path!r})"
+
+    def _file(self, sid):
+        return os.path.join(self.path, sid[:2], sid)
+
+    # -- reading -----------------------------------------------------------------
+
+    def load(self, sid):
+        path = self._file(sid)
+        try:
+            fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return None
+            raise ContainerError(f"cannot read session file {path!r}: {exc}") from exc
+        try:
+            blob, st = _read_fd(fd)
+        finally:
+            os.close(fd)
+        payload = _parse_session_file(blob)[0]
+        return None if payload is None else _decode_record(sid, payload, st.st_mtime)
+
+    # -- locking -----------------------------------------------------------------
+
+    def lock(self, sid, timeout):
+        path = self._file(sid)
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | _O_NOFOLLOW | _O_CLOEXEC)
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    return None
+                raise ContainerError(f"cannot open session file {path!r}: {exc}") from exc
+            try:
+                _wait_lock(fd, timeout, f"session {_short(sid)}")
+                st = os.fstat(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            if st.st_nlink:
+                return _FileLock(fd, path, st)
+            # The file was deleted or replaced while we waited: try the one that is there now.
+            _unlock(fd)
+            os.close(fd)
+
+    # -- writing -----------------------------------------------------------------
+
+    def _create_file(self, path, payload, expires, cap=None):
+        """Write a new session file at ``path`` (must not exist) holding ``payload`` in slot 0."""
+        cap = cap or max(_MIN_SLOT, 1 << (len(payload) + _SLOT_HEADER.size - 1).bit_length())
+        blob = _FILE_HEADER.pack(_FILE_MAGIC, cap) + _slot_bytes(1, payload)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC
+        try:
+            fd = os.open(path, flags, 0o600)
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(path), 0o700, exist_ok=True)
+            fd = os.open(path, flags, 0o600)
+        try:
+            _write_all(fd, blob, 0)
+            _set_expiry(fd if _UTIME_FD else path, expires)
+            if self.durable:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(path)
+            raise
+        return fd
+
+    def _sync_dir(self, path):
+        if self.durable and os.name != "nt":
+            fd = os.open(os.path.dirname(path), os.O_RDONLY | _O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def create(self, sid, record):
+        path = self._file(sid)
+        try:
+            os.close(self._create_file(path, _encode_record(sid, record), record.expires))
+            self._sync_dir(path)
+        except FileExistsError:
+            raise ContainerError(f"session {_short(sid)} exists already") from None
+        except OSError as exc:
+            raise ContainerError(f"cannot create session file {path!r}: {exc}") from exc
+
+    def update(self, sid, changed, deleted, meta, now, held=None):
+        handle = held or self.lock(sid, DEFAULTS["lock_timeout"])
+        if handle is None:
+            return False
+        try:
+            blob, st = _read_fd(handle.fd)
+            payload, index, seq, cap = _parse_session_file(blob)
+            current = payload and _decode_record(sid, payload, st.st_mtime)
+            if not current or current.forward is not None or current.expires < now:
+                return False
+            record = meta.replace(data=_merge_data(current.data, changed, deleted))
+            payload = _encode_record(sid, record)
+            try:
+                if len(payload) + _SLOT_HEADER.size <= cap:
+                    offset = _FILE_HEADER.size + (1 - index) * cap
+                    _write_all(handle.fd, _slot_bytes(seq + 1, payload), offset)
+                    _set_expiry(handle.fd if _UTIME_FD else handle.path, record.expires)
+                    if self.durable:
+                        os.fsync(handle.fd)
+                else:
+                    self._grow(handle, payload, record.expires)
+            except OSError as exc:
+                raise ContainerError(f"cannot write session file {handle.path!r} (the stored session "
+                                     f"is unchanged): {exc}") from exc
+            return True
+        finally:
+            if held is None:
+                handle.release()
+
+    def _grow(self, handle, payload, expires):
+        """Move a record that outgrew its slots to a bigger file, renamed over the old one.
+
+        The new file is locked before it becomes visible and the handle switches to it, so the session
+        stays locked throughout; waiters on the old inode find it unlinked and retry on the new one.
+        """
+        tmp = f"{handle.path}.{os.getpid()}.tmp"
+        _unlink_quietly(tmp)
+        fd = self._create_file(tmp, payload, expires)
+        try:
+            _try_lock(fd)
+            os.replace(tmp, handle.path)
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(tmp)
+            raise
+        self._sync_dir(handle.path)
+        old = handle.fd
+        handle.fd, handle.stat = fd, os.fstat(fd)
+        _unlock(old)
+        os.close(old)
+
+    def touch(self, sid, expires):
+        try:
+            _set_expiry(self._file(sid), expires)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise ContainerError(f"cannot touch session {_short(sid)}: {exc}") from exc
+
+    def delete(self, sid, held=None):
+        handle = held or self.lock(sid, DEFAULTS["lock_timeout"])
+        if handle is None:
+            return
+        try:
+            _unlink_quietly(handle.path)
+            self._sync_dir(handle.path)
+        finally:
+            if held is None:
+                handle.release()
+
+    # -- scanning ----------------------------------------------------------------
+
+    def _subdirs(self, after=""):
+        """The fan-out sub-directories in sorted order, those after ``after`` only."""
+        try:
+            names = sorted(n for n in os.listdir(self.path) if len(n) == 2 and not n.strip(_SID_ALPHABET))
+        except FileNotFoundError:
+            return []
+        return [n for n in names if n > after]
+
+    def _entries(self, subdir):
+        try:
+            with os.scandir(os.path.join(self.path, subdir)) as it:
+                return list(it)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def sids(self, now=None):
+        now = time.time() if now is None else now
+        for subdir in self._subdirs():
+            for entry in self._entries(subdir):
+                if not is_valid_session_id(entry.name):
+                    continue
+                try:
+                    if entry.stat(follow_symlinks=False).st_mtime >= now:
+                        yield entry.name
+                        continue
+                except FileNotFoundError:
+                    continue
+                record = self.load(entry.name)   # mtime says expired; the record may say otherwise
+                if record is not None and record.expires >= now:
+                    yield entry.name
+
+    def reap(self, now=None, budget=None, interval=0.0):
+        """Remove expired sessions (and temporary files left by killed writers).
+
+        One reaper per store at a time: the others return 0 at once (a non-blocking flock on
+        ``.reap-lock``, which the kernel releases if the reaper dies). Each candidate is found by the mtime
+        of its file alone, then locked without waiting (a session in use is skipped) and re-read, and
+        removed only if its record is expired. With ``budget`` seconds the walk stops in time and the next
+        call resumes where it stopped (the cursor is kept in ``.reap-state``).
+        """
+        now = time.time() if now is None else now
+        lock_path = os.path.join(self.path, _REAP_LOCK)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
+        try:
+            if not _try_lock(fd):
+                return 0
+            state_path = os.path.join(self.path, _STATE_FILE)
+            try:
+                with open(state_path, encoding="ascii") as f:
+                    last, cursor = _decode(f.read())
+            except (OSError, ValueError, TypeError):
+                last, cursor = float("-inf"), ""
+            if interval and now - last < interval:
+                return 0
+            removed, visited, finished = self._reap_walk(now, cursor, budget)
+            self.last_reap_visited = visited
+            tmp = f"{state_path}.{os.getpid()}.tmp"
+            with open(tmp, "w", encoding="ascii") as f:
+                f.write(_encode([now, "" if finished is None else finished]))
+            os.replace(tmp, state_path)
+            return removed
+        finally:
+            _unlock(fd)
+            os.close(fd)
+
+    def _reap_walk(self, now, cursor, budget):
+        """Walk the sub-directories after ``cursor``; return (removed, visited, cursor to resume or None).
+
+        At least one sub-directory is walked per call, so a tiny budget still makes progress."""
+        deadline = None if budget is None else time.monotonic() + budget
+        removed = visited = 0
+        stale_tmp = now - 3600
+        for subdir in self._subdirs(cursor):
+            if visited and deadline is not None and time.monotonic() > deadline:
+                return removed, visited, cursor       # resume after the last finished sub-directory
+            cursor = subdir
+            for entry in self._entries(subdir):
+                visited += 1
+                try:
+                    mtime = entry.stat(follow_symlinks=False).st_mtime
+                except FileNotFoundError:
+                    continue
+                if mtime >= now:
+                    continue
+                if is_valid_session_id(entry.name):
+                    removed += self._reap_one(entry.name, now)
+                elif entry.name.endswith(".tmp") and mtime < stale_tmp:
+                    _unlink_quietly(entry.path)
+        return removed, visited, None
+
+    def _reap_one(self, sid, now):
+        try:
+            handle = self.lock(sid, 0)
+        except LockTimeout:
+            return 0                                  # in use right now: not abandoned
+        if handle is None:
+            return 0
+        with handle:
+            blob, st = _read_fd(handle.fd)
+            payload = _parse_session_file(blob)[0]
+            record = payload and _decode_record(sid, payload, st.st_mtime)
+            if record and record.expires >= now:
+                _set_expiry(handle.fd if _UTIME_FD else handle.path, record.expires)
+                return 0                              # a write was caught between data and mtime
+            _unlink_quietly(handle.path)
+            return 1
+
+
+def _write_all(fd, data, offset):
+    while data:
+        written = os.pwrite(fd, data, offset)
+        data, offset = data[written:], offset + written
+
+
+def _unlink_quietly(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+# Store URLs ------------------------------------------------------------------------
+
+#: URL scheme -> container class name (resolved when used, so later sections can add schemes).
+_SCHEMES = {
+    "memory": "MemoryContainer",
+    "file": "FileContainer",
+}
+
+
+def open_store(store, **options):
+    """Return a container for ``store``: a Container (returned as is) or a URL.
+
+    URLs: ``file:/path/to/dir``, ``memory:``; ``options`` go to the container class.
+    Raises ContainerError for an unknown scheme or an unusable store.
+    """
+    if isinstance(store, Container):
+        return store
+    if not isinstance(store, str) or ":" not in store:
+        raise ContainerError(f"not a store URL: {store!r} (expected one of "
+                             f"{', '.join(s + ':...' for s in _SCHEMES)})")
+    scheme, _, rest = store.partition(":")
+    cls_name = _SCHEMES.get(scheme.lower())
+    if cls_name is None:
+        raise ContainerError(f"unknown store scheme {scheme!r} in {store!r} (known: {', '.join(_SCHEMES)})")
+    cls = globals()[cls_name]
+    if cls is MemoryContainer:
+        return cls(**options)
+    if rest.startswith("//"):
+        rest = rest[2:]
+    if not rest:
+        raise ContainerError(f"store URL {store!r} names no path")
+    return cls(rest, **options)
+
+
+_default_stores = {}
+
+
+def _default_store():
+    """The embedded default: ``$SESSKIT_STORE`` if set, else a per-user directory in the temp dir."""
+    url = os.environ.get("SESSKIT_STORE")
+    if not url:
+        if os.name == "nt":  # pragma: no cover
+            import tempfile
+            url = f"file:{os.path.join(tempfile.gettempdir(), 'sesskit-' + os.environ.get('USERNAME', 'user'))}"
+        else:   # tempfile costs milliseconds to import; CGI pays imports on every request
+            url = f"file:{os.path.join(os.environ.get('TMPDIR') or '/tmp', f'sesskit-{os.geteuid()}')}"
+    key = (url, os.getpid())
+    container = _default_stores.get(key)
+    if container is None:
+        container = _default_stores[key] = open_store(url)
+    return container
+
+
+###############################################################################
+# Session & open_session ######################################################
+###############################################################################
+
+
+class Session(MutableMapping):
+    """A session: a dict of JSON values, loaded on ``__enter__`` and saved on a clean ``__exit__``.
+
+    Made by ``open_session``; see there for the lock modes. Attributes: ``id`` (changes on ``regenerate``
+    and ``delete``), ``is_new``, ``created``, ``accessed`` and ``expires`` (epoch seconds), ``timeout``
+    (settable: the new sliding timeout is stored with the session), ``mode``, and after the block
+    ``saved`` (whether anything was written) and ``lost`` (True when the write-back found the session
+    deleted or expired by another request and so wrote nothing).
+
+    A Session belongs to one thread and one ``with`` block; it is not reusable.
+    """
+
+    def __init__(self, sid, container, *, timeout, max_age, lock, lock_timeout, clock, max_size,
+                 reap_interval):
+        if lock not in LOCK_MODES:
+            raise ValueError(f"lock must be one of {', '.join(LOCK_MODES)}, not {lock!r}")
+        self._incoming = sid
+        self.container = container
+        self.mode = lock
+        self._default_timeout = float(timeout)
+        self._max_age = float(max_age or 0)
+        self._lock_timeout = lock_timeout
+        self._clock = clock
+        self._max_size = max_size
+        self._reap_interval = reap_interval
+        self._data = None
+        self._held = None
+        self.id = None
+        self.is_new = True
+        self.saved = False
+        self.lost = False
+        self.deleted = False
+        self._rotate = None
+
+    # -- mapping -----------------------------------------------------------------
+
+    def _live(self):
+        if self._data is None:
+            raise SesskitError("use the session inside its 'with' block")
+        return self._data
+
+    def __getitem__(self, key):
+        return self._live()[key]
+
+    def __setitem__(self, key, value):
+        data = self._live()
+        if self.mode == "read":
+            raise ReadOnlySession(f"session {_short(self.id)} was opened with lock='read'")
+        if type(key) is not str:
+            raise TypeError(f"session keys must be str, not {type(key).__name__}: {key!r}")
+        _check_json(key, value)
+        data[key] = value
+
+    def __delitem__(self, key):
+        data = self._live()
+        if self.mode == "read":
+            raise ReadOnlySession(f"session {_short(self.id)} was opened with lock='read'")
+        del data[key]
+
+    def __iter__(self):
+        return iter(self._live())
+
+    def __len__(self):
+        return len(self._live())
+
+    def __contains__(self, key):
+        return key in self._live()
+
+    def __repr__(self):
+        return f"<sesskit.Session {_short(self.id)} mode={self.mode} new={self.is_new}>"
+
+    # -- metadata ----------------------------------------------------------------
+
+    @property
+    def timeout(self):
+        return self._timeout
+
+    @timeout.setter
+    def timeout(self, seconds):
+        if self.mode == "read":
+            raise ReadOnlySession("cannot change the timeout of a read-only session")
+        seconds = float(seconds)
+        if not seconds > 0:
+            raise ValueError("timeout must be a positive number of seconds")
+        self._timeout = seconds
+
+    @property
+    def accessed(self):
+        """When the session was last used, as far as recorded (to within the touch interval)."""
+        return min(self.expires - self._stored_timeout, self._clock())
+
+    def _expiry(self, now):
+        expires = now + self._timeout
+        if self._max_age:
+            expires = min(expires, self.created + self._max_age)
+        return expires
+
+    def _meta(self, now, forward=None):
+        return Record(None, self.created, self._expiry(now), self._timeout, self._max_age, forward)
+
+    # -- load --------------------------------------------------------------------
+
+    def __enter__(self):
+        if self._data is not None or self.saved:
+            raise SesskitError("a Session can be entered once")
+        now = self._clock()
+        record = None
+        sid = self._incoming if is_valid_session_id(self._incoming) else None
+        if sid is not None:
+            record = self._load(sid, now)
+            if record is not None and record.forward is not None:
+                # A rotated session inside its grace period: serve the new id; never rotate again.
+                self._release()
+                sid, self._forwarded = record.forward, True
+                record = self._load(sid, now)
+                if record is not None and record.forward is not None:
+                    record = None
+        if record is None:
+            self._release()
+            self._new(now)
+        else:
+            self.id, self.is_new = sid, False
+            self.created, self.expires = record.created, record.expires
+            self._timeout = self._stored_timeout = record.timeout
+            self._max_age = record.max_age
+            self._loaded = record.data
+            self._data = _decode(record.data)
+        return self
+
+    _forwarded = False
+
+    def _load(self, sid, now):
+        """Load ``sid`` (locking it first in exclusive mode); None if absent or expired."""
+        if self.mode == "exclusive":
+            self._held = self.container.lock(sid, self._lock_timeout)
+            if self._held is None:
+                return None
+        record = self.container.load(sid)
+        if record is None or record.expires < now:
+            return None
+        return record
+
+    def _new(self, now):
+        self.id, self.is_new = new_session_id(), True
+        self.created = now
+        self._timeout = self._stored_timeout = self._default_timeout
+        self.expires = self._expiry(now)
+        self._loaded = "{}"
+        self._data = {}
+
+    def _release(self):
+        if self._held is not None:
+            held, self._held = self._held, None
+            held.release()
+
+    # -- lifecycle operations --------------------------------------------------------
+
+    def delete(self):
+        """End the session now (logout): its record is removed at once, under its lock.
+
+        The block goes on with a new, empty session under a new id, stored only if something is put
+        into it; ``deleted`` stays True so web integrations can expire the cookie.
+        """
+        self._live()
+        if self.mode == "read":
+            raise ReadOnlySession("cannot delete a session opened with lock='read'")
+        if not self.is_new:
+            self.container.delete(self.id, held=self._held)
+            self._release()
+        self.deleted = True
+        self._rotate = None
+        self._new(self._clock())
+
+    def regenerate(self, grace=0.0):
+        """Move the session to a new id at write-back, keeping its data (call it after a login).
+
+        The old id stops loading at once; with ``grace`` seconds it instead forwards to the new id for that
+        long, so requests already in flight with the old cookie keep working. A session reached through
+        such a forward cannot be rotated again (this call then does nothing and returns False).
+        """
+        self._live()
+        if self.mode == "read":
+            raise ReadOnlySession("cannot regenerate a session opened with lock='read'")
+        if self._forwarded:
+            return False
+        if self.is_new:
+            self.id = new_session_id()
+            return True
+        self._rotate = (self.id, float(grace))
+        self.id = new_session_id()
+        return True
+
+    # -- write-back ------------------------------------------------------------------
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is None and self._data is not None:
+                self._write_back(self._clock())
+        finally:
+            self._release()
+            self._data = None
+        if exc_type is None and self._reap_interval:
+            self._maybe_reap()
+        return False
+
+    def _write_back(self, now):
+        text = _encode_data(self._data)
+        if len(text) > self._max_size:
+            raise SessionTooLarge(f"session {_short(self.id)} serialises to {len(text)} bytes, over its "
+                                  f"max_size of {self._max_size}; nothing was stored")
+        if self.is_new:
+            if self._data:
+                self.container.create(self.id, Record(text, self.created, self._expiry(now),
+                                                      self._timeout, self._max_age))
+                self.saved = True
+            return
+        if self._rotate is not None:
+            self._write_rotated(text, now)
+            return
+        if self.mode == "read" or (text == self._loaded and self._timeout == self._stored_timeout):
+            new_expiry = self._expiry(now)
+            interval = min(DEFAULTS["touch_interval"], self._timeout / 10)
+            if new_expiry - self.expires >= interval:
+                self.container.touch(self.id, new_expiry)
+            return
+        changed, deleted = self._changes()
+        ok = self.container.update(self.id, changed, deleted, self._meta(now), now, held=self._held)
+        if not ok and self._held is None:
+            # Rotated by another request meanwhile: follow the forward within its grace period.
+            record = self.container.load(self.id)
+            if record is not None and record.forward is not None and record.expires >= now:
+                target = self.container.load(record.forward)
+                if target is not None:
+                    meta = Record(None, target.created, max(target.expires, self._expiry(now)),
+                                  target.timeout, target.max_age)
+                    ok = self.container.update(record.forward, changed, deleted, meta, now)
+        self.saved, self.lost = ok, not ok
+
+    def _changes(self):
+        """Keys this block set (JSON differs from what was loaded) and keys it deleted."""
+        original = _decode(self._loaded)
+        changed = {}
+        for key, value in self._data.items():
+            if key not in original:
+                changed[key] = value
+                continue
+            before = original[key]
+            # == misses 1 vs 1.0 vs True and [1] vs [1.0]; strings need no second look.
+            if value != before or (type(value) is not str and _encode(value) != _encode(before)):
+                changed[key] = value
+        deleted = [key for key in original if key not in self._data]
+        return changed, deleted
+
+    def _write_rotated(self, text, now):
+        """Write-back of a regenerated session: merge into the old record, store it under the new id,
+        then delete the old id or turn it into a forward for the grace period. All under the old lock."""
+        old, grace = self._rotate
+        held = self._held or self.container.lock(old, self._lock_timeout)
+        try:
+            current = held and self.container.load(old)
+            if current is None or current.forward is not None or current.expires < now:
+                self.saved, self.lost = False, True
+                return
+            changed, deleted = self._changes()
+            merged = _merge_data(current.data, changed, deleted)
+            self.container.create(self.id, Record(merged, self.created, self._expiry(now),
+                                                  self._timeout, self._max_age))
+            if grace > 0:
+                tombstone = Record(None, self.created, now + grace, grace, 0.0, self.id)
+                self.container.update(old, {}, list(_decode(current.data)), tombstone, now, held=held)
+            else:
+                self.container.delete(old, held=held)
+            self.saved = True
+        finally:
+            if held is not None and held is not self._held:
+                held.release()
+
+    def _maybe_reap(self):
+        """Opportunistic reaping: at most once per reap interval per process, and per store across
+        processes (the container skips when another process reaped recently or is reaping now), and
+        bounded by ``DEFAULTS["reap_budget"]`` seconds of walking."""
+        now = self._clock()
+        container = self.container
+        if now < container._next_reap:
+            return
+        container._next_reap = now + self._reap_interval
+        try:
+            container.reap(now, budget=DEFAULTS["reap_budget"], interval=self._reap_interval)
+        except SesskitError:
+            pass   # reaping is housekeeping: it must never fail the request that happened to trigger it
+
+
+def open_session(sid=None, store=None, *, timeout=None, max_age=None, lock="merge", lock_timeout=None,
+                 clock=None, max_size=None, reap_interval=None) -> Session:
+    """Open the session ``sid`` (or a new one) for one ``with`` block.
+
+    :param sid: the id the client sent, or None. An id that is malformed, unknown or expired is never
+        adopted: the block then gets a new session with a new id (check ``s.is_new`` and ``s.id``).
+    :param store: a store URL or Container; default: ``$SESSKIT_STORE``, else a per-user 0700 directory.
+    :param timeout: sliding inactivity timeout in seconds for a new session (stored with it).
+    :param max_age: absolute lifetime in seconds for a new session (0 or None: none).
+    :param lock: ``"merge"`` (default): the block works on a snapshot and holds no lock; at write-back,
+        under the session's lock, only the keys it changed or deleted are applied to the record as it is
+        then, so concurrent requests writing different keys lose nothing (same key: last writer wins).
+        ``"exclusive"``: the session's lock is held from load to the end of the block, serialising the
+        requests of one session. ``"read"``: a read-only snapshot; writing raises ReadOnlySession.
+    :param lock_timeout: seconds to wait for a lock (exclusive: at load; merge: at write-back).
+    :param clock: a function returning epoch seconds (tests inject one).
+    :param max_size: bytes the serialised data may take (SessionTooLarge beyond, nothing stored).
+    :param reap_interval: seconds between opportunistic reaps of the store triggered at the end of a
+        block (0 disables them); each one stops after ``DEFAULTS["reap_budget"]`` seconds.
+    :raises LockTimeout: a lock could not be had in time (the stored session is unchanged).
+
+    An exception inside the block discards its changes and releases every lock. A session that another
+    request deleted or that expired while the block ran is not resurrected by its write-back (``s.lost``).
+    A new session is stored only once it holds data.
+    """
+    return Session(
+        sid, _default_store() if store is None else open_store(store),
+        timeout=DEFAULTS["timeout"] if timeout is None else timeout,
+        max_age=DEFAULTS["max_age"] if max_age is None else max_age,
+        lock=lock,
+        lock_timeout=DEFAULTS["lock_timeout"] if lock_timeout is None else lock_timeout,
+        clock=time.time if clock is None else clock,
+        max_size=DEFAULTS["max_size"] if max_size is None else max_size,
+        reap_interval=DEFAULTS["reap_interval"] if reap_interval is None else reap_interval,
+    )
