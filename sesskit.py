@@ -132,6 +132,9 @@ def _merge_data(text, changed, deleted):
     return _encode(data)
 
 
+_MISSING = object()
+
+
 def _short(sid):
     """A session id shortened for messages and logs (never log whole ids: they are credentials)."""
     return f"{sid[:6]}…" if isinstance(sid, str) else repr(sid)[:12]
@@ -296,11 +299,11 @@ class Record:
         self.max_age = max_age
         self.forward = forward
 
-    def replace(self, **changes):
-        """Return a copy with some fields changed."""
-        fields = {name: getattr(self, name) for name in self.__slots__}
-        fields.update(changes)
-        return Record(**fields)
+    def replace(self, data=_MISSING, expires=_MISSING):
+        """Return a copy with ``data`` and/or ``expires`` changed."""
+        return Record(self.data if data is _MISSING else data, self.created,
+                      self.expires if expires is _MISSING else expires, self.timeout, self.max_age,
+                      self.forward)
 
     def __repr__(self):
         return (f"Record(created={self.created:.3f}, expires={self.expires:.3f}, timeout={self.timeout:g}, "
@@ -552,21 +555,22 @@ def _parse_session_file(blob):
     magic, cap = _FILE_HEADER.unpack_from(blob)
     if magic != _FILE_MAGIC or cap < _MIN_SLOT:
         return None, -1, 0, 0
-    best = (None, -1, 0, cap)
+    slots = []
     for index in (0, 1):
         offset = _FILE_HEADER.size + index * cap
         start = offset + _SLOT_HEADER.size
         if start > len(blob):
             continue
         seq, length, crc = _SLOT_HEADER.unpack_from(blob, offset)
-        if length > cap - _SLOT_HEADER.size or start + length > len(blob):
-            continue
+        if length <= cap - _SLOT_HEADER.size and start + length <= len(blob):
+            slots.append((seq, index, offset, length, crc))
+    slots.sort(reverse=True)                       # newest first: usually the only CRC computed
+    for seq, index, offset, length, crc in slots:
+        start = offset + _SLOT_HEADER.size
         payload = blob[start:start + length]
-        if zlib.crc32(payload, zlib.crc32(blob[offset:offset + 12])) != crc:
-            continue
-        if best[0] is None or seq > best[2]:
-            best = (payload, index, seq, cap)
-    return best
+        if zlib.crc32(payload, zlib.crc32(blob[offset:offset + 12])) == crc:
+            return payload, index, seq, cap
+    return None, -1, 0, cap
 
 
 def _slot_bytes(seq, payload):
@@ -584,7 +588,7 @@ def _decode_record(sid, payload, mtime):
     """Decode a slot payload into a Record, or None if it is not a record of ``sid``."""
     try:
         head, _, data = payload.partition(b"\n")
-        version, owner, created, expires, timeout, max_age, forward = _decode(head)
+        version, owner, created, expires, timeout, max_age, forward = _decode(head.decode("ascii"))
         if version != 1 or owner != sid:
             return None
         return Record(data.decode("utf-8"), created, max(expires, mtime), timeout, max_age, forward)
@@ -1160,6 +1164,7 @@ class Session(MutableMapping):
             self._max_age = record.max_age
             self._loaded = record.data
             self._data = _decode(record.data)
+            self._snapshot = dict(self._data)
         return self
 
     _forwarded = False
@@ -1182,6 +1187,7 @@ class Session(MutableMapping):
         self.expires = self._expiry(now)
         self._loaded = "{}"
         self._data = {}
+        self._snapshot = {}
 
     def _release(self):
         if self._held is not None:
@@ -1272,18 +1278,29 @@ class Session(MutableMapping):
         self.saved, self.lost = ok, not ok
 
     def _changes(self):
-        """Keys this block set (JSON differs from what was loaded) and keys it deleted."""
-        original = _decode(self._loaded)
+        """Keys this block set (their JSON differs from what was loaded) and keys it deleted.
+
+        ``_snapshot`` is a shallow copy of the loaded dict: a key still bound to the very object it was
+        loaded with is unchanged unless that object is a list or dict, which may have been edited in
+        place; only then is a pristine copy decoded again to compare JSON texts.
+        """
+        snapshot, pristine = self._snapshot, None
         changed = {}
         for key, value in self._data.items():
-            if key not in original:
+            before = snapshot.get(key, _MISSING)
+            if before is _MISSING:
                 changed[key] = value
+            elif type(before) is list or type(before) is dict:
+                if pristine is None:
+                    pristine = _decode(self._loaded)
+                if _encode(value) != _encode(pristine[key]):
+                    changed[key] = value
+            elif value is before:
                 continue
-            before = original[key]
-            # == misses 1 vs 1.0 vs True and [1] vs [1.0]; strings need no second look.
-            if value != before or (type(value) is not str and _encode(value) != _encode(before)):
+            # == misses 1 vs 1.0 vs True; strings need no second look.
+            elif value != before or (type(value) is not str and _encode(value) != _encode(before)):
                 changed[key] = value
-        deleted = [key for key in original if key not in self._data]
+        deleted = [key for key in snapshot if key not in self._data]
         return changed, deleted
 
     def _write_rotated(self, text, now):
