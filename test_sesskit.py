@@ -991,7 +991,38 @@ def _crash_writer(url, sids, ready):
             s["check"] = len(s["blob"])
 
 
+def _steady_writer(url, sid, n, started):
+    store = sesskit.open_store(url)
+    started.set()
+    for i in range(1, n + 1):
+        with sesskit.open_session(sid, store=store, lock="exclusive", lock_timeout=30) as s:
+            s["n"] = s["copy"] = i
+            s["blob"] = "y" * (i * 7 % 9000)          # sizes that cross slot capacities both ways
+            s["check"] = len(s["blob"])
+
+
 class TestCrashSafety:
+    def test_readers_never_see_a_partial_write(self, shared_url):
+        sid = _seed(shared_url, {"n": 0, "copy": 0, "blob": "", "check": 0})
+        ctx = multiprocessing.get_context("spawn")
+        started = ctx.Event()
+        store = sesskit.open_store(shared_url)
+        seen = set()
+        with _processes(ctx, _steady_writer, [(shared_url, sid, 400, started)] * 2) as procs:
+            assert started.wait(30)
+            deadline = time.monotonic() + 60
+            while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
+                record = store.load(sid)
+                assert record is not None, "a reader found no session while it was being written"
+                data = json.loads(record.data)
+                assert data["n"] == data["copy"] and data["check"] == len(data["blob"])
+                seen.add(data["n"])
+            for p in procs:
+                p.join(30)
+            assert [p.exitcode for p in procs] == [0, 0]
+        assert len(seen) > 5, "the reader saw too few versions to prove anything"
+        assert _stored(shared_url, sid)["n"] == 400
+
     def test_sigkill_mid_write_leaves_every_session_loadable(self, shared_url):
         sids = [_seed(shared_url, {"n": 0, "copy": 0, "blob": "", "check": 0}) for _ in range(3)]
         ctx = multiprocessing.get_context("fork")
