@@ -1134,14 +1134,15 @@ class Session(MutableMapping):
             expires = min(expires, self.created + self._max_age)
         return expires
 
-    def _meta(self, now, forward=None):
-        return Record(None, self.created, self._expiry(now), self._timeout, self._max_age, forward)
+    def _meta(self, now):
+        return Record(None, self.created, self._expiry(now), self._timeout, self._max_age)
 
     # -- load --------------------------------------------------------------------
 
     def __enter__(self):
-        if self._data is not None or self.saved:
+        if self._entered:
             raise SesskitError("a Session can be entered once")
+        self._entered = True
         now = self._clock()
         record = None
         sid = self._incoming if is_valid_session_id(self._incoming) else None
@@ -1167,7 +1168,7 @@ class Session(MutableMapping):
             self._snapshot = dict(self._data)
         return self
 
-    _forwarded = False
+    _forwarded = _entered = False
 
     def _load(self, sid, now):
         """Load ``sid`` (locking it first in exclusive mode); None if absent or expired."""
@@ -1356,7 +1357,8 @@ def open_session(sid=None, store=None, *, timeout=None, max_age=None, lock="merg
         then, so concurrent requests writing different keys lose nothing (same key: last writer wins).
         ``"exclusive"``: the session's lock is held from load to the end of the block, serialising the
         requests of one session. ``"read"``: a read-only snapshot; writing raises ReadOnlySession.
-    :param lock_timeout: seconds to wait for a lock (exclusive: at load; merge: at write-back).
+    :param lock_timeout: seconds to wait for the session's lock in exclusive mode. (The write-back of
+        merge mode holds the lock for the time of one write and waits up to ``DEFAULTS["lock_timeout"]``.)
     :param clock: a function returning epoch seconds (tests inject one).
     :param max_size: bytes the serialised data may take (SessionTooLarge beyond, nothing stored).
     :param reap_interval: seconds between opportunistic reaps of the store triggered at the end of a
