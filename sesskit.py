@@ -614,9 +614,12 @@ _UTIME_FD = os.utime in os.supports_fd
 
 
 def _set_expiry(target, expires):
-    """Set a session file's mtime (its expiry) and atime to ``expires``."""
+    """Set a session file's mtime (its expiry) and atime to ``expires``; ``target``: fd or path."""
     ns = int(expires * 1e9)
-    os.utime(target, ns=(ns, ns))
+    if isinstance(target, int):
+        os.utime(target, ns=(ns, ns))
+    else:
+        os.utime(target, ns=(ns, ns), follow_symlinks=os.utime not in os.supports_follow_symlinks)
 
 
 def _check_store_dir(path, create):
@@ -699,7 +702,8 @@ class FileContainer(Container):
         return f"FileContainer({self.path!r})"
 
     def _file(self, sid):
-        return os.path.join(self.path, sid[:2], sid)
+        # Session already checks ids; this guards direct callers (CLI, admin scripts) of the container.
+        return os.path.join(self.path, _require_sid(sid)[:2], sid)
 
     # -- reading -----------------------------------------------------------------
 
@@ -1155,7 +1159,13 @@ class Session(MutableMapping):
                 record = self._load(sid, now)
                 if record is not None and record.forward is not None:
                     record = None
-        if record is None:
+        data = None
+        if record is not None:
+            try:
+                data = _decode(record.data)
+            except ValueError:
+                pass                                  # damaged: loads as no session
+        if type(data) is not dict:
             self._release()
             self._new(now)
         else:
@@ -1164,8 +1174,8 @@ class Session(MutableMapping):
             self._timeout = self._stored_timeout = record.timeout
             self._max_age = record.max_age
             self._loaded = record.data
-            self._data = _decode(record.data)
-            self._snapshot = dict(self._data)
+            self._data = data
+            self._snapshot = dict(data)
         return self
 
     _forwarded = _entered = False

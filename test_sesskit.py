@@ -758,6 +758,22 @@ class TestFileContainer:
                 s["b"] = 1
             assert store.load(s.id) is not None
 
+    def test_damaged_data_with_valid_checksum_gives_a_fresh_session(self, tmp_path):
+        store = sesskit.FileContainer(tmp_path / "s")
+        for data in ["[1, 2]", "{not json", '"text"']:
+            sid = sesskit.new_session_id()
+            store.create(sid, sesskit.Record(data, time.time(), time.time() + 100, 100.0))
+            with sesskit.open_session(sid, store=store) as s:
+                assert s.is_new and s.id != sid
+
+    def test_container_methods_refuse_hostile_ids(self, tmp_path):
+        store = sesskit.FileContainer(tmp_path / "s")
+        for bad in ["../../etc/passwd", "x" * 44 + "/..", "a\x00b"]:
+            for call in (store.load, store.delete, lambda sid: store.lock(sid, 0),
+                         lambda sid: store.touch(sid, 0), lambda sid: store.create(sid, _record({}))):
+                with pytest.raises(sesskit.InvalidSessionId):
+                    call(bad)
+
     def test_swapped_file_is_refused(self, tmp_path):
         store = sesskit.FileContainer(tmp_path / "s")
         mine = _seed(store, {"user": "me"})
