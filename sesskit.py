@@ -1792,3 +1792,198 @@ class SessionMiddleware:
             response.finish(exc)
             raise
         return response
+
+
+# Demo application ------------------------------------------------------------------
+
+_DEMO_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>sesskit demo</title></head>
+<body>
+<h1>sesskit demo</h1>
+<p>Visits in this session: <b id="visits">{visits}</b></p>
+<p>Session: <code id="sid">{sid}</code> ({state})</p>
+<table id="values">{rows}</table>
+<form method="post" action="/set">
+  <input name="key" id="key" placeholder="key"> <input name="value" id="value" placeholder="value">
+  <button id="set" type="submit">Set</button>
+</form>
+<form method="post" action="/logout"><button id="logout" type="submit">Log out</button></form>
+</body></html>
+"""
+
+
+def _demo_app(environ, start_response):
+    """The page of ``python sesskit.py demo``: a visit counter, stored values, a form and a logout."""
+    import html
+    path = environ.get("PATH_INFO") or "/"
+    if path not in ("/", "/set", "/logout"):
+        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+        return [b"not found\n"]         # favicon and friends never touch the session
+    session = environ["sesskit.session"]
+    if environ.get("REQUEST_METHOD") == "POST":
+        from urllib.parse import parse_qs
+        try:
+            size = min(int(environ.get("CONTENT_LENGTH") or 0), 65536)
+        except ValueError:
+            size = 0
+        form = parse_qs(environ["wsgi.input"].read(size).decode("utf-8", "replace"))
+        if path == "/logout":
+            session.delete()
+        elif path == "/set":
+            key = (form.get("key") or [""])[0].strip()[:100]
+            if key and key != "visits":
+                session[key] = (form.get("value") or [""])[0][:1000]
+        start_response("303 See Other", [("Location", "/"), ("Content-Type", "text/plain")])
+        return [b"see /\n"]
+    session["visits"] = session.get("visits", 0) + 1
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>"
+                   for k, v in sorted(session.items()) if k != "visits")
+    body = _DEMO_PAGE.format(visits=session["visits"], sid=html.escape(_short(session.id)),
+                             state="new" if session.is_new else "continued", rows=rows).encode("utf-8")
+    start_response("200 OK", [("Content-Type", "text/html; charset=utf-8"),
+                              ("Content-Length", str(len(body))), ("Cache-Control", "no-store")])
+    return [body]
+
+
+def _serve_demo(store, port, out):
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIServer, WSGIRequestHandler, make_server
+
+    class Server(ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+
+    class Handler(WSGIRequestHandler):
+        def log_message(self, format, *args):   # quiet: one line per request is noise in a demo
+            pass
+
+    app = SessionMiddleware(_demo_app, store=store)
+    with make_server("127.0.0.1", port, app, server_class=Server, handler_class=Handler) as server:
+        where = store if store is not None else "the default store"
+        print(f"sesskit demo on http://127.0.0.1:{server.server_port}/ (sessions in {where}); "
+              "Ctrl-C stops it", file=out, flush=True)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+###############################################################################
+# Command-line interface ######################################################
+###############################################################################
+
+_CLI_EPILOG = """commands:
+  demo                 serve a small page on 127.0.0.1 that shows its session (a visit counter, a form
+                       to store a value, a logout button); sessions go to --store or the default store
+  stats STORE          how many unexpired sessions STORE holds
+  ls STORE             list unexpired sessions: id, expiry (UTC), size of the data in bytes
+  show STORE SID       print one session (metadata and data) as JSON
+  reap STORE           remove expired sessions now (progress goes to stderr)
+
+STORE is a store URL such as file:/var/lib/myapp/sessions; admin commands never create a store.
+exit status: 0 ok, 1 runtime error (bad or missing store, unknown session), 2 usage error."""
+
+
+def _cli_parse(args):
+    """Parse command-line ``args``; argparse raises SystemExit(2) on a usage error, (0) on --help."""
+    import argparse
+    parser = argparse.ArgumentParser(
+        prog="sesskit.py", description="sesskit: server-side sessions. Demo server and store admin.",
+        epilog=_CLI_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"sesskit {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    demo = commands.add_parser("demo", help="serve a demo page on 127.0.0.1")
+    demo.add_argument("--store", help="store URL (default: $SESSKIT_STORE or a per-user directory)")
+    demo.add_argument("--port", type=int, default=8080, help="TCP port (0: any free one; default 8080)")
+    for name, text in (("stats", "count sessions"), ("ls", "list sessions"), ("reap", "remove expired")):
+        commands.add_parser(name, help=text).add_argument("store", metavar="STORE")
+    show = commands.add_parser("show", help="print one session")
+    show.add_argument("store", metavar="STORE")
+    show.add_argument("sid", metavar="SID")
+    return parser.parse_args(args)
+
+
+def _open_existing(url):
+    """The container of an existing store; ContainerError for a bad URL or a missing store."""
+    if not isinstance(url, str) or url.partition(":")[0].lower() == "memory":
+        raise ContainerError(f"{url!r}: a memory: store lives inside one process; give a store URL "
+                             "such as file:/path/to/sessions")
+    try:
+        return open_store(url, create=False)
+    except TypeError:       # a container class without the create option
+        return open_store(url)
+
+
+def _cli_reap(container, err):
+    import threading
+    result = {}
+
+    def work():
+        try:
+            result["removed"] = container.reap()
+        except BaseException as exc:    # handed to the main thread
+            result["error"] = exc
+    worker = threading.Thread(target=work, daemon=True)
+    start = time.monotonic()
+    worker.start()
+    while True:
+        worker.join(2.0)
+        if not worker.is_alive():
+            break
+        print(f"reaping... {time.monotonic() - start:.0f} s", file=err, flush=True)
+    if "error" in result:
+        raise result["error"]
+    return result["removed"]
+
+
+def _main(argv=None, out=None, err=None) -> int:
+    """Run the command line ``argv``; return the exit status (0 ok, 1 runtime error, 2 usage)."""
+    import sys
+    out = out or sys.stdout
+    err = err or sys.stderr
+    try:
+        args = _cli_parse(sys.argv[1:] if argv is None else argv)
+    except SystemExit as exc:
+        return 0 if exc.code in (0, None) else 2
+    try:
+        if args.command == "demo":
+            return _serve_demo(args.store, args.port, err)
+        container = _open_existing(args.store)
+        now = time.time()
+        if args.command == "stats":
+            print(f"store: {args.store}\nsessions: {container.count(now)}", file=out)
+        elif args.command == "ls":
+            for sid in container.sids(now):
+                record = container.load(sid)
+                if record is None or record.forward is not None:
+                    continue
+                when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.expires))
+                print(f"{sid}  {when}  {len(record.data)}", file=out)
+        elif args.command == "show":
+            if not is_valid_session_id(args.sid):
+                raise InvalidSessionId(f"not a sesskit session id: {_short(args.sid)}")
+            record = container.load(args.sid)
+            if record is None or record.expires < now:
+                print(f"sesskit: no session {args.sid} in {args.store}", file=err)
+                return 1
+            print(json.dumps({"id": args.sid, "created": record.created, "expires": record.expires,
+                              "timeout": record.timeout, "max_age": record.max_age,
+                              "forward": record.forward,
+                              "data": None if record.forward else json.loads(record.data)},
+                             indent=2, sort_keys=True), file=out)
+        elif args.command == "reap":
+            removed = _cli_reap(container, err)
+            print(f"removed {removed} expired sessions from {args.store}", file=out)
+        return 0
+    except (SesskitError, OSError) as exc:
+        print(f"sesskit: {exc}", file=err)
+        return 1
+
+
+def main():
+    """Entry point of ``python sesskit.py``: exit with ``_main``'s status."""
+    raise SystemExit(_main())
+
+
+if __name__ == "__main__":
+    main()
