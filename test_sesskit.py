@@ -1765,3 +1765,299 @@ class TestCLI:
         finally:
             _stop(proc)
         assert os.listdir(tmp_path / f"sesskit-{os.geteuid()}")
+
+
+###############################################################################
+# Real servers: Apache httpd + mod_wsgi (+ CGI), headless Chromium
+###############################################################################
+
+# Apache refuses to serve as root, so under root the server runs as an unprivileged system user made for
+# the tests. The Python in use may live under a 0700 directory (pyenv under /root): that one user gets a
+# traverse-only ACL entry (u:USER:--x) on each ancestor it cannot enter; _undo_server_user() removes what
+# this run added. Server files live under a 0755 directory in /tmp (pytest's tmp_path is 0700 root).
+
+_SERVER_USER = "sesskit-test"
+_CHROMIUM, _CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+_machine_changes = []           # what this run did to the machine, undone at the end
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _port_open(port):
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def _sh(cmd, timeout=60, check=True):
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
+    return proc
+
+
+def _python_ancestors():
+    dirs = []
+    for top in (sys.base_prefix, sys.prefix, os.path.dirname(os.path.realpath(sys.executable))):
+        parts = os.path.realpath(top).split(os.sep)
+        for i in range(2, len(parts) + 1):
+            d = os.sep.join(parts[:i])
+            if d not in dirs:
+                dirs.append(d)
+    return dirs
+
+
+def _blocked_dirs(user, dirs):
+    script = 'for d in "$@"; do [ -x "$d" ] || echo "$d"; done'
+    return _sh(["runuser", "-u", user, "--", "/bin/sh", "-c", script, "sh", *dirs]).stdout.split()
+
+
+def _ensure_server_user():
+    """The (uid, gid) of the user Apache runs as: ourselves, or under root a test user that can run
+    sys.executable."""
+    import pwd
+    if os.geteuid() != 0:
+        return os.getuid(), os.getgid()
+    try:
+        pwd.getpwnam(_SERVER_USER)
+    except KeyError:
+        _sh(["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
+             "--shell", "/usr/sbin/nologin", _SERVER_USER])
+        _machine_changes.append(("user", _SERVER_USER))
+    dirs = _python_ancestors()
+    for _ in dirs:
+        blocked = _blocked_dirs(_SERVER_USER, dirs)
+        if not blocked:
+            break
+        _sh(["setfacl", "-m", f"u:{_SERVER_USER}:--x", blocked[0]])   # topmost first, then look again
+        _machine_changes.append(("acl", blocked[0]))
+    assert not _blocked_dirs(_SERVER_USER, dirs), f"{_SERVER_USER} cannot reach {sys.executable}"
+    pw = pwd.getpwnam(_SERVER_USER)
+    return pw.pw_uid, pw.pw_gid
+
+
+def _undo_machine_changes():
+    while _machine_changes:
+        kind, what = _machine_changes.pop()
+        if kind == "acl":
+            _sh(["setfacl", "-x", f"u:{_SERVER_USER}", what], check=False)
+        elif kind == "user":
+            _sh(["userdel", what], check=False)
+
+
+def _process_tree(pid):
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    tree, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        if p not in tree:
+            tree.add(p)
+            todo.extend(children.get(p, ()))
+    return tree
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _apache(app_file, root, cgi_dir, python_path, processes=4, threads=4, timeout=30):
+    """Run mod_wsgi-express (Apache httpd) serving ``app_file``, plus ``*.cgi`` from ``cgi_dir``; yield
+    its base URL. Always stops it: apachectl stop, a bounded wait, then SIGKILL of what is left."""
+    port = _free_port()
+    cmd = [os.path.join(os.path.dirname(sys.executable), "mod_wsgi-express"), "setup-server", app_file,
+           "--server-root", root, "--host", "127.0.0.1", "--port", port, "--processes", processes,
+           "--threads", threads, "--locale", "C.UTF-8", "--python-path", python_path,
+           "--setenv", "PYTHONPATH", python_path, "--setenv", "PYTHONDONTWRITEBYTECODE", "1",
+           "--with-cgi", "--document-root", cgi_dir, "--log-level", "info"]
+    if os.geteuid() == 0:
+        import grp
+        uid, gid = _ensure_server_user()
+        cmd += ["--user", _SERVER_USER, "--group", grp.getgrgid(gid).gr_name]
+    _sh(cmd, timeout=120)
+    pids = set()
+    main = None
+    try:
+        _sh([os.path.join(root, "apachectl"), "start"], timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                main = int(open(os.path.join(root, "httpd.pid")).read())
+            except (OSError, ValueError):
+                main = None
+            if main and _port_open(port):
+                break
+            if time.monotonic() > deadline:
+                log = open(os.path.join(root, "error_log")).read()[-3000:]
+                raise RuntimeError(f"Apache did not answer on port {port} in {timeout}s:\n{log}")
+            time.sleep(0.05)
+        pids = _process_tree(main)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        _sh([os.path.join(root, "apachectl"), "stop"], timeout=timeout, check=False)
+        if main:
+            pids |= _process_tree(main)
+        deadline = time.monotonic() + 20
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for p in pids:
+            if _alive(p):
+                with contextlib.suppress(OSError):
+                    os.kill(p, signal.SIGKILL)
+
+
+_APACHE_APP = '''
+import sesskit
+{app_source}
+STORE = {store!r}
+merge = sesskit.SessionMiddleware(app, store=STORE, reap_interval=0)
+exclusive = sesskit.SessionMiddleware(app, store=STORE, lock="exclusive", cookie_name="sx",
+                                      reap_interval=0)
+
+
+def application(environ, start_response):
+    if environ.get("PATH_INFO", "").startswith("/x/"):
+        return exclusive(environ, start_response)
+    return merge(environ, start_response)
+'''
+
+
+@pytest.fixture(scope="class")
+def apache_server():
+    """One Apache (4 processes x 4 threads) with the test app under SessionMiddleware and the CGI
+    script, on one file store; yields (base URL, store URL)."""
+    import pwd  # noqa: F401  (POSIX only, like the rest of this fixture)
+    _need(shutil.which("apache2") or os.path.exists("/usr/sbin/apache2"), "Apache httpd (apt apache2)")
+    express = os.path.join(os.path.dirname(sys.executable), "mod_wsgi-express")
+    _need(os.path.exists(express), "mod_wsgi-express (pip install mod_wsgi, needs apache2-dev)")
+    if os.geteuid() == 0:
+        _need(shutil.which("setfacl") and shutil.which("useradd") and shutil.which("runuser"),
+              "setfacl/useradd/runuser to run Apache as an unprivileged user (apt acl)")
+    import tempfile
+    base = tempfile.mkdtemp(prefix="sesskit-apache-", dir="/tmp")
+    try:
+        os.chmod(base, 0o755)
+        lib, cgi, store = (os.path.join(base, d) for d in ("lib", "cgi", "store"))
+        for d in (lib, cgi):
+            os.mkdir(d, 0o755)
+        shutil.copy(os.path.join(HERE, "sesskit.py"), lib)
+        os.chmod(os.path.join(lib, "sesskit.py"), 0o644)
+        os.mkdir(store, 0o700)
+        uid, gid = _ensure_server_user()
+        os.chown(store, uid, gid)
+        url = f"file:{store}"
+        app_file = os.path.join(base, "app.wsgi")
+        with open(app_file, "w") as f:
+            f.write(_APACHE_APP.format(app_source=_APP_SOURCE, store=url))
+        script = os.path.join(cgi, "s.cgi")
+        with open(script, "w") as f:
+            f.write(f"#!{sys.executable}\nimport os\nos.environ['SESSKIT_TEST_STORE'] = {url!r}\n"
+                    + _CGI_SOURCE)
+        os.chmod(script, 0o755)
+        with _apache(app_file, os.path.join(base, "srv"), cgi, lib) as base_url:
+            yield base_url, url
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+        _undo_machine_changes()
+
+
+class _HttpClient:
+    """A cookie-keeping HTTP client (http.cookiejar) that records each response's Set-Cookie headers."""
+
+    def __init__(self, base):
+        self.base = base
+        self.jar = http.cookiejar.CookieJar()
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.jar))
+
+    def get(self, path, cookie=None):
+        """GET ``path`` (with ``cookie`` as a fixed sesskit cookie instead of the jar's, if given)."""
+        request = urllib.request.Request(self.base + path)
+        opener = self.opener
+        if cookie is not None:
+            request.add_header("Cookie", f"sesskit={cookie}")
+            opener = urllib.request.build_opener()
+        with opener.open(request, timeout=30) as response:
+            return response.headers.get_all("Set-Cookie") or [], json.loads(response.read())
+
+    def cookie(self, name):
+        values = [c.value for c in self.jar if c.name == name]
+        return values[0] if values else None
+
+
+def _valid_cookie(set_cookie, name):
+    value = _cookie_of(set_cookie)
+    return value.startswith(name + "=") and sesskit.is_valid_session_id(value.partition("=")[2])
+
+
+class TestApache:
+    def test_merge_under_concurrency_loses_no_key(self, apache_server):
+        base, store = apache_server
+        client = _HttpClient(base)
+        set_cookies, first = client.get("/m/set?k=k0")
+        assert len(set_cookies) == 1 and _valid_cookie(set_cookies[0], "sesskit"), set_cookies
+        with ThreadPoolExecutor(16) as pool:
+            replies = list(pool.map(lambda i: client.get(f"/m/set?k=k{i}&sleep=0.02"), range(1, 65)))
+        assert all(sc == [] for sc, _ in replies), [sc for sc, _ in replies if sc]
+        assert {r["id"] for _, r in replies} == {first["id"]}
+        pids = {r["pid"] for _, r in replies}
+        assert len(pids) >= 2, f"only process(es) {pids} answered"
+        set_cookies, final = client.get("/m/get")
+        assert set_cookies == [] and sorted(final["data"]) == sorted(f"k{i}" for i in range(65))
+
+    def test_exclusive_counter_is_exact(self, apache_server):
+        base, _ = apache_server
+        client = _HttpClient(base)
+        set_cookies, first = client.get("/x/incr")
+        assert first["n"] == 1 and len(set_cookies) == 1 and _valid_cookie(set_cookies[0], "sx")
+        with ThreadPoolExecutor(16) as pool:
+            replies = list(pool.map(lambda i: client.get("/x/incr?sleep=0.005"), range(48)))
+        assert all(sc == [] for sc, _ in replies)
+        assert sorted(r["n"] for _, r in replies) == list(range(2, 50))   # each count seen once
+        assert len({r["pid"] for _, r in replies}) >= 2
+        assert client.get("/x/get")[1]["data"] == {"n": 49}
+
+    def test_rotation_in_flight_through_apache(self, apache_server):
+        base, _ = apache_server
+        client = _HttpClient(base)
+        client.get("/m/set?k=a&v=1")
+        old = client.cookie("sesskit")
+        set_cookies, login = client.get("/m/login?grace=30")
+        assert len(set_cookies) == 1 and client.cookie("sesskit") == login["id"] != old
+        with ThreadPoolExecutor(8) as pool:       # requests that still carry the old cookie
+            replies = list(pool.map(lambda i: _HttpClient(base).get(f"/m/set?k=late{i}", old),
+                                    range(8)))
+        assert {r["id"] for _, r in replies} == {login["id"]}
+        assert all(len(sc) == 1 and _cookie_of(sc[0]) == f"sesskit={login['id']}" for sc, _ in replies)
+        data = client.get("/m/get")[1]["data"]
+        assert data["user"] == "alice" and all(f"late{i}" in data for i in range(8))
+
+    def test_cgi_and_mod_wsgi_share_sessions(self, apache_server):
+        base, _ = apache_server
+        client = _HttpClient(base)
+        set_cookies, reply = client.get("/s.cgi")
+        assert reply["n"] == 1 and len(set_cookies) == 1 and _valid_cookie(set_cookies[0], "sesskit")
+        set_cookies, reply2 = client.get("/m/incr")
+        assert reply2["n"] == 2 and reply2["id"] == reply["id"] and set_cookies == []
+        set_cookies, reply3 = client.get("/s.cgi")
+        assert reply3["n"] == 3 and reply3["data"]["via_cgi"] is True and set_cookies == []
+        started_in_wsgi = _HttpClient(base)
+        started_in_wsgi.get("/m/set?k=from&v=wsgi")
+        assert started_in_wsgi.get("/s.cgi")[1]["data"] == {"from": "wsgi", "n": 1, "via_cgi": True}
