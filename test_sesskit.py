@@ -2061,3 +2061,74 @@ class TestApache:
         started_in_wsgi = _HttpClient(base)
         started_in_wsgi.get("/m/set?k=from&v=wsgi")
         assert started_in_wsgi.get("/s.cgi")[1]["data"] == {"from": "wsgi", "n": 1, "via_cgi": True}
+
+
+def _chromium(profile_dir, timeout=30):
+    """Headless Debian Chromium under selenium with Debian's chromedriver (given explicitly, so that
+    Selenium Manager never runs or downloads anything). The caller must quit() it."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    options = webdriver.ChromeOptions()
+    options.binary_location = _CHROMIUM
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                f"--user-data-dir={profile_dir}"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=_CHROMEDRIVER))
+    driver.set_page_load_timeout(timeout)
+    return driver
+
+
+class TestBrowser:
+    def test_chromium_keeps_the_cookie_and_logout_ends_it(self, tmp_path):
+        _need(os.path.exists(_CHROMIUM) and os.path.exists(_CHROMEDRIVER),
+              "Chromium and chromedriver (apt chromium chromium-driver)")
+        try:
+            import selenium  # noqa: F401
+        except ImportError:
+            selenium = None
+        _need(selenium is not None, "selenium (pip install selenium)")
+        store = tmp_path / "store"
+        proc, url = _start_demo(["--port", "0", "--store", f"file:{store}"], HERE)
+        driver = None
+        try:
+            driver = _chromium(tmp_path / "profile")
+
+            def visits():
+                return driver.find_element("id", "visits").text
+
+            def wait_for(text, timeout=15):
+                """After a form submit: wait (bounded) for the next page's counter to read ``text``."""
+                from selenium.common.exceptions import WebDriverException
+                deadline = time.monotonic() + timeout
+                while time.monotonic() < deadline:
+                    try:
+                        if visits() == text:
+                            return True
+                    except WebDriverException:      # the old page went away mid-lookup
+                        pass
+                    time.sleep(0.05)
+                return False
+            seen = []
+            for _ in range(3):
+                driver.get(url)
+                seen.append(visits())
+            assert seen == ["1", "2", "3"]
+            cookie = driver.get_cookie("sesskit")
+            assert cookie["httpOnly"] and cookie["sameSite"] == "Lax" and not cookie["secure"]
+            assert sesskit.is_valid_session_id(cookie["value"])
+            assert driver.execute_script("return document.cookie") == ""     # HttpOnly: hidden from JS
+            driver.find_element("id", "key").send_keys("colour")
+            driver.find_element("id", "value").send_keys("blue")
+            driver.find_element("id", "set").click()
+            assert wait_for("4") and "blue" in driver.find_element("id", "values").text
+            assert _stored(f"file:{store}", cookie["value"])["colour"] == "blue"
+            driver.find_element("id", "logout").click()
+            assert wait_for("1")                      # after logout the counter starts again
+            after = driver.get_cookie("sesskit")
+            assert after is not None and after["value"] != cookie["value"]
+            assert _stored(f"file:{store}", cookie["value"]) is None
+        finally:
+            if driver is not None:
+                driver.quit()
+            _stop(proc)
