@@ -1420,7 +1420,7 @@ def _cookie_values(header, name):
 
 
 def _is_https(environ):
-    """Whether the request came over HTTPS: ``wsgi.url_scheme`` (WSGI) or ``HTTPS`` (CGI, RFC 3875 servers)."""
+    """Whether the request came over HTTPS: ``wsgi.url_scheme`` (WSGI) or ``HTTPS`` (CGI servers)."""
     if environ.get("wsgi.url_scheme") == "https":
         return True
     return str(environ.get("HTTPS", "")).lower() in ("on", "1", "yes", "true")

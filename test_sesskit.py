@@ -1561,6 +1561,13 @@ class TestMiddleware:
                 _wsgi_get(_middleware(store, lock="exclusive", lock_timeout=0.05), "/incr",
                           cookie=client.cookie)
         assert client.get("/incr")["n"] == 2
+        new = client.get("/login")["id"]              # rotation in exclusive mode moves the lock along
+        assert new != sid and client.cookie == f"sesskit={new}" and store.load(sid) is None
+        assert client.get("/incr")["n"] == 3
+        with store.lock(new, 1):
+            with pytest.raises(sesskit.LockTimeout):
+                _wsgi_get(_middleware(store, lock="exclusive", lock_timeout=0.05), "/incr",
+                          cookie=client.cookie)
 
     def test_threads_through_the_middleware_lose_nothing(self, tmp_path):
         app = _middleware(f"file:{tmp_path / 'store'}")
@@ -1798,7 +1805,8 @@ def _port_open(port):
 def _sh(cmd, timeout=60, check=True):
     proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode:
-        raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
+        command = " ".join(map(str, cmd))
+        raise RuntimeError(f"{command} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
     return proc
 
 
@@ -1944,7 +1952,6 @@ def application(environ, start_response):
 def apache_server():
     """One Apache (4 processes x 4 threads) with the test app under SessionMiddleware and the CGI
     script, on one file store; yields (base URL, store URL)."""
-    import pwd  # noqa: F401  (POSIX only, like the rest of this fixture)
     _need(shutil.which("apache2") or os.path.exists("/usr/sbin/apache2"), "Apache httpd (apt apache2)")
     express = os.path.join(os.path.dirname(sys.executable), "mod_wsgi-express")
     _need(os.path.exists(express), "mod_wsgi-express (pip install mod_wsgi, needs apache2-dev)")
