@@ -1914,7 +1914,8 @@ def _open_existing(url):
         return open_store(url)
 
 
-def _cli_reap(container, err):
+def _cli_reap(container, err, every=2.0):
+    """Reap ``container`` completely, printing progress to ``err`` every ``every`` seconds."""
     import threading
     result = {}
 
@@ -1927,7 +1928,7 @@ def _cli_reap(container, err):
     start = time.monotonic()
     worker.start()
     while True:
-        worker.join(2.0)
+        worker.join(every)
         if not worker.is_alive():
             break
         print(f"reaping... {time.monotonic() - start:.0f} s", file=err, flush=True)

@@ -1744,6 +1744,15 @@ class TestCLI:
         assert sesskit._main(["show", url, "../etc"]) == 1
         assert "not a sesskit session id" in capsys.readouterr().err
 
+    def test_reap_reports_progress_on_long_runs(self):
+        class Slow(sesskit.MemoryContainer):
+            def reap(self, now=None, budget=None, interval=0.0):
+                time.sleep(0.3)
+                return 7
+        err = io.StringIO()
+        assert sesskit._cli_reap(Slow(), err, every=0.05) == 7
+        assert err.getvalue().count("reaping...") >= 2
+
     def test_bad_or_missing_store(self, tmp_path, capsys):
         for url in ("nonsense", "ftp://x", f"file:{tmp_path / 'missing'}", "memory:"):
             assert sesskit._main(["stats", url]) == 1, url
