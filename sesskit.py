@@ -25,6 +25,7 @@ __all__ = [
     "DEFAULTS", "SesskitError", "LockTimeout", "InvalidSessionId", "ReadOnlySession",
     "SessionTooLarge", "ContainerError", "new_session_id", "is_valid_session_id", "Record",
     "Container", "MemoryContainer", "FileContainer", "open_store", "Session", "open_session",
+    "SessionMiddleware",
 ]
 
 ###############################################################################
@@ -1354,7 +1355,9 @@ class Session(MutableMapping):
 
 
 def open_session(sid=None, store=None, *, timeout=None, max_age=None, lock="merge", lock_timeout=None,
-                 clock=None, max_size=None, reap_interval=None) -> Session:
+                 clock=None, max_size=None, reap_interval=None, environ=None, cookie_name="sesskit",
+                 secret=None, route=None, secure=None, httponly=True, samesite="Lax", path="/",
+                 domain=None, persistent=True) -> Session:
     """Open the session ``sid`` (or a new one) for one ``with`` block.
 
     :param sid: the id the client sent, or None. An id that is malformed, unknown or expired is never
@@ -1373,14 +1376,18 @@ def open_session(sid=None, store=None, *, timeout=None, max_age=None, lock="merg
     :param max_size: bytes the serialised data may take (SessionTooLarge beyond, nothing stored).
     :param reap_interval: seconds between opportunistic reaps of the store triggered at the end of a
         block (0 disables them); each one stops after ``DEFAULTS["reap_budget"]`` seconds.
+    :param environ: a CGI environment (``os.environ``) or WSGI environ: the id is then read from the
+        request's cookie (do not pass ``sid`` too), and the session gains ``cookie_header()``, which
+        returns the ``Set-Cookie`` line the response needs. ``cookie_name``, ``secret``, ``route``,
+        ``secure``, ``httponly``, ``samesite``, ``path``, ``domain`` and ``persistent`` describe the
+        cookie as for ``SessionMiddleware`` (they apply only with ``environ``).
     :raises LockTimeout: a lock could not be had in time (the stored session is unchanged).
 
     An exception inside the block discards its changes and releases every lock. A session that another
     request deleted or that expired while the block ran is not resurrected by its write-back (``s.lost``).
     A new session is stored only once it holds data.
     """
-    return Session(
-        sid, _default_store() if store is None else open_store(store),
+    options = dict(
         timeout=DEFAULTS["timeout"] if timeout is None else timeout,
         max_age=DEFAULTS["max_age"] if max_age is None else max_age,
         lock=lock,
@@ -1389,3 +1396,624 @@ def open_session(sid=None, store=None, *, timeout=None, max_age=None, lock="merg
         max_size=DEFAULTS["max_size"] if max_size is None else max_size,
         reap_interval=DEFAULTS["reap_interval"] if reap_interval is None else reap_interval,
     )
+    container = _default_store() if store is None else open_store(store)
+    if environ is None:
+        return Session(sid, container, **options)
+    if sid is not None:
+        raise ValueError("give open_session() either sid or environ, not both")
+    cookie = _Cookie(cookie_name, secret=secret, route=route, secure=secure, httponly=httponly,
+                     samesite=samesite, path=path, domain=domain, persistent=persistent)
+    return _web_session(environ, container, cookie, False, **options)
+
+
+###############################################################################
+# WSGI & CGI ##################################################################
+###############################################################################
+
+# A session travels in one cookie whose value is the session id, then (with a secret) a MAC of the id,
+# then (with a route) "." and the route:
+#
+#     <44-character id><16-character MAC>.<route>
+#
+# The id and the MAC have fixed lengths, so they need no separator, and the first "." starts the route:
+# mod_proxy_balancer's stickysession and Tomcat's jvmRoute take the route from after the first period.
+# Every character is one of [A-Za-z0-9_-] or ".", which need no quoting in a cookie nor escaping in a URL.
+# The MAC covers the id only: a route is a routing hint, never trusted, and an id loads on any node.
+
+_MAC_LENGTH = 16                # base64url characters: 12 bytes (96 bits) of HMAC-SHA256
+_MAX_COOKIE_HEADER = 16384      # characters of a Cookie header looked at; the rest is ignored
+_MAX_COOKIE_VALUES = 8          # values of our cookie looked at (a browser sends one per matching path)
+_SAMESITE = ("Lax", "Strict", "None")
+
+
+def _cookie_values(header, name):
+    """The values of cookie ``name`` in a ``Cookie`` request header, in order.
+
+    Tolerant by design (unlike http.cookies.SimpleCookie, which drops every cookie of a header when one
+    piece does not parse): each ``;``-separated piece stands alone, garbage pieces are skipped, at most
+    ``_MAX_COOKIE_HEADER`` characters and ``_MAX_COOKIE_VALUES`` values are looked at. Never raises.
+    """
+    if type(header) is not str:
+        return []
+    values = []
+    for piece in header[:_MAX_COOKIE_HEADER].split(";"):
+        key, eq, value = piece.partition("=")
+        if eq and key.strip() == name:
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
+            values.append(value)
+            if len(values) == _MAX_COOKIE_VALUES:
+                break
+    return values
+
+
+def _is_https(environ):
+    """Whether the request came over HTTPS: ``wsgi.url_scheme`` (WSGI) or ``HTTPS`` (CGI servers)."""
+    if environ.get("wsgi.url_scheme") == "https":
+        return True
+    return str(environ.get("HTTPS", "")).lower() in ("on", "1", "yes", "true")
+
+
+def _check_attribute(what, value):
+    if not isinstance(value, str) or not value or any(c in value for c in ';,"\\') \
+            or any(ord(c) < 33 or ord(c) > 126 for c in value):
+        raise ValueError(f"{what} must be a non-empty string of visible ASCII without ;,\"\\: {value!r}")
+    return value
+
+
+class _Cookie:
+    """How a session id travels in a cookie: the name, the attributes, the optional MAC key and route.
+
+    Validated once (ValueError names the bad option) and shared by all requests of a middleware.
+    """
+
+    def __init__(self, name="sesskit", *, secret=None, route=None, secure=None, httponly=True,
+                 samesite="Lax", path="/", domain=None, persistent=True):
+        if not isinstance(name, str) or not name or name.strip(_SID_ALPHABET + "."):
+            raise ValueError(f"cookie_name must be letters, digits, '-', '_' or '.': {name!r}")
+        if route is not None and (not isinstance(route, str) or not route or route.strip(_SID_ALPHABET)):
+            raise ValueError(f"route must be letters, digits, '-' or '_': {route!r}")
+        if samesite is not None and samesite not in _SAMESITE:
+            raise ValueError(f"samesite must be one of {', '.join(_SAMESITE)} or None, not {samesite!r}")
+        if not _check_attribute("path", path).startswith("/"):
+            raise ValueError(f"path must start with '/': {path!r}")
+        if domain is not None:
+            _check_attribute("domain", domain)
+        if secret is not None:
+            secret = secret.encode("utf-8") if isinstance(secret, str) else bytes(secret)
+            if not secret:
+                raise ValueError("secret must not be empty")
+        self.name, self.route, self.secure, self.httponly = name, route, secure, bool(httponly)
+        self.samesite, self.path, self.domain, self.persistent = samesite, path, domain, bool(persistent)
+        self._key = secret
+
+    def _mac(self, sid):
+        import hashlib   # only with a secret, so that `import sesskit` stays cheap
+        import hmac
+        digest = hmac.new(self._key, sid.encode("ascii"), hashlib.sha256).digest()[:12]
+        return binascii.b2a_base64(digest, newline=False).translate(_URLSAFE).decode("ascii")
+
+    def encode(self, sid):
+        """The cookie value for ``sid``."""
+        value = sid if self._key is None else sid + self._mac(sid)
+        return value if self.route is None else f"{value}.{self.route}"
+
+    def decode(self, value):
+        """The session id in cookie value ``value``, or None when it is malformed or its MAC is wrong.
+
+        Touches no store: forged and random values cost one HMAC at most.
+        """
+        head = value.partition(".")[0]
+        if self._key is None:
+            return head if is_valid_session_id(head) else None
+        sid, mac = head[:SID_LENGTH], head[SID_LENGTH:]
+        if len(mac) != _MAC_LENGTH or mac.strip(_SID_ALPHABET) or not is_valid_session_id(sid):
+            return None
+        import hmac
+        return sid if hmac.compare_digest(mac, self._mac(sid)) else None
+
+    def read(self, environ):
+        """The session id of a request: the first value of our cookie that decodes, else None."""
+        for value in _cookie_values(environ.get("HTTP_COOKIE"), self.name):
+            sid = self.decode(value)
+            if sid is not None:
+                return sid
+        return None
+
+    def header(self, sid, max_age, https):
+        """A ``Set-Cookie`` value: ``sid`` for ``max_age`` seconds (None: until the browser closes), or
+        with ``sid`` None an expired cookie that makes the browser drop ours."""
+        parts = [f"{self.name}={'' if sid is None else self.encode(sid)}", f"Path={self.path}"]
+        if self.domain is not None:
+            parts.append(f"Domain={self.domain}")
+        if sid is None:
+            parts.append("Max-Age=0; Expires=Thu, 01 Jan 1970 00:00:00 GMT")
+        elif max_age is not None:
+            parts.append(f"Max-Age={max(0, int(max_age + 0.5))}")
+        if self.secure or (self.secure is None and https):
+            parts.append("Secure")
+        if self.httponly:
+            parts.append("HttpOnly")
+        if self.samesite is not None:
+            parts.append(f"SameSite={self.samesite}")
+        return "; ".join(parts)
+
+
+def _loading(name):
+    """An attribute of a _WebSession: reading it loads a lazily opened session first."""
+    def get(self):
+        if self._pending:
+            self._open()
+        return self.__dict__.get(name)
+
+    def set(self, value):
+        self.__dict__[name] = value
+    return property(get, set)
+
+
+class _WebSession(Session):
+    """The Session of a web request (``open_session(environ=...)`` and ``SessionMiddleware``).
+
+    It knows the request's cookie and adds ``cookie_header()``. The middleware's sessions are lazy: the
+    first use of the mapping or of ``id``/``is_new``/``created``/``expires``/``timeout`` loads them, and
+    a request that never uses its session does no store I/O at all.
+
+    Once the response headers are out (``cookie_header()`` called, or the middleware's start_response
+    ran), the cookie can no longer change, so ``regenerate()``, ``delete()`` and writing into a new
+    session that got no cookie raise SesskitError instead of silently losing their effect.
+    """
+
+    _pending = False        # lazy and not loaded yet
+    _sent = False           # the response headers are out
+    _https = False
+    _cookie = None
+
+    id = _loading("id")
+    is_new = _loading("is_new")
+    created = _loading("created")
+    expires = _loading("expires")
+
+    def _open(self):
+        self._pending = False
+        Session.__enter__(self)
+
+    def _live(self):
+        if self._pending:
+            self._open()
+        return Session._live(self)
+
+    @property
+    def timeout(self):
+        self._live()
+        return self._timeout
+
+    @timeout.setter
+    def timeout(self, seconds):
+        self._live()
+        Session.timeout.fset(self, seconds)
+
+    def __repr__(self):
+        if self._pending:
+            return "<sesskit.Session (not loaded yet)>"
+        return Session.__repr__(self)
+
+    def _check_unsent(self, what):
+        if self._sent:
+            raise SesskitError(f"{what} after the response headers went out: the cookie can no longer "
+                               "change (call it before start_response / cookie_header())")
+
+    def __setitem__(self, key, value):
+        self._live()
+        if self._sent and self.is_new:
+            self._check_unsent("storing data in a new session")
+        Session.__setitem__(self, key, value)
+
+    def __delitem__(self, key):
+        self._live()
+        if self._sent and self.is_new:
+            self._check_unsent("changing a new session")
+        Session.__delitem__(self, key)
+
+    def regenerate(self, grace=0.0):
+        self._live()
+        self._check_unsent("regenerate()")
+        return Session.regenerate(self, grace)
+
+    def delete(self):
+        self._live()
+        self._check_unsent("delete()")
+        Session.delete(self)
+
+    def cookie_header(self):
+        """Return the ``Set-Cookie: ...`` line this response needs, or None; call it when printing headers.
+
+        The cookie is set when the session is new and holds data, was rotated or reached through a
+        rotated id, or when its expiry moved (at most once per touch interval); it is expired after
+        ``delete()``. What the block did so far is written back now, before the client can see the
+        cookie, so the client's next request finds it; later changes are written back at the end of the
+        block. Can be called once.
+        """
+        value = self._headers_out()
+        return None if value is None else f"Set-Cookie: {value}"
+
+    def _headers_out(self):
+        """The response headers go out now: write back what the block did so far and return the
+        ``Set-Cookie`` value the response needs, or None."""
+        if self._sent:
+            raise SesskitError("the response headers of this session already went out")
+        self._sent = True
+        if self._pending or self._data is None:
+            return None                 # never used (or already closed): nothing to say, no store I/O
+        now = self._clock()
+        value = self._set_cookie(now)
+        self._commit(now)
+        if self.lost:                   # deleted or expired by another request meanwhile
+            return self._cookie.header(None, None, self._https)
+        return value
+
+    def _expiry_moved(self, now):
+        return self._expiry(now) - self.expires >= min(DEFAULTS["touch_interval"], self._timeout / 10)
+
+    def _set_cookie(self, now):
+        cookie = self._cookie
+        max_age = self._expiry(now) - now if cookie.persistent else None
+        if self.is_new:
+            if self._data:
+                return cookie.header(self.id, max_age, self._https)
+            return cookie.header(None, None, self._https) if self.deleted else None
+        if (self.id != self._incoming or self._timeout != self._stored_timeout
+                or (cookie.persistent and self._expiry_moved(now))):
+            return cookie.header(self.id, max_age, self._https)
+        return None
+
+    def _commit(self, now):
+        """Write back now, then go on as if the block had just loaded what it wrote."""
+        was_new, rotated = self.is_new, self._rotate is not None
+        text = _encode_data(self._data)
+        wrote = was_new or rotated or text != self._loaded or self._timeout != self._stored_timeout
+        moved = self._expiry_moved(now)
+        self._write_back(now)
+        if self.lost or (was_new and not self.saved):
+            return
+        if rotated and self._held is not None:
+            # exclusive mode held the old id's lock; hold the new id's from now on
+            self._release()
+            self._held = self.container.lock(self.id, self._lock_timeout)
+        if wrote or moved:
+            self.expires = self._expiry(now)
+        self.is_new = False
+        self._rotate = None
+        self._loaded = text
+        self._stored_timeout = self._timeout
+
+
+def _web_session(environ, container, cookie, lazy, **options):
+    session = _WebSession(cookie.read(environ), container, **options)
+    session._cookie = cookie
+    session._https = _is_https(environ)
+    session._pending = lazy
+    return session
+
+
+class _Response:
+    """The response iterable of SessionMiddleware: passes the app's body through, then on close()
+    writes the session back (or discards its changes when the app failed)."""
+
+    def __init__(self, result, session, reap_interval):
+        self._result = result
+        self._session = session
+        self._reap_interval = reap_interval
+        self.started = False    # start_response ran without exc_info
+        self.failed = False
+        self._closed = False
+
+    def __iter__(self):
+        try:
+            yield from self._result
+        except GeneratorExit:
+            raise               # the server stopped early (client gone): not an application error
+        except BaseException:
+            self.failed = True
+            raise
+
+    def close(self):
+        if self._closed:
+            return
+        self._closed = True
+        error = None
+        try:
+            if hasattr(self._result, "close"):
+                self._result.close()
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            self.finish(error)
+
+    def finish(self, error=None):
+        """End the session's block: write back, or discard on ``error``/failure; then maybe reap."""
+        session = self._session
+        if session._pending or session._data is None:
+            return                      # the request never used its session: no store I/O
+        if error is not None or self.failed or not self.started:
+            error = error or SesskitError("the response failed")
+            Session.__exit__(session, type(error), error, error.__traceback__)
+            return
+        Session.__exit__(session, None, None, None)
+        if self._reap_interval:
+            # after the response went out, never in front of a request; time-boxed by reap_budget
+            session._reap_interval = self._reap_interval
+            session._maybe_reap()
+
+
+class SessionMiddleware:
+    """WSGI middleware giving each request a session at ``environ["sesskit.session"]``.
+
+    The session is a Session (see ``open_session``) loaded on first use: a request that never uses it
+    does no store I/O and gets no cookie. Write-back happens in two steps:
+
+    * when the app calls ``start_response``, what the app did to the session so far is written back and
+      the ``Set-Cookie`` header is added if needed (new session holding data, rotated session, moved
+      expiry, expired cookie after ``delete()``), so the client's next request, which may reach another
+      process before this one has finished, already finds it;
+    * changes made while the body is produced are written back when the server closes the response
+      iterable, after the body was sent.
+
+    An exception from the app (before start_response, or while producing the body) or an error
+    ``start_response(..., exc_info)`` discards the changes not yet written back. After start_response,
+    ``regenerate()``/``delete()`` and storing data in a new session raise SesskitError: the cookie can
+    no longer change. In exclusive mode the session's lock is held until close().
+
+    Opportunistic reaping (every ``reap_interval`` seconds per store) runs in close(), after the
+    response, bounded by ``DEFAULTS["reap_budget"]``.
+
+    Cookie options: ``cookie_name``; ``secure`` (None: exactly when the request came over HTTPS);
+    ``httponly``; ``samesite`` ("Lax", "Strict", "None" or None to omit); ``path``; ``domain``;
+    ``persistent`` (True: Max-Age follows the session's expiry; False: a browser-session cookie);
+    ``secret`` (ids carry a keyed MAC; forged values are rejected before any store access); ``route``
+    (the cookie value ends in ``.route`` for sticky load balancing; ids with any route load anywhere).
+    """
+
+    def __init__(self, app, store=None, cookie_name="sesskit", timeout=None, secure=None, httponly=True,
+                 samesite="Lax", path="/", domain=None, route=None, lock="merge", *, secret=None,
+                 persistent=True, max_age=None, lock_timeout=None, max_size=None, reap_interval=None,
+                 clock=None, environ_key="sesskit.session"):
+        if lock not in LOCK_MODES:
+            raise ValueError(f"lock must be one of {', '.join(LOCK_MODES)}, not {lock!r}")
+        self.app = app
+        self.environ_key = environ_key
+        self.cookie = _Cookie(cookie_name, secret=secret, route=route, secure=secure, httponly=httponly,
+                              samesite=samesite, path=path, domain=domain, persistent=persistent)
+        self._container = None if store is None else open_store(store)
+        self._options = dict(
+            timeout=DEFAULTS["timeout"] if timeout is None else timeout,
+            max_age=DEFAULTS["max_age"] if max_age is None else max_age,
+            lock=lock,
+            lock_timeout=DEFAULTS["lock_timeout"] if lock_timeout is None else lock_timeout,
+            clock=time.time if clock is None else clock,
+            max_size=DEFAULTS["max_size"] if max_size is None else max_size,
+            reap_interval=0,          # the middleware reaps itself, in close()
+        )
+        self.reap_interval = DEFAULTS["reap_interval"] if reap_interval is None else reap_interval
+
+    def __call__(self, environ, start_response):
+        container = self._container if self._container is not None else _default_store()
+        session = _web_session(environ, container, self.cookie, True, **self._options)
+        environ[self.environ_key] = session
+        response = None
+
+        def session_start_response(status, headers, exc_info=None):
+            if exc_info is not None:
+                response.failed = True
+                session._sent = True
+            elif not session._sent:
+                value = session._headers_out()
+                if value is not None:
+                    headers = list(headers) + [("Set-Cookie", value)]
+                response.started = True
+            return start_response(status, headers, exc_info)
+
+        response = _Response(None, session, self.reap_interval)
+        try:
+            response._result = self.app(environ, session_start_response)
+        except BaseException as exc:
+            response.finish(exc)
+            raise
+        return response
+
+
+# Demo application ------------------------------------------------------------------
+
+_DEMO_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>sesskit demo</title></head>
+<body>
+<h1>sesskit demo</h1>
+<p>Visits in this session: <b id="visits">{visits}</b></p>
+<p>Session: <code id="sid">{sid}</code> ({state})</p>
+<table id="values">{rows}</table>
+<form method="post" action="/set">
+  <input name="key" id="key" placeholder="key"> <input name="value" id="value" placeholder="value">
+  <button id="set" type="submit">Set</button>
+</form>
+<form method="post" action="/logout"><button id="logout" type="submit">Log out</button></form>
+</body></html>
+"""
+
+
+def _demo_app(environ, start_response):
+    """The page of ``python sesskit.py demo``: a visit counter, stored values, a form and a logout."""
+    import html
+    path = environ.get("PATH_INFO") or "/"
+    if path not in ("/", "/set", "/logout"):
+        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+        return [b"not found\n"]         # favicon and friends never touch the session
+    session = environ["sesskit.session"]
+    if environ.get("REQUEST_METHOD") == "POST":
+        from urllib.parse import parse_qs
+        try:
+            size = min(int(environ.get("CONTENT_LENGTH") or 0), 65536)
+        except ValueError:
+            size = 0
+        form = parse_qs(environ["wsgi.input"].read(size).decode("utf-8", "replace"))
+        if path == "/logout":
+            session.delete()
+        elif path == "/set":
+            key = (form.get("key") or [""])[0].strip()[:100]
+            if key and key != "visits":
+                session[key] = (form.get("value") or [""])[0][:1000]
+        start_response("303 See Other", [("Location", "/"), ("Content-Type", "text/plain")])
+        return [b"see /\n"]
+    session["visits"] = session.get("visits", 0) + 1
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>"
+                   for k, v in sorted(session.items()) if k != "visits")
+    body = _DEMO_PAGE.format(visits=session["visits"], sid=html.escape(_short(session.id)),
+                             state="new" if session.is_new else "continued", rows=rows).encode("utf-8")
+    start_response("200 OK", [("Content-Type", "text/html; charset=utf-8"),
+                              ("Content-Length", str(len(body))), ("Cache-Control", "no-store")])
+    return [body]
+
+
+def _serve_demo(store, port, out):
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIServer, WSGIRequestHandler, make_server
+
+    class Server(ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+
+    class Handler(WSGIRequestHandler):
+        def log_message(self, format, *args):   # quiet: one line per request is noise in a demo
+            pass
+
+    app = SessionMiddleware(_demo_app, store=store)
+    with make_server("127.0.0.1", port, app, server_class=Server, handler_class=Handler) as server:
+        where = store if store is not None else "the default store"
+        print(f"sesskit demo on http://127.0.0.1:{server.server_port}/ (sessions in {where}); "
+              "Ctrl-C stops it", file=out, flush=True)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+###############################################################################
+# Command-line interface ######################################################
+###############################################################################
+
+_CLI_EPILOG = """commands:
+  demo                 serve a small page on 127.0.0.1 that shows its session (a visit counter, a form
+                       to store a value, a logout button); sessions go to --store or the default store
+  stats STORE          how many unexpired sessions STORE holds
+  ls STORE             list unexpired sessions: id, expiry (UTC), size of the data in bytes
+  show STORE SID       print one session (metadata and data) as JSON
+  reap STORE           remove expired sessions now (progress goes to stderr)
+
+STORE is a store URL such as file:/var/lib/myapp/sessions; admin commands never create a store.
+exit status: 0 ok, 1 runtime error (bad or missing store, unknown session), 2 usage error."""
+
+
+def _cli_parse(args):
+    """Parse command-line ``args``; argparse raises SystemExit(2) on a usage error, (0) on --help."""
+    import argparse
+    parser = argparse.ArgumentParser(
+        prog="sesskit.py", description="sesskit: server-side sessions. Demo server and store admin.",
+        epilog=_CLI_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"sesskit {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    demo = commands.add_parser("demo", help="serve a demo page on 127.0.0.1")
+    demo.add_argument("--store", help="store URL (default: $SESSKIT_STORE or a per-user directory)")
+    demo.add_argument("--port", type=int, default=8080, help="TCP port (0: any free one; default 8080)")
+    for name, text in (("stats", "count sessions"), ("ls", "list sessions"), ("reap", "remove expired")):
+        commands.add_parser(name, help=text).add_argument("store", metavar="STORE")
+    show = commands.add_parser("show", help="print one session")
+    show.add_argument("store", metavar="STORE")
+    show.add_argument("sid", metavar="SID")
+    return parser.parse_args(args)
+
+
+def _open_existing(url):
+    """The container of an existing store; ContainerError for a bad URL or a missing store."""
+    if not isinstance(url, str) or url.partition(":")[0].lower() == "memory":
+        raise ContainerError(f"{url!r}: a memory: store lives inside one process; give a store URL "
+                             "such as file:/path/to/sessions")
+    try:
+        return open_store(url, create=False)
+    except TypeError:       # a container class without the create option
+        return open_store(url)
+
+
+def _cli_reap(container, err, every=2.0):
+    """Reap ``container`` completely, printing progress to ``err`` every ``every`` seconds."""
+    import threading
+    result = {}
+
+    def work():
+        try:
+            result["removed"] = container.reap()
+        except BaseException as exc:    # handed to the main thread
+            result["error"] = exc
+    worker = threading.Thread(target=work, daemon=True)
+    start = time.monotonic()
+    worker.start()
+    while True:
+        worker.join(every)
+        if not worker.is_alive():
+            break
+        print(f"reaping... {time.monotonic() - start:.0f} s", file=err, flush=True)
+    if "error" in result:
+        raise result["error"]
+    return result["removed"]
+
+
+def _main(argv=None, out=None, err=None) -> int:
+    """Run the command line ``argv``; return the exit status (0 ok, 1 runtime error, 2 usage)."""
+    import sys
+    out = out or sys.stdout
+    err = err or sys.stderr
+    try:
+        args = _cli_parse(sys.argv[1:] if argv is None else argv)
+    except SystemExit as exc:
+        return 0 if exc.code in (0, None) else 2
+    try:
+        if args.command == "demo":
+            return _serve_demo(args.store, args.port, err)
+        container = _open_existing(args.store)
+        now = time.time()
+        if args.command == "stats":
+            print(f"store: {args.store}\nsessions: {container.count(now)}", file=out)
+        elif args.command == "ls":
+            for sid in container.sids(now):
+                record = container.load(sid)
+                if record is None or record.forward is not None:
+                    continue
+                when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.expires))
+                print(f"{sid}  {when}  {len(record.data)}", file=out)
+        elif args.command == "show":
+            if not is_valid_session_id(args.sid):
+                raise InvalidSessionId(f"not a sesskit session id: {_short(args.sid)}")
+            record = container.load(args.sid)
+            if record is None or record.expires < now:
+                print(f"sesskit: no session {args.sid} in {args.store}", file=err)
+                return 1
+            print(json.dumps({"id": args.sid, "created": record.created, "expires": record.expires,
+                              "timeout": record.timeout, "max_age": record.max_age,
+                              "forward": record.forward,
+                              "data": None if record.forward else json.loads(record.data)},
+                             indent=2, sort_keys=True), file=out)
+        elif args.command == "reap":
+            removed = _cli_reap(container, err)
+            print(f"removed {removed} expired sessions from {args.store}", file=out)
+        return 0
+    except (SesskitError, OSError) as exc:
+        print(f"sesskit: {exc}", file=err)
+        return 1
+
+
+def main():
+    """Entry point of ``python sesskit.py``: exit with ``_main``'s status."""
+    raise SystemExit(_main())
+
+
+if __name__ == "__main__":
+    main()

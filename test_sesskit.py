@@ -1224,3 +1224,974 @@ class TestImport:
         assert set(out) <= {"sesskit", "binascii", "struct", "_struct", "zlib", "itertools",
                             "collections", "collections.abc", "stat", "_stat", "errno", "os", "os.path",
                             "posixpath", "genericpath"}, out
+
+
+###############################################################################
+# WSGI & CGI: cookies, middleware, CGI, CLI (in-process and with subprocesses)
+###############################################################################
+
+import http.cookiejar                                   # noqa: E402  (web tests only)
+import io                                               # noqa: E402
+import shutil                                           # noqa: E402
+import socket                                           # noqa: E402
+import urllib.request                                   # noqa: E402
+import warnings                                         # noqa: E402
+from concurrent.futures import ThreadPoolExecutor       # noqa: E402
+from urllib.parse import urlencode                      # noqa: E402
+from wsgiref.util import setup_testing_defaults         # noqa: E402
+from wsgiref.validate import validator                  # noqa: E402
+
+#: The test application, as source: exec'd in-process and written into Apache's app.wsgi.
+_APP_SOURCE = r'''
+import json, os, time
+from urllib.parse import parse_qsl
+
+
+def app(environ, start_response):
+    """/none never uses the session; the other paths do what they say and answer JSON."""
+    session = environ["sesskit.session"]
+    query = dict(parse_qsl(environ.get("QUERY_STRING", "")))
+    action = environ.get("PATH_INFO", "/").rsplit("/", 1)[-1]
+    time.sleep(float(query.get("sleep", 0)))
+    out = {"pid": os.getpid()}
+    if action == "set":
+        session[query["k"]] = query.get("v", os.getpid())
+    elif action == "incr":
+        session["n"] = session.get("n", 0) + 1
+        out["n"] = session["n"]
+    elif action == "get":
+        out["data"] = dict(session)
+    elif action == "login":
+        session.regenerate(grace=float(query.get("grace", 0)))
+        session["user"] = query.get("user", "alice")
+    elif action == "logout":
+        session.delete()
+    elif action == "boom":
+        session["boom"] = 1
+        raise RuntimeError("boom")
+    elif action == "stream":
+        session["before"] = 1
+
+        def body():
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            yield b"one "
+            session["during"] = 1
+            if query.get("fail"):
+                raise RuntimeError("failed while streaming")
+            if query.get("late"):
+                session.regenerate()
+            yield b"two"
+        return body()
+    elif action != "none":
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"?"]
+    if action != "none":
+        out["id"], out["new"] = session.id, session.is_new
+    body = json.dumps(out).encode()
+    start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+    return [body]
+'''
+_app_namespace = {}
+exec(_APP_SOURCE, _app_namespace)
+_test_app = _app_namespace["app"]
+
+
+def _wsgi_get(app, path, cookie=None, https=False, method="GET", body=b""):
+    """Call ``app`` (wrapped in wsgiref.validate) like a server would; return (status, headers, body)."""
+    path, _, query = path.partition("?")
+    environ = {"PATH_INFO": path, "QUERY_STRING": query, "REQUEST_METHOD": method, "SCRIPT_NAME": "",
+               "CONTENT_LENGTH": str(len(body)), "wsgi.input": io.BytesIO(body)}
+    if method == "POST":
+        environ["CONTENT_TYPE"] = "application/x-www-form-urlencoded"
+    setup_testing_defaults(environ)
+    if cookie is not None:
+        environ["HTTP_COOKIE"] = cookie
+    if https:
+        environ["wsgi.url_scheme"], environ["HTTPS"] = "https", "on"
+    seen = {}
+
+    def start_response(status, headers, exc_info=None):
+        seen["status"], seen["headers"] = status, headers
+        return lambda data: None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = validator(app)(environ, start_response)
+        try:
+            out = b"".join(result)
+        finally:
+            result.close()
+    return seen["status"], seen["headers"], out
+
+
+def _set_cookies(headers):
+    return [v for k, v in headers if k.lower() == "set-cookie"]
+
+
+def _cookie_of(set_cookie):
+    """'name=value' of a Set-Cookie value."""
+    return set_cookie.split(";", 1)[0].strip()
+
+
+class _Client:
+    """A cookie-keeping client of an in-process WSGI app (one cookie, as a browser would keep it)."""
+
+    def __init__(self, app):
+        self.app, self.cookie, self.set_cookies = app, None, []
+
+    def get(self, path, **kw):
+        status, headers, body = _wsgi_get(self.app, path, cookie=self.cookie, **kw)
+        self.set_cookies = _set_cookies(headers)
+        for value in self.set_cookies:
+            self.cookie = None if "Max-Age=0" in value else _cookie_of(value)
+        return json.loads(body) if body.startswith(b"{") else body
+
+
+class _CountingContainer(sesskit.MemoryContainer):
+    """A MemoryContainer that counts every call of the container protocol."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __getattribute__(self, name):
+        if name in ("load", "create", "update", "touch", "delete", "lock", "reap", "sids", "count"):
+            object.__getattribute__(self, "calls").append(name)
+        return object.__getattribute__(self, name)
+
+
+def _middleware(store=None, **kw):
+    kw.setdefault("reap_interval", 0)
+    return sesskit.SessionMiddleware(_test_app, store=store or sesskit.MemoryContainer(), **kw)
+
+
+class TestCookies:
+    def test_tolerant_parser(self):
+        values = sesskit._cookie_values
+        assert values("a=1; sesskit=abc; b=2", "sesskit") == ["abc"]
+        assert values('sesskit="abc"', "sesskit") == ["abc"]
+        assert values("sesskit=1;sesskit=2 ; xsesskit=3; sesskit", "sesskit") == ["1", "2"]
+        assert values("=;;;===; \x00\xff; sesskit=ok; \u2603=x", "sesskit") == ["ok"]
+        assert values(None, "sesskit") == [] and values(b"sesskit=1", "sesskit") == []
+        huge = "x=" + "y" * 100_000 + "; sesskit=late"
+        assert values(huge, "sesskit") == []               # beyond the part that is looked at
+        assert len(values("; ".join(["sesskit=v"] * 1000), "sesskit")) == sesskit._MAX_COOKIE_VALUES
+
+    def test_hostile_headers_never_crash_or_adopt(self):
+        store = _CountingContainer()
+        sid = _seed(store, {"user": "bob"})
+        app = _middleware(store)
+        for header in ["", ";", "sesskit", "sesskit=", 'sesskit="', "sesskit=../../etc/passwd",
+                       "sesskit=" + "A" * 5000, "sesskit=" + sid[:-1] + "!", "\x00sesskit=\x00",
+                       "sesskit=" + sesskit.new_session_id(), "a" * 20000 + "; sesskit=" + sid]:
+            status, headers, body = _wsgi_get(app, "/get", cookie=header)
+            reply = json.loads(body)
+            assert reply["new"] and reply["data"] == {} and reply["id"] != sid, header[:40]
+            assert _set_cookies(headers) == []          # an empty new session sets no cookie
+        assert store.count() == 1
+
+    def test_duplicates_take_the_first_valid_value(self):
+        store = sesskit.MemoryContainer()
+        sid = _seed(store, {"user": "bob"})
+        app = _middleware(store)
+        reply = json.loads(_wsgi_get(app, "/get", cookie=f"sesskit=junk; sesskit={sid}; sesskit=x")[2])
+        assert reply["id"] == sid and reply["data"] == {"user": "bob"}
+
+    def test_defaults_and_attributes(self):
+        client = _Client(_middleware(timeout=600))
+        client.get("/set?k=a&v=1")
+        (value,) = client.set_cookies
+        name, _, rest = value.partition("=")
+        parts = [p.strip() for p in rest.split(";")]
+        assert name == "sesskit" and sesskit.is_valid_session_id(parts[0])
+        assert parts[1:] == ["Path=/", "Max-Age=600", "HttpOnly", "SameSite=Lax"]
+        client.get("/set?k=a&v=1", https=True)
+        assert client.set_cookies == []
+        https = _Client(_middleware())
+        https.get("/set?k=a", https=True)
+        assert "; Secure" in https.set_cookies[0]
+        custom = _Client(_middleware(cookie_name="sid", secure=True, httponly=False, samesite="Strict",
+                                     path="/app", domain="example.org", persistent=False))
+        custom.get("/set?k=a")
+        assert custom.set_cookies[0].split("; ")[1:] == ["Path=/app", "Domain=example.org", "Secure",
+                                                          "SameSite=Strict"]
+
+    def test_bad_options_are_refused(self):
+        for kw in [dict(cookie_name="a b"), dict(cookie_name=""), dict(route="x.y"), dict(route=""),
+                   dict(samesite="lax"), dict(path="app"), dict(path="/a;b"), dict(domain="a b"),
+                   dict(secret=""), dict(lock="shared")]:
+            with pytest.raises(ValueError):
+                _middleware(**kw)
+
+    def test_expiry_refresh_sets_the_cookie_again(self):
+        clock = FakeClock()
+        client = _Client(_middleware(clock=clock, timeout=1000))
+        client.get("/set?k=a")
+        assert "Max-Age=1000" in client.set_cookies[0]
+        clock.advance(50)                                 # under the touch interval (60 s): no cookie
+        client.get("/get")
+        assert client.set_cookies == []
+        clock.advance(61)
+        reply = client.get("/get")
+        assert reply["data"] == {"a": reply["pid"]} and "Max-Age=1000" in client.set_cookies[0]
+        browser_only = _Client(_middleware(clock=clock, persistent=False))
+        browser_only.get("/set?k=a")
+        assert "Max-Age" not in browser_only.set_cookies[0]
+        clock.advance(500)
+        browser_only.get("/get")
+        assert browser_only.set_cookies == []             # no Max-Age to keep up to date
+
+    def test_secret_rejects_forgeries_before_any_store_access(self):
+        store = _CountingContainer()
+        client = _Client(_middleware(store, secret="s3cret"))
+        client.get("/set?k=user&v=bob")
+        value = client.cookie.partition("=")[2]
+        sid = value[:sesskit.SID_LENGTH]
+        assert len(value) == sesskit.SID_LENGTH + sesskit._MAC_LENGTH and store.load(sid) is not None
+        assert client.get("/get")["data"] == {"user": "bob"}
+        app = _middleware(store, secret="s3cret")
+        other = _middleware(store, secret="other")
+        store.calls.clear()
+        forged = [sid, sid + "A" * 16, sesskit.new_session_id() + value[sesskit.SID_LENGTH:],
+                  _cookie_of(_set_cookies(_wsgi_get(other, "/set?k=a")[1])[0]).partition("=")[2]]
+        forged += [sesskit.new_session_id() + sesskit.new_session_id()[:16] for _ in range(200)]
+        store.calls.clear()
+        for junk in forged:
+            status, headers, body = _wsgi_get(app, "/get", cookie=f"sesskit={junk}")
+            assert json.loads(body)["new"] and _set_cookies(headers) == []
+        assert store.calls == [] and store.count() == 2   # no load, no create: the flood cost nothing
+
+    def test_without_secret_junk_costs_one_load_and_creates_nothing(self):
+        store = _CountingContainer()
+        app = _middleware(store)
+        for _ in range(50):
+            _wsgi_get(app, "/get", cookie=f"sesskit={sesskit.new_session_id()}")
+        assert store.calls == ["load"] * 50 and store.count() == 0
+
+    def test_route_suffix_and_any_route_loads(self):
+        store = sesskit.MemoryContainer()
+        node1 = _Client(_middleware(store, route="node1", secret="k"))
+        node1.get("/set?k=a&v=1")
+        value = node1.cookie.partition("=")[2]
+        assert value.endswith(".node1") and value.index(".") == sesskit.SID_LENGTH + sesskit._MAC_LENGTH
+        node2 = _middleware(store, route="node2", secret="k")
+        reply = json.loads(_wsgi_get(node2, "/get", cookie=node1.cookie)[2])
+        assert reply["data"] == {"a": "1"} and not reply["new"]
+        plain = _middleware(store, route="node2")
+        sid = _seed(store, {"b": 2})
+        for cookie in (f"sesskit={sid}.node1", f"sesskit={sid}", f"sesskit={sid}.anything.else"):
+            assert json.loads(_wsgi_get(plain, "/get", cookie=cookie)[2])["data"] == {"b": 2}
+
+    def test_import_sesskit_stays_cheap_with_hmac_lazy(self):
+        code = ("import sys, sesskit; assert 'hashlib' not in sys.modules and 'hmac' not in sys.modules; "
+                "c = sesskit._Cookie(secret='k'); c.encode(sesskit.new_session_id()); "
+                "assert 'hmac' in sys.modules; print('ok')")
+        out = subprocess.run([sys.executable, "-S", "-c", code], cwd=HERE, capture_output=True, text=True,
+                             timeout=60)
+        assert out.stdout.strip() == "ok", out.stderr
+
+
+class TestMiddleware:
+    def test_validator_new_continue_and_no_io_when_unused(self):
+        store = _CountingContainer()
+        client = _Client(_middleware(store))
+        assert client.get("/none") == json.loads(json.dumps({"pid": os.getpid()}))
+        assert store.calls == [] and client.set_cookies == []
+        first = client.get("/incr")
+        assert first["new"] and first["n"] == 1 and len(client.set_cookies) == 1
+        for n in (2, 3):
+            reply = client.get("/incr")
+            assert reply["n"] == n and reply["id"] == first["id"] and client.set_cookies == []
+        store.calls.clear()
+        client.get("/none")
+        assert store.calls == []
+
+    def test_new_session_is_stored_before_its_cookie_leaves(self):
+        store = sesskit.MemoryContainer()
+        app = _middleware(store)
+        environ = {"PATH_INFO": "/set", "QUERY_STRING": "k=a&v=1"}
+        setup_testing_defaults(environ)
+        seen = {}
+
+        def start_response(status, headers, exc_info=None):
+            (cookie,) = _set_cookies(headers)
+            seen["sid"] = _cookie_of(cookie).partition("=")[2]
+            seen["stored"] = _stored(store, seen["sid"])   # what a racing next request would find
+            return lambda data: None
+        result = app(environ, start_response)
+        b"".join(result)
+        assert seen["stored"] == {"a": "1"}
+        result.close()
+
+    def test_error_discards_changes(self):
+        store = sesskit.MemoryContainer()
+        client = _Client(_middleware(store))
+        client.get("/set?k=a&v=1")
+        with pytest.raises(RuntimeError):
+            client.get("/boom")
+        assert client.get("/get")["data"] == {"a": "1"}
+        fresh = _Client(_middleware(store))
+        with pytest.raises(RuntimeError):
+            fresh.get("/boom")
+        assert fresh.cookie is None and store.count() == 1
+
+    def test_streaming_body_changes_saved_at_close_or_discarded_on_error(self):
+        store = sesskit.MemoryContainer()
+        client = _Client(_middleware(store))
+        client.get("/set?k=a&v=1")
+        assert client.get("/stream") == b"one two"
+        assert client.get("/get")["data"] == {"a": "1", "before": 1, "during": 1}
+        client.get("/set?k=before&v=0")
+        with pytest.raises(RuntimeError):
+            client.get("/stream?fail=1")
+        # what was done before start_response went out with the headers; the rest is discarded
+        assert client.get("/get")["data"] == {"a": "1", "before": 1, "during": 1}
+        with pytest.raises(sesskit.SesskitError, match="headers went out"):
+            client.get("/stream?late=1")
+        new = _Client(_middleware(store))
+        assert new.get("/stream") == b"one two" and new.cookie   # had data at start_response: stored
+        assert new.get("/get")["data"] == {"before": 1, "during": 1}
+
+        def late_writer(environ, start_response):
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            environ["sesskit.session"]["late"] = 1      # a new session that got no cookie
+            return [b"x"]
+        with pytest.raises(sesskit.SesskitError, match="new session"):
+            _wsgi_get(sesskit.SessionMiddleware(late_writer, store=store), "/")
+
+    def test_logout_expires_the_cookie(self):
+        store = sesskit.MemoryContainer()
+        client = _Client(_middleware(store))
+        sid = client.get("/set?k=a")["id"]
+        client.get("/logout")
+        (value,) = client.set_cookies
+        assert value.startswith("sesskit=;") and "Max-Age=0" in value and client.cookie is None
+        assert store.load(sid) is None
+        replay = _wsgi_get(_middleware(store), "/get", cookie=f"sesskit={sid}")[2]
+        assert json.loads(replay)["new"]
+
+    def test_rotation_without_grace_kills_the_old_id(self):
+        store = sesskit.MemoryContainer()
+        client = _Client(_middleware(store))
+        old = client.get("/set?k=a&v=1")["id"]
+        new = client.get("/login")["id"]
+        assert new != old and client.cookie == f"sesskit={new}" and store.load(old) is None
+        assert client.get("/get")["data"] == {"a": "1", "user": "alice"}
+        assert json.loads(_wsgi_get(_middleware(store), "/get", cookie=f"sesskit={old}")[2])["new"]
+
+    def test_rotation_with_grace_keeps_in_flight_requests(self):
+        clock = FakeClock()
+        store = sesskit.MemoryContainer()
+        app = _middleware(store, clock=clock)
+        client = _Client(app)
+        old = client.get("/set?k=a&v=1")["id"]
+        old_cookie = client.cookie
+        new = client.get("/login?grace=10")["id"]
+        assert new != old
+        late = _Client(app)                    # a request sent before the login answer arrived
+        late.cookie = old_cookie
+        reply = late.get("/set?k=ajax&v=2")
+        assert reply["id"] == new and late.cookie == f"sesskit={new}"   # re-issued the new cookie
+        late.cookie = old_cookie
+        assert late.get("/login")["id"] == new    # the old id cannot be rotated again
+        assert client.get("/get")["data"] == {"a": "1", "user": "alice", "ajax": "2"}
+        clock.advance(11)
+        late.cookie = old_cookie
+        assert late.get("/get")["new"]
+
+    def test_exclusive_mode_and_lock_timeout(self):
+        store = sesskit.MemoryContainer()
+        client = _Client(_middleware(store, lock="exclusive"))
+        client.get("/incr")
+        sid = client.cookie.partition("=")[2]
+        with store.lock(sid, 1):
+            with pytest.raises(sesskit.LockTimeout):
+                _wsgi_get(_middleware(store, lock="exclusive", lock_timeout=0.05), "/incr",
+                          cookie=client.cookie)
+        assert client.get("/incr")["n"] == 2
+        new = client.get("/login")["id"]              # rotation in exclusive mode moves the lock along
+        assert new != sid and client.cookie == f"sesskit={new}" and store.load(sid) is None
+        assert client.get("/incr")["n"] == 3
+        with store.lock(new, 1):
+            with pytest.raises(sesskit.LockTimeout):
+                _wsgi_get(_middleware(store, lock="exclusive", lock_timeout=0.05), "/incr",
+                          cookie=client.cookie)
+
+    def test_threads_through_the_middleware_lose_nothing(self, tmp_path):
+        app = _middleware(f"file:{tmp_path / 'store'}")
+        client = _Client(app)
+        client.get("/set?k=k0")
+        cookie = client.cookie
+        with ThreadPoolExecutor(8) as pool:
+            replies = list(pool.map(lambda i: _wsgi_get(app, f"/set?k=k{i}", cookie=cookie),
+                                    range(1, 41)))
+        assert all(_set_cookies(h) == [] for _, h, _ in replies)
+        assert sorted(client.get("/get")["data"]) == sorted(f"k{i}" for i in range(41))
+
+    def test_reap_runs_in_close_after_the_response(self):
+        clock = FakeClock()
+        store = _CountingContainer()
+        for _ in range(3):
+            _seed(store, {"x": 1}, clock=clock, timeout=10)
+        clock.advance(20)
+        app = sesskit.SessionMiddleware(_test_app, store=store, clock=clock, reap_interval=100)
+        environ = {"PATH_INFO": "/incr", "QUERY_STRING": ""}
+        setup_testing_defaults(environ)
+        result = app(environ, lambda status, headers, exc_info=None: None)
+        b"".join(result)
+        assert "reap" not in store.calls
+        result.close()
+        assert "reap" in store.calls and store.count(clock.now) == 1
+        store.calls.clear()
+        _wsgi_get(app, "/none")
+        assert store.calls == []                # a request that never used its session: no reap either
+
+
+# -- CGI ---------------------------------------------------------------------------
+
+_CGI_SOURCE = r'''
+import json, os, sys
+import sesskit
+
+with sesskit.open_session(store=os.environ["SESSKIT_TEST_STORE"], environ=os.environ) as s:
+    s["n"] = s.get("n", 0) + 1
+    s["via_cgi"] = True
+    line = s.cookie_header()
+    body = json.dumps({"n": s["n"], "pid": os.getpid(), "id": s.id, "new": s.is_new,
+                       "data": dict(s)})
+sys.stdout.write((line + "\r\n" if line else "") + "Content-Type: application/json\r\n\r\n" + body)
+'''
+
+
+def _cgi_environ(cookie=None, https=False, **extra):
+    """The meta-variables of RFC 3875 section 4.1 for a GET of /s.cgi."""
+    env = {"GATEWAY_INTERFACE": "CGI/1.1", "REQUEST_METHOD": "GET", "SCRIPT_NAME": "/s.cgi",
+           "PATH_INFO": "", "QUERY_STRING": "", "SERVER_NAME": "localhost", "SERVER_PORT": "80",
+           "SERVER_PROTOCOL": "HTTP/1.1", "SERVER_SOFTWARE": "sesskit-tests", "REMOTE_ADDR": "127.0.0.1",
+           "CONTENT_LENGTH": "", "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+           "PYTHONPATH": HERE, "PYTHONDONTWRITEBYTECODE": "1"}
+    if cookie:
+        env["HTTP_COOKIE"] = cookie
+    if https:
+        env["HTTPS"] = "on"
+    env.update(extra)
+    return env
+
+
+def _parse_cgi_output(text):
+    head, _, body = text.replace("\r\n", "\n").partition("\n\n")
+    headers = [line.split(": ", 1) for line in head.splitlines()]
+    return [v for k, v in headers if k.lower() == "set-cookie"], json.loads(body)
+
+
+class TestCGI:
+    def test_session_kept_across_invocations(self, tmp_path):
+        script = tmp_path / "s.cgi"
+        script.write_text(_CGI_SOURCE)
+        store = f"file:{tmp_path / 'store'}"
+        cookie, ids = None, set()
+        for n in (1, 2, 3):
+            proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                                  timeout=60, env=_cgi_environ(cookie, SESSKIT_TEST_STORE=store))
+            assert proc.returncode == 0, proc.stderr
+            set_cookies, reply = _parse_cgi_output(proc.stdout)
+            assert reply["n"] == n
+            ids.add(reply["id"])
+            if n == 1:
+                (value,) = set_cookies
+                assert "HttpOnly" in value and "Secure" not in value
+                cookie = _cookie_of(value)
+            else:
+                assert set_cookies == []
+        assert len(ids) == 1 and _stored(store, ids.pop()) == {"n": 3, "via_cgi": True}
+
+    def test_https_sets_secure_and_garbage_cookie_is_survived(self, tmp_path):
+        script = tmp_path / "s.cgi"
+        script.write_text(_CGI_SOURCE)
+        env = _cgi_environ("sesskit=\x7f;;==;sesskit=../x", https=True,
+                           SESSKIT_TEST_STORE=f"file:{tmp_path / 'store'}")
+        proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                              timeout=60, env=env)
+        set_cookies, reply = _parse_cgi_output(proc.stdout)
+        assert reply["n"] == 1 and "; Secure" in set_cookies[0]
+
+    def test_in_process_environ(self):
+        store = sesskit.MemoryContainer()
+        with sesskit.open_session(store=store, environ={}) as s:
+            s["a"] = 1
+            line = s.cookie_header()
+            with pytest.raises(sesskit.SesskitError):
+                s.cookie_header()
+            with pytest.raises(sesskit.SesskitError):
+                s.regenerate()
+        assert line.startswith(f"Set-Cookie: sesskit={s.id}; ") and _stored(store, s.id) == {"a": 1}
+        with sesskit.open_session(store=store, environ={"HTTP_COOKIE": line[12:]}) as t:
+            assert t["a"] == 1 and t.cookie_header() is None
+        with pytest.raises(ValueError):
+            sesskit.open_session(s.id, store=store, environ={})
+
+
+# -- CLI ---------------------------------------------------------------------------
+
+
+def _start_demo(args, cwd, env=None, timeout=30):
+    """Start ``python sesskit.py demo ARGS``; return (process, base URL) once it answers."""
+    proc = subprocess.Popen([sys.executable, "sesskit.py", "demo", *args], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + timeout
+        line = ""
+        while "http://" not in line:
+            assert time.monotonic() < deadline and proc.poll() is None, f"demo did not start: {line}"
+            line = proc.stderr.readline()
+        url = line[line.index("http://"):].split()[0]
+        return proc, url
+    except BaseException:
+        _stop(proc)
+        raise
+
+
+def _stop(proc):
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    if proc.stderr:
+        proc.stderr.close()
+
+
+class TestCLI:
+    def test_help_and_usage(self, capsys):
+        assert sesskit._main(["--help"]) == 0
+        out = capsys.readouterr().out
+        for word in ("demo", "stats STORE", "ls STORE", "show STORE SID", "reap STORE", "exit status"):
+            assert word in out
+        assert sesskit._main([]) == 2
+        assert sesskit._main(["frobnicate"]) == 2
+        assert sesskit._main(["show", "file:/x"]) == 2
+
+    def test_admin_commands(self, tmp_path, capsys):
+        url = f"file:{tmp_path / 'store'}"
+        live = _seed(url, {"user": "bob"})
+        for _ in range(3):
+            _seed(url, {"x": 1}, clock=FakeClock(time.time() - 100), timeout=10)
+        assert sesskit._main(["stats", url]) == 0
+        assert "sessions: 1" in capsys.readouterr().out
+        assert sesskit._main(["ls", url]) == 0
+        out = capsys.readouterr().out.split()
+        assert out[0] == live and out[2] == str(len('{"user":"bob"}'))
+        assert sesskit._main(["show", url, live]) == 0
+        assert json.loads(capsys.readouterr().out)["data"] == {"user": "bob"}
+        assert sesskit._main(["reap", url]) == 0
+        assert "removed 3 expired" in capsys.readouterr().out
+        assert sesskit._main(["show", url, sesskit.new_session_id()]) == 1
+        assert "no session" in capsys.readouterr().err
+        assert sesskit._main(["show", url, "../etc"]) == 1
+        assert "not a sesskit session id" in capsys.readouterr().err
+
+    def test_reap_reports_progress_on_long_runs(self):
+        class Slow(sesskit.MemoryContainer):
+            def reap(self, now=None, budget=None, interval=0.0):
+                time.sleep(0.3)
+                return 7
+        err = io.StringIO()
+        assert sesskit._cli_reap(Slow(), err, every=0.05) == 7
+        assert err.getvalue().count("reaping...") >= 2
+
+    def test_bad_or_missing_store(self, tmp_path, capsys):
+        for url in ("nonsense", "ftp://x", f"file:{tmp_path / 'missing'}", "memory:"):
+            assert sesskit._main(["stats", url]) == 1, url
+            err = capsys.readouterr().err
+            assert err.startswith("sesskit: ") and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "missing").exists()
+
+    def test_demo_from_a_fresh_copy(self, tmp_path):
+        """The demo needs nothing but sesskit.py and the stdlib: run it from a bare copy with the
+        default store (placed under tmp_path through TMPDIR)."""
+        clone = tmp_path / "clone"
+        clone.mkdir()
+        shutil.copy(os.path.join(HERE, "sesskit.py"), clone / "sesskit.py")
+        env = {k: v for k, v in os.environ.items() if k not in ("SESSKIT_STORE", "PYTHONPATH")}
+        env["TMPDIR"] = str(tmp_path)
+        proc, url = _start_demo(["--port", "0"], clone, env)
+        try:
+            opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+            pages = [opener.open(url, timeout=10).read().decode() for _ in range(3)]
+            assert [p.split('id="visits">')[1].split("<")[0] for p in pages] == ["1", "2", "3"]
+            data = urlencode({"key": "colour", "value": "<b>blue</b>"}).encode()
+            page = opener.open(url + "set", data=data, timeout=10).read().decode()
+            assert "&lt;b&gt;blue&lt;/b&gt;" in page
+            page = opener.open(url + "logout", data=b"", timeout=10).read().decode()
+            assert 'id="visits">1<' in page
+        finally:
+            _stop(proc)
+        assert os.listdir(tmp_path / f"sesskit-{os.geteuid()}")
+
+
+###############################################################################
+# Real servers: Apache httpd + mod_wsgi (+ CGI), headless Chromium
+###############################################################################
+
+# Apache refuses to serve as root, so under root the server runs as an unprivileged system user made for
+# the tests. The Python in use may live under a 0700 directory (pyenv under /root): that one user gets a
+# traverse-only ACL entry (u:USER:--x) on each ancestor it cannot enter; _undo_server_user() removes what
+# this run added. Server files live under a 0755 directory in /tmp (pytest's tmp_path is 0700 root).
+
+_SERVER_USER = "sesskit-test"
+_CHROMIUM, _CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+_machine_changes = []           # what this run did to the machine, undone at the end
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _port_open(port):
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def _sh(cmd, timeout=60, check=True):
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode:
+        command = " ".join(map(str, cmd))
+        raise RuntimeError(f"{command} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
+    return proc
+
+
+def _python_ancestors():
+    dirs = []
+    for top in (sys.base_prefix, sys.prefix, os.path.dirname(os.path.realpath(sys.executable))):
+        parts = os.path.realpath(top).split(os.sep)
+        for i in range(2, len(parts) + 1):
+            d = os.sep.join(parts[:i])
+            if d not in dirs:
+                dirs.append(d)
+    return dirs
+
+
+def _blocked_dirs(user, dirs):
+    script = 'for d in "$@"; do [ -x "$d" ] || echo "$d"; done'
+    return _sh(["runuser", "-u", user, "--", "/bin/sh", "-c", script, "sh", *dirs]).stdout.split()
+
+
+def _ensure_server_user():
+    """The (uid, gid) of the user Apache runs as: ourselves, or under root a test user that can run
+    sys.executable."""
+    import pwd
+    if os.geteuid() != 0:
+        return os.getuid(), os.getgid()
+    try:
+        pwd.getpwnam(_SERVER_USER)
+    except KeyError:
+        _sh(["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
+             "--shell", "/usr/sbin/nologin", _SERVER_USER])
+        _machine_changes.append(("user", _SERVER_USER))
+    dirs = _python_ancestors()
+    for _ in dirs:
+        blocked = _blocked_dirs(_SERVER_USER, dirs)
+        if not blocked:
+            break
+        _sh(["setfacl", "-m", f"u:{_SERVER_USER}:--x", blocked[0]])   # topmost first, then look again
+        _machine_changes.append(("acl", blocked[0]))
+    assert not _blocked_dirs(_SERVER_USER, dirs), f"{_SERVER_USER} cannot reach {sys.executable}"
+    pw = pwd.getpwnam(_SERVER_USER)
+    return pw.pw_uid, pw.pw_gid
+
+
+def _undo_machine_changes():
+    while _machine_changes:
+        kind, what = _machine_changes.pop()
+        if kind == "acl":
+            _sh(["setfacl", "-x", f"u:{_SERVER_USER}", what], check=False)
+        elif kind == "user":
+            _sh(["userdel", what], check=False)
+
+
+def _process_tree(pid):
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    tree, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        if p not in tree:
+            tree.add(p)
+            todo.extend(children.get(p, ()))
+    return tree
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _apache(app_file, root, cgi_dir, python_path, processes=4, threads=4, timeout=30):
+    """Run mod_wsgi-express (Apache httpd) serving ``app_file``, plus ``*.cgi`` from ``cgi_dir``; yield
+    its base URL. Always stops it: apachectl stop, a bounded wait, then SIGKILL of what is left."""
+    port = _free_port()
+    cmd = [os.path.join(os.path.dirname(sys.executable), "mod_wsgi-express"), "setup-server", app_file,
+           "--server-root", root, "--host", "127.0.0.1", "--port", port, "--processes", processes,
+           "--threads", threads, "--locale", "C.UTF-8", "--python-path", python_path,
+           "--setenv", "PYTHONPATH", python_path, "--setenv", "PYTHONDONTWRITEBYTECODE", "1",
+           "--with-cgi", "--document-root", cgi_dir, "--log-level", "info"]
+    if os.geteuid() == 0:
+        import grp
+        uid, gid = _ensure_server_user()
+        cmd += ["--user", _SERVER_USER, "--group", grp.getgrgid(gid).gr_name]
+    _sh(cmd, timeout=120)
+    pids = set()
+    main = None
+    try:
+        _sh([os.path.join(root, "apachectl"), "start"], timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                main = int(open(os.path.join(root, "httpd.pid")).read())
+            except (OSError, ValueError):
+                main = None
+            if main and _port_open(port):
+                break
+            if time.monotonic() > deadline:
+                log = open(os.path.join(root, "error_log")).read()[-3000:]
+                raise RuntimeError(f"Apache did not answer on port {port} in {timeout}s:\n{log}")
+            time.sleep(0.05)
+        pids = _process_tree(main)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        _sh([os.path.join(root, "apachectl"), "stop"], timeout=timeout, check=False)
+        if main:
+            pids |= _process_tree(main)
+        deadline = time.monotonic() + 20
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for p in pids:
+            if _alive(p):
+                with contextlib.suppress(OSError):
+                    os.kill(p, signal.SIGKILL)
+
+
+_APACHE_APP = '''
+import sesskit
+{app_source}
+STORE = {store!r}
+merge = sesskit.SessionMiddleware(app, store=STORE, reap_interval=0)
+exclusive = sesskit.SessionMiddleware(app, store=STORE, lock="exclusive", cookie_name="sx",
+                                      reap_interval=0)
+
+
+def application(environ, start_response):
+    if environ.get("PATH_INFO", "").startswith("/x/"):
+        return exclusive(environ, start_response)
+    return merge(environ, start_response)
+'''
+
+
+@pytest.fixture(scope="class")
+def apache_server():
+    """One Apache (4 processes x 4 threads) with the test app under SessionMiddleware and the CGI
+    script, on one file store; yields (base URL, store URL)."""
+    _need(shutil.which("apache2") or os.path.exists("/usr/sbin/apache2"), "Apache httpd (apt apache2)")
+    express = os.path.join(os.path.dirname(sys.executable), "mod_wsgi-express")
+    _need(os.path.exists(express), "mod_wsgi-express (pip install mod_wsgi, needs apache2-dev)")
+    if os.geteuid() == 0:
+        _need(shutil.which("setfacl") and shutil.which("useradd") and shutil.which("runuser"),
+              "setfacl/useradd/runuser to run Apache as an unprivileged user (apt acl)")
+    import tempfile
+    base = tempfile.mkdtemp(prefix="sesskit-apache-", dir="/tmp")
+    try:
+        os.chmod(base, 0o755)
+        lib, cgi, store = (os.path.join(base, d) for d in ("lib", "cgi", "store"))
+        for d in (lib, cgi):
+            os.mkdir(d, 0o755)
+        shutil.copy(os.path.join(HERE, "sesskit.py"), lib)
+        os.chmod(os.path.join(lib, "sesskit.py"), 0o644)
+        os.mkdir(store, 0o700)
+        uid, gid = _ensure_server_user()
+        os.chown(store, uid, gid)
+        url = f"file:{store}"
+        app_file = os.path.join(base, "app.wsgi")
+        with open(app_file, "w") as f:
+            f.write(_APACHE_APP.format(app_source=_APP_SOURCE, store=url))
+        script = os.path.join(cgi, "s.cgi")
+        with open(script, "w") as f:
+            f.write(f"#!{sys.executable}\nimport os\nos.environ['SESSKIT_TEST_STORE'] = {url!r}\n"
+                    + _CGI_SOURCE)
+        os.chmod(script, 0o755)
+        with _apache(app_file, os.path.join(base, "srv"), cgi, lib) as base_url:
+            yield base_url, url
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+        _undo_machine_changes()
+
+
+class _HttpClient:
+    """A cookie-keeping HTTP client (http.cookiejar) that records each response's Set-Cookie headers."""
+
+    def __init__(self, base):
+        self.base = base
+        self.jar = http.cookiejar.CookieJar()
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.jar))
+
+    def get(self, path, cookie=None):
+        """GET ``path`` (with ``cookie`` as a fixed sesskit cookie instead of the jar's, if given)."""
+        request = urllib.request.Request(self.base + path)
+        opener = self.opener
+        if cookie is not None:
+            request.add_header("Cookie", f"sesskit={cookie}")
+            opener = urllib.request.build_opener()
+        with opener.open(request, timeout=30) as response:
+            return response.headers.get_all("Set-Cookie") or [], json.loads(response.read())
+
+    def cookie(self, name):
+        values = [c.value for c in self.jar if c.name == name]
+        return values[0] if values else None
+
+
+def _valid_cookie(set_cookie, name):
+    value = _cookie_of(set_cookie)
+    return value.startswith(name + "=") and sesskit.is_valid_session_id(value.partition("=")[2])
+
+
+class TestApache:
+    def test_merge_under_concurrency_loses_no_key(self, apache_server):
+        base, store = apache_server
+        client = _HttpClient(base)
+        set_cookies, first = client.get("/m/set?k=k0")
+        assert len(set_cookies) == 1 and _valid_cookie(set_cookies[0], "sesskit"), set_cookies
+        with ThreadPoolExecutor(16) as pool:
+            replies = list(pool.map(lambda i: client.get(f"/m/set?k=k{i}&sleep=0.02"), range(1, 65)))
+        assert all(sc == [] for sc, _ in replies), [sc for sc, _ in replies if sc]
+        assert {r["id"] for _, r in replies} == {first["id"]}
+        pids = {r["pid"] for _, r in replies}
+        assert len(pids) >= 2, f"only process(es) {pids} answered"
+        set_cookies, final = client.get("/m/get")
+        assert set_cookies == [] and sorted(final["data"]) == sorted(f"k{i}" for i in range(65))
+
+    def test_exclusive_counter_is_exact(self, apache_server):
+        base, _ = apache_server
+        client = _HttpClient(base)
+        set_cookies, first = client.get("/x/incr")
+        assert first["n"] == 1 and len(set_cookies) == 1 and _valid_cookie(set_cookies[0], "sx")
+        with ThreadPoolExecutor(16) as pool:
+            replies = list(pool.map(lambda i: client.get("/x/incr?sleep=0.005"), range(48)))
+        assert all(sc == [] for sc, _ in replies)
+        assert sorted(r["n"] for _, r in replies) == list(range(2, 50))   # each count seen once
+        assert len({r["pid"] for _, r in replies}) >= 2
+        assert client.get("/x/get")[1]["data"] == {"n": 49}
+
+    def test_rotation_in_flight_through_apache(self, apache_server):
+        base, _ = apache_server
+        client = _HttpClient(base)
+        client.get("/m/set?k=a&v=1")
+        old = client.cookie("sesskit")
+        set_cookies, login = client.get("/m/login?grace=30")
+        assert len(set_cookies) == 1 and client.cookie("sesskit") == login["id"] != old
+        with ThreadPoolExecutor(8) as pool:       # requests that still carry the old cookie
+            replies = list(pool.map(lambda i: _HttpClient(base).get(f"/m/set?k=late{i}", old),
+                                    range(8)))
+        assert {r["id"] for _, r in replies} == {login["id"]}
+        assert all(len(sc) == 1 and _cookie_of(sc[0]) == f"sesskit={login['id']}" for sc, _ in replies)
+        data = client.get("/m/get")[1]["data"]
+        assert data["user"] == "alice" and all(f"late{i}" in data for i in range(8))
+
+    def test_cgi_and_mod_wsgi_share_sessions(self, apache_server):
+        base, _ = apache_server
+        client = _HttpClient(base)
+        set_cookies, reply = client.get("/s.cgi")
+        assert reply["n"] == 1 and len(set_cookies) == 1 and _valid_cookie(set_cookies[0], "sesskit")
+        set_cookies, reply2 = client.get("/m/incr")
+        assert reply2["n"] == 2 and reply2["id"] == reply["id"] and set_cookies == []
+        set_cookies, reply3 = client.get("/s.cgi")
+        assert reply3["n"] == 3 and reply3["data"]["via_cgi"] is True and set_cookies == []
+        started_in_wsgi = _HttpClient(base)
+        started_in_wsgi.get("/m/set?k=from&v=wsgi")
+        assert started_in_wsgi.get("/s.cgi")[1]["data"] == {"from": "wsgi", "n": 1, "via_cgi": True}
+
+
+def _chromium(profile_dir, timeout=30):
+    """Headless Debian Chromium under selenium with Debian's chromedriver (given explicitly, so that
+    Selenium Manager never runs or downloads anything). The caller must quit() it."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    options = webdriver.ChromeOptions()
+    options.binary_location = _CHROMIUM
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                f"--user-data-dir={profile_dir}"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=_CHROMEDRIVER))
+    driver.set_page_load_timeout(timeout)
+    return driver
+
+
+class TestBrowser:
+    def test_chromium_keeps_the_cookie_and_logout_ends_it(self, tmp_path):
+        _need(os.path.exists(_CHROMIUM) and os.path.exists(_CHROMEDRIVER),
+              "Chromium and chromedriver (apt chromium chromium-driver)")
+        try:
+            import selenium  # noqa: F401
+        except ImportError:
+            selenium = None
+        _need(selenium is not None, "selenium (pip install selenium)")
+        store = tmp_path / "store"
+        proc, url = _start_demo(["--port", "0", "--store", f"file:{store}"], HERE)
+        driver = None
+        try:
+            driver = _chromium(tmp_path / "profile")
+
+            def visits():
+                return driver.find_element("id", "visits").text
+
+            def wait_for(text, timeout=15):
+                """After a form submit: wait (bounded) for the next page's counter to read ``text``."""
+                from selenium.common.exceptions import WebDriverException
+                deadline = time.monotonic() + timeout
+                while time.monotonic() < deadline:
+                    try:
+                        if visits() == text:
+                            return True
+                    except WebDriverException:      # the old page went away mid-lookup
+                        pass
+                    time.sleep(0.05)
+                return False
+            seen = []
+            for _ in range(3):
+                driver.get(url)
+                seen.append(visits())
+            assert seen == ["1", "2", "3"]
+            cookie = driver.get_cookie("sesskit")
+            assert cookie["httpOnly"] and cookie["sameSite"] == "Lax" and not cookie["secure"]
+            assert sesskit.is_valid_session_id(cookie["value"])
+            assert driver.execute_script("return document.cookie") == ""     # HttpOnly: hidden from JS
+            driver.find_element("id", "key").send_keys("colour")
+            driver.find_element("id", "value").send_keys("blue")
+            driver.find_element("id", "set").click()
+            assert wait_for("4") and "blue" in driver.find_element("id", "values").text
+            assert _stored(f"file:{store}", cookie["value"])["colour"] == "blue"
+            driver.find_element("id", "logout").click()
+            assert wait_for("1")                      # after logout the counter starts again
+            after = driver.get_cookie("sesskit")
+            assert after is not None and after["value"] != cookie["value"]
+            assert _stored(f"file:{store}", cookie["value"]) is None
+        finally:
+            if driver is not None:
+                driver.quit()
+            _stop(proc)
