@@ -1685,6 +1685,7 @@ class _WebSession(Session):
         self.is_new = False
         self._rotate = None
         self._loaded = text
+        self._snapshot = dict(self._data)
         self._stored_timeout = self._timeout
 
 

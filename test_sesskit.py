@@ -1522,6 +1522,25 @@ class TestMiddleware:
         assert seen["stored"] == {"a": "1"}
         result.close()
 
+    def test_keys_committed_at_start_response_are_not_written_again_at_close(self):
+        store = sesskit.MemoryContainer()
+        sid = _seed(store, {"a": 0})
+
+        def app(environ, start_response):
+            session = environ["sesskit.session"]
+            session["a"] = 1                              # written back when the headers go out
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            with sesskit.open_session(sid, store=store) as other:
+                other["a"] = 2                            # another request, while this body streams
+            session["b"] = 1
+            yield b"done"
+        environ = {"HTTP_COOKIE": f"sesskit={sid}"}
+        setup_testing_defaults(environ)
+        result = sesskit.SessionMiddleware(app, store=store)(environ, lambda *a: None)
+        assert b"".join(result) == b"done"
+        result.close()
+        assert _stored(store, sid) == {"a": 2, "b": 1}
+
     def test_error_discards_changes(self):
         store = sesskit.MemoryContainer()
         client = _Client(_middleware(store))
