@@ -1888,7 +1888,7 @@ def _serve_demo(store, port, out):
 
     app = SessionMiddleware(_demo_app, store=store)
     with make_server("127.0.0.1", port, app, server_class=Server, handler_class=Handler) as server:
-        where = store if store is not None else "the default store"
+        where = store if store is not None else f"the default store, {_default_store()!r}"
         print(f"sesskit demo on http://127.0.0.1:{server.server_port}/ (sessions in {where}); "
               "Ctrl-C stops it", file=out, flush=True)
         try:
