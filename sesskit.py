@@ -122,10 +122,28 @@ def _encode_data(data):
         raise
 
 
-def _merge_data(text, changed, deleted):
-    """Apply ``changed`` (key -> value) and ``deleted`` (keys) to the JSON object ``text``."""
+def _merge_data(text, changed, deleted, base=None):
+    """Apply ``changed`` (key -> value) and ``deleted`` (keys) to the JSON object ``text``.
+
+    Two shortcuts avoid decoding and re-encoding a big session. Keys that ``text`` does not hold are
+    appended to it as text: a key is certainly absent when its encoded form followed by ":" occurs
+    nowhere in ``text`` (an occurrence inside a string value only costs the shortcut). And when ``base``
+    is ``(text the caller loaded, the caller's complete dict)`` and the stored text has not changed since,
+    the result is simply the caller's dict.
+    """
     if not changed and not deleted:
         return text
+    if not deleted and text[-1:] == "}":
+        items = []
+        for key, value in changed.items():
+            key_text = _encode(key)
+            if key_text + ":" in text:
+                break
+            items.append(f"{key_text}:{_encode(value)}")
+        else:
+            return f"{text[:-1]}{'' if text == '{}' else ','}{','.join(items)}}}"
+    if base is not None and text == base[0]:
+        return _encode(base[1])
     data = _decode(text)
     data.update(changed)
     for key in deleted:
@@ -327,7 +345,9 @@ class Container:
       the record and, unless it is missing, a tombstone or expired at ``now`` (then it writes nothing and
       returns False: a late write-back never resurrects a session), applies ``changed`` (key -> JSON
       value) and ``deleted`` (keys) to it, takes ``created``/``expires``/``timeout``/``max_age``/
-      ``forward`` from ``meta`` and writes it atomically. Returns True when written.
+      ``forward`` from ``meta`` and writes it atomically. Returns True when written. ``base``, when
+      given, is ``(data text the caller loaded, the caller's complete dict)``: a hint that lets a
+      container skip decoding when the stored data has not changed since (``_merge_data`` uses it).
     * ``touch(sid, expires)`` pushes a record's expiry forward without rewriting its data.
     * ``delete(sid, held=None)`` removes a record, under its lock.
     * ``lock(sid, timeout)`` returns a held lock of a stored session (a context manager releasing it),
@@ -349,7 +369,7 @@ class Container:
     def create(self, sid, record):
         raise NotImplementedError
 
-    def update(self, sid, changed, deleted, meta, now, held=None):
+    def update(self, sid, changed, deleted, meta, now, held=None, base=None):
         raise NotImplementedError
 
     def touch(self, sid, expires):
@@ -444,13 +464,13 @@ class MemoryContainer(Container):
                 raise ContainerError(f"session {_short(sid)} exists already")
             self._records[sid] = record
 
-    def update(self, sid, changed, deleted, meta, now, held=None):
+    def update(self, sid, changed, deleted, meta, now, held=None, base=None):
         handle = held or self._acquire(sid, DEFAULTS["lock_timeout"])
         try:
             current = self._records.get(sid)
             if current is None or current.forward is not None or current.expires < now:
                 return False
-            self._records[sid] = meta.replace(data=_merge_data(current.data, changed, deleted))
+            self._records[sid] = meta.replace(data=_merge_data(current.data, changed, deleted, base))
             return True
         finally:
             if held is None:
@@ -791,7 +811,7 @@ class FileContainer(Container):
         except OSError as exc:
             raise ContainerError(f"cannot create session file {path!r}: {exc}") from exc
 
-    def update(self, sid, changed, deleted, meta, now, held=None):
+    def update(self, sid, changed, deleted, meta, now, held=None, base=None):
         handle = held or self.lock(sid, DEFAULTS["lock_timeout"])
         if handle is None:
             return False
@@ -801,7 +821,7 @@ class FileContainer(Container):
             current = payload and _decode_record(sid, payload, st.st_mtime)
             if not current or current.forward is not None or current.expires < now:
                 return False
-            record = meta.replace(data=_merge_data(current.data, changed, deleted))
+            record = meta.replace(data=_merge_data(current.data, changed, deleted, base))
             payload = _encode_record(sid, record)
             try:
                 if len(payload) + _SLOT_HEADER.size <= cap:
@@ -1256,28 +1276,37 @@ class Session(MutableMapping):
             self._maybe_reap()
         return False
 
+    def _too_large(self, size):
+        return SessionTooLarge(f"session {_short(self.id)} serialises to {size} bytes, over its "
+                               f"max_size of {self._max_size}; nothing was stored")
+
     def _write_back(self, now):
-        text = _encode_data(self._data)
-        if len(text) > self._max_size:
-            raise SessionTooLarge(f"session {_short(self.id)} serialises to {len(text)} bytes, over its "
-                                  f"max_size of {self._max_size}; nothing was stored")
         if self.is_new:
             if self._data:
+                text = _encode_data(self._data)
+                if len(text) > self._max_size:
+                    raise self._too_large(len(text))
                 self.container.create(self.id, Record(text, self.created, self._expiry(now),
                                                       self._timeout, self._max_age))
                 self.saved = True
             return
+        if self.mode == "read":
+            changed = deleted = None
+        else:
+            changed, deleted, size = self._changes()
+            if (changed or deleted or self._rotate) and size > self._max_size:
+                raise self._too_large(size)
         if self._rotate is not None:
-            self._write_rotated(text, now)
+            self._write_rotated(changed, deleted, now)
             return
-        if self.mode == "read" or (text == self._loaded and self._timeout == self._stored_timeout):
+        if not changed and not deleted and self._timeout == self._stored_timeout:
             new_expiry = self._expiry(now)
             interval = min(DEFAULTS["touch_interval"], self._timeout / 10)
             if new_expiry - self.expires >= interval:
                 self.container.touch(self.id, new_expiry)
             return
-        changed, deleted = self._changes()
-        ok = self.container.update(self.id, changed, deleted, self._meta(now), now, held=self._held)
+        ok = self.container.update(self.id, changed, deleted, self._meta(now), now, held=self._held,
+                                   base=(self._loaded, self._data))
         if not ok and self._held is None:
             # Rotated by another request meanwhile: follow the forward within its grace period.
             record = self.container.load(self.id)
@@ -1290,32 +1319,46 @@ class Session(MutableMapping):
         self.saved, self.lost = ok, not ok
 
     def _changes(self):
-        """Keys this block set (their JSON differs from what was loaded) and keys it deleted.
+        """Return ``(changed, deleted, size)``: the keys this block set (their JSON differs from what
+        was loaded), the keys it deleted, and the size of the data as JSON after those changes.
 
         ``_snapshot`` is a shallow copy of the loaded dict: a key still bound to the very object it was
         loaded with is unchanged unless that object is a list or dict, which may have been edited in
-        place; only then is a pristine copy decoded again to compare JSON texts.
+        place; only then is a pristine copy decoded again to compare JSON texts. So the cost follows
+        the keys changed and the nested values, not the size of the session. Raises TypeError naming
+        the key when an in-place edit put something that is not JSON into a value.
         """
         snapshot, pristine = self._snapshot, None
         changed = {}
+        size = len(self._loaded)
         for key, value in self._data.items():
             before = snapshot.get(key, _MISSING)
+            if value is before and type(value) is not list and type(value) is not dict:
+                continue
+            after = _check_json(key, value)
             if before is _MISSING:
                 changed[key] = value
-            elif type(before) is list or type(before) is dict:
+                size += len(_encode(key)) + len(after) + 2         # "key":value and a comma
+                continue
+            if type(before) is list or type(before) is dict:
                 if pristine is None:
                     pristine = _decode(self._loaded)
-                if _encode(value) != _encode(pristine[key]):
-                    changed[key] = value
-            elif value is before:
-                continue
-            # == misses 1 vs 1.0 vs True; strings need no second look.
-            elif value != before or (type(value) is not str and _encode(value) != _encode(before)):
+                before = pristine[key]
+            old = _encode(before)
+            if after != old:
                 changed[key] = value
+                size += len(after) - len(old)
         deleted = [key for key in snapshot if key not in self._data]
-        return changed, deleted
+        for key in deleted:
+            before = snapshot[key]
+            if type(before) is list or type(before) is dict:
+                if pristine is None:
+                    pristine = _decode(self._loaded)
+                before = pristine[key]
+            size -= len(_encode(key)) + len(_encode(before)) + 2
+        return changed, deleted, max(size, 2)
 
-    def _write_rotated(self, text, now):
+    def _write_rotated(self, changed, deleted, now):
         """Write-back of a regenerated session: merge into the old record, store it under the new id,
         then delete the old id or turn it into a forward for the grace period. All under the old lock."""
         old, grace = self._rotate
@@ -1325,8 +1368,7 @@ class Session(MutableMapping):
             if current is None or current.forward is not None or current.expires < now:
                 self.saved, self.lost = False, True
                 return
-            changed, deleted = self._changes()
-            merged = _merge_data(current.data, changed, deleted)
+            merged = _merge_data(current.data, changed, deleted, (self._loaded, self._data))
             self.container.create(self.id, Record(merged, self.created, self._expiry(now),
                                                   self._timeout, self._max_age))
             if grace > 0:

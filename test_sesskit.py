@@ -662,6 +662,54 @@ class TestSession:
             sesskit.open_session(None, store=container, lock="shared")
 
 
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**9, 10**9) | st.text(max_size=12)
+    | st.floats(allow_nan=False, allow_infinity=False),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=8)
+_json_keys = st.sampled_from(["a", "b", "\"a\":", "a\":1", "é", ":", "", "x" * 5]) | st.text(max_size=4)
+
+
+class TestMerge:
+    """_merge_data: the write-back merge, including its text-append and unchanged-base shortcuts."""
+
+    @settings(max_examples=300, deadline=None)
+    @given(stored=st.dictionaries(_json_keys, _json_values, max_size=6),
+           changed=st.dictionaries(_json_keys, _json_values, max_size=4),
+           deleted=st.lists(_json_keys, max_size=3),
+           base_matches=st.booleans())
+    def test_merge_equals_dict_model(self, stored, changed, deleted, base_matches):
+        deleted = [k for k in deleted if k not in changed]
+        text = sesskit._encode(stored)
+        expected = dict(stored)
+        expected.update(changed)
+        for key in deleted:
+            expected.pop(key, None)
+        base = (text, expected) if base_matches else (text + " ", {"wrong": 1})
+        merged = sesskit._merge_data(text, changed, deleted, base)
+        assert json.loads(merged) == expected
+        pairs = json.loads(merged, object_pairs_hook=lambda p: p)
+        assert len(pairs) == len({k for k, _ in pairs}), "a key was stored twice"
+        assert json.loads(sesskit._merge_data(text, changed, deleted)) == expected     # no hint
+
+    def test_key_text_inside_a_value_falls_back_to_decoding(self):
+        text = sesskit._encode({"note": 'he wrote "k":1'})
+        merged = sesskit._merge_data(text, {"k": 2}, [])
+        assert json.loads(merged) == {"note": 'he wrote "k":1', "k": 2}
+
+    def test_change_size_is_exact(self, container):
+        sid = _seed(container, {"a": [1, 2], "b": "x", "c": 1, "d": {"e": None}})
+        with sesskit.open_session(sid, store=container) as s:
+            s["a"].append(3)
+            s["b"] = "longer"
+            del s["c"]
+            s["new"] = {"k": [True]}
+            s["d"] = {"e": None}
+            changed, deleted, size = s._changes()
+            assert set(changed) == {"a", "b", "new"} and deleted == ["c"]
+            assert abs(size - len(sesskit._encode(dict(s)))) <= 1
+
+
 ###############################################################################
 # File container specifics
 ###############################################################################
