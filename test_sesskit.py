@@ -97,8 +97,22 @@ def _run_all(ctx, target, args_list, timeout=120):
 
 # -- container fixtures ------------------------------------------------------------
 
-CONTAINER_KINDS = ["memory", "file"]
-SHARED_KINDS = ["file"]             # containers that several processes can share
+CONTAINER_KINDS = ["memory", "file", "sqlite", "lmdb"]
+SHARED_KINDS = ["file", "sqlite", "lmdb"]     # containers that several processes can share
+
+
+def _have_lmdb():
+    try:
+        import lmdb  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _need_kind(kind):
+    """Skip (or, under SESSKIT_REQUIRE_INTEGRATION=1, fail) when ``kind``'s package is missing."""
+    if kind == "lmdb":
+        _need(_have_lmdb(), "the lmdb package is not installed (pip install lmdb)")
 
 
 def _store_url(kind, tmp_path):
@@ -109,6 +123,7 @@ def _store_url(kind, tmp_path):
 
 @pytest.fixture(params=CONTAINER_KINDS)
 def container(request, tmp_path):
+    _need_kind(request.param)
     c = sesskit.open_store(_store_url(request.param, tmp_path))
     yield c
     c.close()
@@ -116,6 +131,7 @@ def container(request, tmp_path):
 
 @pytest.fixture(params=SHARED_KINDS)
 def shared_url(request, tmp_path):
+    _need_kind(request.param)
     return _store_url(request.param, tmp_path)
 
 
