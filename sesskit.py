@@ -60,6 +60,7 @@ DEFAULTS = {
     "reap_budget": 0.05,        # seconds an opportunistic reap may take before it stops and resumes later
     "durable": False,           # fsync file and directory on every write (survives power loss)
     "sqlite_busy_timeout": 5.0,  # seconds SQLite waits for its write lock before "database is locked"
+    "sqlite_cache_kib": 16384,  # KiB of page cache per SQLite connection (one per thread)
     "lmdb_map_size": 1 << 30,   # bytes of address space LMDB maps at first; doubled whenever it is full
     "lmdb_max_readers": 1024,   # concurrent LMDB read transactions over all processes (set at creation)
 }
@@ -102,6 +103,8 @@ class ContainerError(SesskitError, OSError):
 
 # One encoder, built once: json.dumps() with options builds a new encoder per call.
 _encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+# What _encode does with a str, without its per-call overhead (session keys, string values).
+_encode_str = json.encoder.encode_basestring_ascii
 _decode = json.loads
 
 
@@ -1135,9 +1138,12 @@ class SQLiteContainer(Container):
     * Atomicity: every write (create, the merge of one write-back, touch, delete, one reaper batch) is
       one transaction (``BEGIN IMMEDIATE``); a reader sees a session wholly before or after a write,
       because ``load`` is one statement.
-    * Locking: a session's lock is a stripe lock file (see "Database containers" above), not SQLite's
-      write lock, so exclusive mode never blocks other sessions; SQLite's lock is held only for the
-      write itself. A merge write-back rewrites only the rows of the keys it changed or deleted.
+    * Locking: a session's lock (exclusive mode, ``delete``, the reaper) is a stripe lock file (see
+      "Database containers" above), not SQLite's write lock, so an exclusive block never stops other
+      sessions; SQLite's lock is held only for each write. A merge write-back is a single transaction
+      that re-checks and rewrites only the rows of the keys it changed or deleted; SQLite's lock makes
+      it atomic, so it takes no session lock and may land while an exclusive block of the same session
+      runs. Nothing is lost either way: each write-back applies only its own keys.
     * Crashes: a process killed at any instant leaves the last committed state; its locks die with it.
     * Processes and threads: one connection per thread and per process (reopened after ``fork()``), WAL
       so readers never wait for writers, a busy timeout plus a bounded retry on "database is locked".
@@ -1209,6 +1215,7 @@ class SQLiteContainer(Container):
                                         isolation_level=None, check_same_thread=False,
                                         cached_statements=64)
             con.execute("PRAGMA synchronous=" + ("FULL" if self.durable else "NORMAL"))
+            con.execute(f"PRAGMA cache_size=-{DEFAULTS['sqlite_cache_kib']}")
         except self._sqlite3.Error as exc:
             raise ContainerError(f"cannot open session database {self.path!r}: {exc}") from exc
         with self._mutex:
@@ -1289,7 +1296,8 @@ class SQLiteContainer(Container):
 
     @staticmethod
     def _key_rows(sid, data_text):
-        return [(sid, _encode(key), _encode(value)) for key, value in _decode(data_text).items()]
+        return [(sid, _encode_str(key), _encode_str(value) if type(value) is str else _encode(value))
+                for key, value in _decode(data_text).items()]
 
     def _insert(self, con, items):
         try:
@@ -1305,6 +1313,7 @@ class SQLiteContainer(Container):
     def _bulk_create(self, records):
         """Store many new ``(sid, Record)`` pairs in one transaction (tests and imports)."""
         items = [(self._session_row(sid, rec), self._key_rows(sid, rec.data)) for sid, rec in records]
+        items.sort()                           # in key order, the B-trees grow at their right edge
         self._transaction(self._insert, items)
 
     @staticmethod
@@ -1320,14 +1329,12 @@ class SQLiteContainer(Container):
     def update(self, sid, changed, deleted, meta, now, held=None):
         # Everything is encoded before the transaction starts, so SQLite's write lock covers SQL only.
         session_row = (meta.created, meta.expires, meta.timeout, meta.max_age, meta.forward, sid, now)
-        upserts = [(sid, _encode(key), _encode(value)) for key, value in changed.items()]
-        deletions = [(sid, _encode(key)) for key in deleted if key not in changed]
-        handle = held or self._stripes.acquire(sid, DEFAULTS["lock_timeout"])
-        try:
-            return self._transaction(self._apply, session_row, upserts, deletions)
-        finally:
-            if held is None:
-                handle.release()
+        upserts = [(sid, _encode_str(key), _encode_str(value) if type(value) is str else _encode(value))
+                   for key, value in changed.items()]
+        deletions = [(sid, _encode_str(key)) for key in deleted if key not in changed]
+        # One transaction; SQLite's write lock makes it atomic, so a merge-mode write-back takes no
+        # session lock (see the class docstring).
+        return self._transaction(self._apply, session_row, upserts, deletions)
 
     def touch(self, sid, expires):
         self._retry(lambda: self._conn().execute(_SQL_TOUCH, (expires, sid, expires)))
@@ -1568,9 +1575,12 @@ class LMDBContainer(Container):
 
     * Atomicity: every write is one LMDB write transaction: a record and its expiry entry change
       together, and readers (never blocked) see the state before or after it.
-    * Locking: a session's lock is a stripe lock file (see "Database containers" above); LMDB's single
-      writer lock is held only for the short transaction, never while user code runs, and JSON is
-      encoded before it is taken.
+    * Locking: a session's lock (exclusive mode, ``delete``, the reaper) is a stripe lock file (see
+      "Database containers" above); LMDB's single writer lock is held only for each short transaction,
+      never while user code runs. A merge write-back is one write transaction (read the record, apply
+      the block's changed and deleted keys, write); LMDB's writer lock makes it atomic, so it takes no
+      session lock and may land while an exclusive block of the same session runs. Nothing is lost
+      either way: each write-back applies only its own keys.
     * Crashes: a process killed at any instant leaves the last committed state; its session locks die
       with it and its stale reader slots are cleared (``reader_check``) on open and by ``reap()``.
     * Processes and threads: one environment per process, shared by its threads and reopened after
@@ -1712,32 +1722,19 @@ class LMDBContainer(Container):
         txn.put(key, new, db=env.sessions)
 
     def update(self, sid, changed, deleted, meta, now, held=None):
+        # One write transaction: read the record, merge, write. LMDB's writer lock makes it atomic, so a
+        # merge-mode write-back takes no session lock (see the class docstring); ``held`` is the lock of
+        # an exclusive block, which this write then completes.
         key = sid.encode("ascii")
-        handle = held or self._stripes.acquire(sid, DEFAULTS["lock_timeout"])
-        try:
-            # The merge (JSON decode and encode) runs before the write transaction, on a snapshot. Under
-            # the session's lock only a touch can change the record meanwhile; the transaction compares
-            # and, if it did, merges again inside (rare), so the write is always read-modify-write.
-            before = self._get(key)
-            if before is None:
-                return False
-            merged = _lmdb_merge(before, changed, deleted, meta, now)
-            if merged is None:
-                return False
 
-            def write(txn, env):
-                current = txn.get(key, db=env.sessions)
-                if current is None:
-                    return False
-                new = merged if current == before else _lmdb_merge(current, changed, deleted, meta, now)
-                if new is None:
-                    return False
-                self._replace(txn, env, key, current, new)
-                return True
-            return self._txn(write, write=True)
-        finally:
-            if held is None:
-                handle.release()
+        def write(txn, env):
+            current = txn.get(key, db=env.sessions)
+            new = current and _lmdb_merge(current, changed, deleted, meta, now)
+            if not new:
+                return False                 # missing, a tombstone or expired: never resurrected
+            self._replace(txn, env, key, current, new)
+            return True
+        return self._txn(write, write=True)
 
     def touch(self, sid, expires):
         key = sid.encode("ascii")
