@@ -1162,7 +1162,7 @@ class SQLiteContainer(Container):
         self._stripes = _StripeLocks(self.path + ".locks", create)
         self._pid = os.getpid()
         self._local = threading.local()
-        self._connections = []
+        self._connections = {}          # thread ident -> that thread's connection, in this process
         self._mutex = threading.Lock()
         self.last_reap_visited = 0
         self._retry(self._init_schema)
@@ -1205,8 +1205,8 @@ class SQLiteContainer(Container):
         if self._pid != os.getpid():
             # Forked: the parent's connections and thread state are not ours to use (SQLite: "do not
             # carry an open database connection across a fork()").
-            _inherited_connections.extend(self._connections)
-            self._connections = []
+            _inherited_connections.extend(self._connections.values())
+            self._connections = {}
             self._local = self._threading.local()
             self._mutex = self._threading.Lock()
             self._pid = os.getpid()
@@ -1219,7 +1219,16 @@ class SQLiteContainer(Container):
         except self._sqlite3.Error as exc:
             raise ContainerError(f"cannot open session database {self.path!r}: {exc}") from exc
         with self._mutex:
-            self._connections.append(con)
+            # Close the connections of threads that have ended (a thread-per-request server would
+            # otherwise pile them up); a new thread may reuse the ident of an ended one.
+            alive = {thread.ident for thread in self._threading.enumerate()}
+            ended = [ident for ident in self._connections if ident not in alive]
+            ended.append(self._threading.get_ident())
+            for ident in ended:
+                old = self._connections.pop(ident, None)
+                if old is not None:
+                    old.close()
+            self._connections[self._threading.get_ident()] = con
         self._local.con = con
         return con
 
@@ -1228,9 +1237,9 @@ class SQLiteContainer(Container):
         if self._pid != os.getpid():
             return
         with self._mutex:
-            connections, self._connections = self._connections, []
+            connections, self._connections = self._connections, {}
             self._local = self._threading.local()
-        for con in connections:
+        for con in connections.values():
             con.close()
 
     def _retry(self, work, *args):

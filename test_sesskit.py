@@ -1063,6 +1063,16 @@ class TestSQLiteContainer:
         store.close()
         durable.close()
 
+    def test_connections_of_ended_threads_are_closed(self, tmp_path):
+        store = sesskit.SQLiteContainer(tmp_path / "s.db")
+        sid = _seed(store, {"a": 1})
+        for _ in range(20):                                  # a thread per request
+            t = ExThread(target=store.load, args=(sid,))
+            t.start()
+            t.join()
+        assert len(store._connections) <= 2
+        store.close()
+
     def test_fork_child_gets_its_own_connection(self, tmp_path):
         store = sesskit.SQLiteContainer(tmp_path / "s.db")
         sid = _seed(store, {"a": 1})
