@@ -992,8 +992,10 @@ def _unlink_quietly(path):
 # files are never unlinked, and each acquisition opens its own descriptor, so threads exclude each other
 # and the kernel drops the lock of a killed process.
 #
-# Two sessions wait on each other only when they share a stripe (1 in 4,096), and only while one of them
-# is locked: a merge write-back holds its stripe for the few microseconds of its write. Locks are not
+# Stripes are taken by exclusive mode (for the whole block), by delete() and, without waiting, by the
+# reaper; a merge write-back needs none, because it is one database transaction, atomic by itself. Two
+# sessions wait on each other only when they share a stripe (1 in 4,096) and one of them is locked in
+# exclusive mode or being deleted; the reaper skips a locked stripe instead of waiting. Locks are not
 # reentrant, and that includes stripes: a thread holding the lock of one session that asks for the lock of
 # another session on the same stripe waits for itself until LockTimeout. The write lock of the database is
 # always taken after a stripe and never the other way round, so the two cannot deadlock.
@@ -1890,7 +1892,8 @@ _SCHEMES = {
 def open_store(store, **options):
     """Return a container for ``store``: a Container (returned as is) or a URL.
 
-    URLs: ``file:/path/to/dir``, ``sqlite:/path/to/file.db``, ``lmdb:/path/to/dir``, ``memory:``; ``options`` go to the container class.
+    URLs: ``file:/path/to/dir``, ``sqlite:/path/to/file.db``, ``lmdb:/path/to/dir``, ``memory:``;
+    ``options`` go to the container class.
     Raises ContainerError for an unknown scheme or an unusable store.
     """
     if isinstance(store, Container):
