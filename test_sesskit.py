@@ -970,6 +970,28 @@ class TestDatabaseContainers:
             other.release()
         assert db_container.reap(T0 + 10) == 1
 
+    @pytest.mark.parametrize("kind", DB_KINDS)
+    def test_lock_timeout_and_killed_holder_across_processes(self, kind, tmp_path):
+        _need_kind(kind)
+        url = _store_url(kind, tmp_path)
+        sid = _seed(url, {"a": 1})
+        ctx = multiprocessing.get_context("fork")
+        locked, release = ctx.Event(), ctx.Event()
+        with _processes(ctx, _hold_lock, [(url, sid, locked, release, "crash")]) as procs:
+            assert locked.wait(30), "holder never locked"
+            start = time.monotonic()
+            with pytest.raises(sesskit.LockTimeout):
+                with sesskit.open_session(sid, store=url, lock="exclusive", lock_timeout=0.3):
+                    pass
+            assert 0.3 <= time.monotonic() - start < 3
+            with sesskit.open_session(sid, store=url) as s:   # merge mode: other writes go on
+                s["merged"] = True
+            os.kill(procs[0].pid, signal.SIGKILL)
+            procs[0].join(10)
+            with sesskit.open_session(sid, store=url, lock="exclusive", lock_timeout=5) as s:
+                s["after"] = True
+        assert _stored(url, sid) == {"a": 1, "merged": True, "after": True}
+
     def test_stripe_is_a_stable_hash(self):
         sid = sesskit.new_session_id()
         code = f"import sesskit; print(sesskit._StripeLocks._stripe({sid!r}))"
