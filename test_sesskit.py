@@ -97,8 +97,22 @@ def _run_all(ctx, target, args_list, timeout=120):
 
 # -- container fixtures ------------------------------------------------------------
 
-CONTAINER_KINDS = ["memory", "file"]
-SHARED_KINDS = ["file"]             # containers that several processes can share
+CONTAINER_KINDS = ["memory", "file", "sqlite", "lmdb"]
+SHARED_KINDS = ["file", "sqlite", "lmdb"]     # containers that several processes can share
+
+
+def _have_lmdb():
+    try:
+        import lmdb  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _need_kind(kind):
+    """Skip (or, under SESSKIT_REQUIRE_INTEGRATION=1, fail) when ``kind``'s package is missing."""
+    if kind == "lmdb":
+        _need(_have_lmdb(), "the lmdb package is not installed (pip install lmdb)")
 
 
 def _store_url(kind, tmp_path):
@@ -109,6 +123,7 @@ def _store_url(kind, tmp_path):
 
 @pytest.fixture(params=CONTAINER_KINDS)
 def container(request, tmp_path):
+    _need_kind(request.param)
     c = sesskit.open_store(_store_url(request.param, tmp_path))
     yield c
     c.close()
@@ -116,6 +131,7 @@ def container(request, tmp_path):
 
 @pytest.fixture(params=SHARED_KINDS)
 def shared_url(request, tmp_path):
+    _need_kind(request.param)
     return _store_url(request.param, tmp_path)
 
 
@@ -949,6 +965,327 @@ class TestFileContainer:
 
 
 ###############################################################################
+# Database container specifics (SQLite, LMDB)
+###############################################################################
+
+DB_KINDS = ["sqlite", "lmdb"]
+
+
+@pytest.fixture(params=DB_KINDS)
+def db_container(request, tmp_path):
+    _need_kind(request.param)
+    c = sesskit.open_store(_store_url(request.param, tmp_path))
+    yield c
+    c.close()
+
+
+def _other_stripe_sid(sid):
+    """A new session id whose lock stripe differs from ``sid``'s."""
+    while True:
+        other = sesskit.new_session_id()
+        if sesskit._StripeLocks._stripe(other) != sesskit._StripeLocks._stripe(sid):
+            return other
+
+
+def _lmdb_grow_worker(url, n):
+    store = sesskit.open_store(url)
+    for i in range(n):
+        with sesskit.open_session(None, store=store, reap_interval=0) as s:
+            s["blob"] = "x" * 4000
+
+
+class TestDatabaseContainers:
+    def test_reap_of_one_percent_visits_only_those(self, db_container, monkeypatch):
+        import base64
+        total, expired = 200_000, 2_000
+        raw = os.urandom(33 * total)                          # ids in sesskit's format, made in bulk
+        sids = base64.urlsafe_b64encode(raw).decode("ascii")
+        dead = sesskit.Record('{"i":1}', T0, T0 + 10, 10.0)
+        live = sesskit.Record("{}", T0, T0 + 10_000, 10_000.0)
+        records = [(sids[44 * i:44 * i + 44], dead if i % (total // expired) == 0 else live)
+                   for i in range(total)]
+        db_container._bulk_create(records)
+        assert db_container.count(T0) == total
+        tried = []
+        real_try_many = db_container._stripes.try_many
+        monkeypatch.setattr(db_container._stripes, "try_many",
+                            lambda sids: (tried.extend(sids), real_try_many(sids))[1])
+        assert db_container.reap(T0 + 100) == expired
+        assert db_container.last_reap_visited == expired      # the index was walked, not the table
+        assert len(tried) == expired                          # only expired sessions were locked
+        assert db_container.count(T0 + 100) == total - expired
+        assert db_container.reap(T0 + 100) == 0 and db_container.last_reap_visited == 0
+        db_container.close()
+        import shutil                     # leave no dirty pages behind to slow later tests' fsyncs
+        shutil.rmtree(os.path.dirname(db_container.path), ignore_errors=True)
+
+    def test_reap_budget_works_in_batches_and_resumes(self, db_container):
+        n = sesskit._REAP_BATCH * 2 + 10
+        db_container._bulk_create([(sesskit.new_session_id(), _record({}, timeout=1)) for _ in range(n)])
+        got = [db_container.reap(T0 + 5, budget=0) for _ in range(4)]
+        assert got == [sesskit._REAP_BATCH, sesskit._REAP_BATCH, 10, 0]
+
+    def test_single_reaper(self, db_container):
+        db_container.create(sesskit.new_session_id(), _record({}, timeout=1))
+        other = db_container._stripes.try_reaper()          # another process's reaper is at work
+        try:
+            assert db_container.reap(T0 + 10) == 0
+        finally:
+            other.release()
+        assert db_container.reap(T0 + 10) == 1
+
+    @pytest.mark.parametrize("kind", DB_KINDS)
+    def test_lock_timeout_and_killed_holder_across_processes(self, kind, tmp_path):
+        _need_kind(kind)
+        url = _store_url(kind, tmp_path)
+        sid = _seed(url, {"a": 1})
+        ctx = multiprocessing.get_context("fork")
+        locked, release = ctx.Event(), ctx.Event()
+        with _processes(ctx, _hold_lock, [(url, sid, locked, release, "crash")]) as procs:
+            assert locked.wait(30), "holder never locked"
+            start = time.monotonic()
+            with pytest.raises(sesskit.LockTimeout):
+                with sesskit.open_session(sid, store=url, lock="exclusive", lock_timeout=0.3):
+                    pass
+            assert 0.3 <= time.monotonic() - start < 3
+            with sesskit.open_session(sid, store=url) as s:   # merge mode: other writes go on
+                s["merged"] = True
+            os.kill(procs[0].pid, signal.SIGKILL)
+            procs[0].join(10)
+            with sesskit.open_session(sid, store=url, lock="exclusive", lock_timeout=5) as s:
+                s["after"] = True
+        assert _stored(url, sid) == {"a": 1, "merged": True, "after": True}
+
+    def test_stripe_is_a_stable_hash(self):
+        sid = sesskit.new_session_id()
+        code = f"import sesskit; print(sesskit._StripeLocks._stripe({sid!r}))"
+        outs = {subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True,
+                               env={**os.environ, "PYTHONHASHSEED": seed}, check=True).stdout.strip()
+                for seed in ("1", "2")}
+        assert outs == {sesskit._StripeLocks._stripe(sid)}
+
+    def test_exclusive_lock_does_not_block_other_sessions(self, db_container):
+        sid = sesskit.new_session_id()
+        db_container.create(sid, _record({"n": 1}))
+        other = _other_stripe_sid(sid)
+        db_container.create(other, _record({"n": 1}))
+        held = db_container.lock(sid, 1)                     # an exclusive block is running user code
+        try:
+            done = []
+
+            def write_other():
+                meta = sesskit.Record(None, T0, T0 + 100, 100.0)
+                done.append(db_container.update(other, {"n": 2}, [], meta, T0))
+                db_container.create(sesskit.new_session_id(), _record({"x": 1}))
+                db_container.touch(sid, T0 + 300)            # a touch needs no session lock
+                done.append(True)
+            t = ExThread(target=write_other)
+            t.start()
+            t.join(10)
+            assert done == [True, True]
+        finally:
+            held.release()
+        assert json.loads(db_container.load(other).data) == {"n": 2}
+
+    def test_key_order_is_kept(self, db_container):
+        sid = sesskit.new_session_id()
+        db_container.create(sid, _record({"z": 1, "a": 2, "m": 3}))
+        meta = sesskit.Record(None, T0, T0 + 100, 100.0)
+        assert db_container.update(sid, {"a": 5, "b": 6}, ["z"], meta, T0)
+        assert list(json.loads(db_container.load(sid).data)) == ["a", "m", "b"]
+
+    def test_unicode_and_nested_values_round_trip(self, db_container):
+        data = {"é": "ü€😀", "n": {"l": [1, 2.5, None, True]}, "q": "\"\\\n"}
+        sid = _seed(db_container, data)
+        assert _stored(db_container, sid) == data
+
+    def test_pickled_clone_shares_the_store_and_closes_independently(self, db_container):
+        import pickle
+        sid = _seed(db_container, {"a": 1})
+        clone = pickle.loads(pickle.dumps(db_container))
+        assert json.loads(clone.load(sid).data) == {"a": 1}
+        clone.close()
+        assert json.loads(db_container.load(sid).data) == {"a": 1}     # the original still works
+        clone.close()                                                  # closing twice is fine
+        assert clone.load(sid) is not None                             # and it reopens on demand
+
+    def test_symlinked_store_is_refused(self, tmp_path):
+        for kind in DB_KINDS:
+            _need_kind(kind)
+            real = tmp_path / f"real-{kind}"
+            sesskit.open_store(f"{kind}:{real}").close()
+            link = tmp_path / f"link-{kind}"
+            link.symlink_to(real)
+            with pytest.raises(sesskit.ContainerError, match="symbolic link"):
+                sesskit.open_store(f"{kind}:{link}")
+
+
+class TestSQLiteContainer:
+    def test_merge_writes_only_changed_rows(self, tmp_path):
+        store = sesskit.SQLiteContainer(tmp_path / "s.db")
+        sid = _seed(store, {f"k{i}": i for i in range(50)})
+        con = store._conn()
+        before = con.total_changes
+        with sesskit.open_session(sid, store=store, reap_interval=0) as s:
+            s["k7"] = "new"
+            del s["k9"]
+        assert con.total_changes - before == 3              # the session row, one upsert, one delete
+        before = con.total_changes
+        store.touch(sid, time.time() + 10_000)
+        assert con.total_changes - before == 1
+
+    def test_wal_durability_and_connections(self, tmp_path):
+        store = sesskit.SQLiteContainer(tmp_path / "s.db")
+        assert store._conn().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert store._conn().execute("PRAGMA synchronous").fetchone()[0] == 1      # NORMAL
+        durable = sesskit.SQLiteContainer(tmp_path / "s.db", durable=True)
+        assert durable._conn().execute("PRAGMA synchronous").fetchone()[0] == 2    # FULL
+        assert stat.S_IMODE(os.stat(tmp_path / "s.db").st_mode) == 0o600
+        other = []
+        t = ExThread(target=lambda: other.append(store._conn()))
+        t.start()
+        t.join()
+        assert other[0] is not store._conn()                # one connection per thread
+        store.close()
+        durable.close()
+
+    def test_connections_of_ended_threads_are_closed(self, tmp_path):
+        store = sesskit.SQLiteContainer(tmp_path / "s.db")
+        sid = _seed(store, {"a": 1})
+        for _ in range(20):                                  # a thread per request
+            t = ExThread(target=store.load, args=(sid,))
+            t.start()
+            t.join()
+        assert len(store._connections) <= 2
+        store.close()
+
+    def test_fork_child_gets_its_own_connection(self, tmp_path):
+        store = sesskit.SQLiteContainer(tmp_path / "s.db")
+        sid = _seed(store, {"a": 1})
+        parent_con = store._conn()
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:                                         # child
+            ok = store._conn() is not parent_con and store.load(sid) is not None
+            os.write(w, b"1" if ok else b"0")
+            os._exit(0)
+        os.close(w)
+        assert os.read(r, 1) == b"1"
+        os.close(r)
+        assert os.waitpid(pid, 0)[1] == 0
+        assert store._conn() is parent_con and store.load(sid) is not None
+
+    def test_database_is_locked_is_retried(self, tmp_path, monkeypatch):
+        store = sesskit.SQLiteContainer(tmp_path / "s.db")
+        sid = _seed(store, {"a": 1})
+        monkeypatch.setitem(sesskit.DEFAULTS, "sqlite_busy_timeout", 0.01)
+        store.close()
+        blocker = __import__("sqlite3").connect(str(tmp_path / "s.db"), isolation_level=None,
+                                              check_same_thread=False)
+        blocker.execute("BEGIN IMMEDIATE")                   # another process holds the write lock
+        t = threading.Timer(0.3, blocker.execute, ("COMMIT",))
+        t.start()
+        try:
+            store.touch(sid, time.time() + 10_000)           # waits it out instead of failing
+        finally:
+            t.join()
+            blocker.close()
+        assert store.load(sid).expires > time.time()
+
+
+class TestLMDBContainer:
+    @pytest.fixture(autouse=True)
+    def _lmdb(self):
+        _need_kind("lmdb")
+
+    def test_missing_package_says_how_to_install(self, tmp_path, monkeypatch):
+        monkeypatch.setitem(sys.modules, "lmdb", None)
+        with pytest.raises(ImportError, match=r"pip install 'sesskit\[lmdb\]'"):
+            sesskit.LMDBContainer(tmp_path / "s")
+
+    def test_durability_defaults(self, tmp_path):
+        store = sesskit.LMDBContainer(tmp_path / "s")
+        flags = store._env().env.flags()
+        assert flags["sync"] and not flags["metasync"]
+        store.close()
+        durable = sesskit.LMDBContainer(tmp_path / "d", durable=True)
+        assert durable._env().env.flags()["metasync"]
+        durable.close()
+        assert stat.S_IMODE(os.stat(tmp_path / "s").st_mode) == 0o700
+
+    def test_one_environment_per_process(self, tmp_path):
+        a = sesskit.LMDBContainer(tmp_path / "s")
+        b = sesskit.open_store(f"lmdb:{tmp_path / 's'}")
+        assert a._env() is b._env() and a._env().users == 2
+        a.close()
+        sid = _seed(b, {"x": 1})                             # b's environment stays open
+        assert _stored(b, sid) == {"x": 1}
+        b.close()
+
+    def test_map_grows_when_full_and_other_processes_follow(self, tmp_path):
+        url = f"lmdb:{tmp_path / 's'}"
+        store = sesskit.LMDBContainer(tmp_path / "s", map_size=256 * 1024)
+        sid = _seed(store, {"a": 1})
+        ctx = multiprocessing.get_context("spawn")
+        _run_all(ctx, _lmdb_grow_worker, [(url, 100)])       # another process fills and grows the map
+        with sesskit.open_session(sid, store=store) as s:    # this one adopts the new size
+            s["b"] = "y" * 4000
+        for _ in range(100):                                 # and grows it further itself
+            _seed(store, {"blob": "z" * 4000})
+        assert store._env().env.info()["map_size"] > 256 * 1024
+        assert store.count() == 201 and _stored(store, sid)["a"] == 1
+        store.close()
+
+    def test_fork_child_reopens_and_parent_keeps_its_environment(self, tmp_path):
+        store = sesskit.LMDBContainer(tmp_path / "s")
+        sid = _seed(store, {"a": 1})
+        parent_env = store._env()
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:                                         # child
+            try:
+                env = store._env()
+                ok = env is not parent_env and env.pid == os.getpid() and store.load(sid) is not None
+                with sesskit.open_session(sid, store=store) as s:
+                    s["child"] = True
+            except BaseException:
+                ok = False
+            os.write(w, b"1" if ok else b"0")
+            os._exit(0)
+        os.close(w)
+        assert os.read(r, 1) == b"1"
+        os.close(r)
+        assert os.waitpid(pid, 0)[1] == 0
+        assert store._env() is parent_env
+        assert _stored(store, sid) == {"a": 1, "child": True}
+        with sesskit.open_session(sid, store=store) as s:
+            s["parent"] = True
+        assert _stored(store, sid) == {"a": 1, "child": True, "parent": True}
+
+    def test_stale_reader_slots_are_cleared_by_reap(self, tmp_path):
+        store = sesskit.LMDBContainer(tmp_path / "s")
+        _seed(store, {"a": 1})
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:                                         # child: take a reader slot, then die
+            txn = store._env().env.begin()
+            txn.get(b"x")
+            os.write(w, b"1")
+            time.sleep(60)
+            os._exit(0)
+        os.close(w)
+        assert os.read(r, 1) == b"1"
+        os.close(r)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        env = store._env().env
+        assert f" {pid} " in env.readers()                    # the killed reader's slot is left over
+        store.reap()
+        assert f" {pid} " not in env.readers()
+        store.close()
+
+
+###############################################################################
 # Many processes and threads on one session
 ###############################################################################
 
@@ -1251,6 +1588,22 @@ TestFileModel = SessionMachine.TestCase
 TestFileModel.settings = _machine_settings
 TestMemoryModel = MemorySessionMachine.TestCase
 TestMemoryModel.settings = _machine_settings
+
+
+class SQLiteSessionMachine(SessionMachine):
+    KIND = "sqlite"
+
+
+class LMDBSessionMachine(SessionMachine):
+    KIND = "lmdb"
+
+
+TestSQLiteModel = SQLiteSessionMachine.TestCase
+TestSQLiteModel.settings = _machine_settings
+TestLMDBModel = LMDBSessionMachine.TestCase
+TestLMDBModel.settings = _machine_settings
+if not _have_lmdb() and not REQUIRE_INTEGRATION:
+    TestLMDBModel = pytest.mark.skip(reason="the lmdb package is not installed")(TestLMDBModel)
 
 
 ###############################################################################
