@@ -1026,16 +1026,20 @@ class SesskitAdapter(Adapter):
 
     import_module = "sesskit"
 
-    def __init__(self, directory, fresh, container, lock="merge", durable=False):
+    #: store options of each row variant: the durable rows fsync every write (compare them with the
+    #: peers and raw rows that fsync); nosync is LMDB without any fsync (compare with raw-lmdb-nosync).
+    VARIANTS = {None: {}, "durable": {"durable": True}, "nosync": {"sync": False, "metasync": False}}
+
+    def __init__(self, directory, fresh, container, lock="merge", variant=None):
         super().__init__(directory, fresh)
         self.sesskit = import_sesskit()
         self.container = container
         self.lock = lock
-        self.name = "sesskit-" + container + ("-durable" if durable else "")
+        self.name = "sesskit-" + container + ("-" + variant if variant else "")
         self.shared_across_processes = container != "memory"
         self.file_per_session = container == "file"
         self.url = sesskit_url(container, directory)
-        self.store_options = {"durable": True} if durable else {}
+        self.store_options = dict(self.VARIANTS[variant])
         try:
             self.store = self.sesskit.open_store(self.url, **self.store_options)
         except Exception as exc:
@@ -1133,9 +1137,11 @@ SYSTEMS = {
     "raw-file-nofsync": lambda d, f, **o: RawFileAdapter(d, f, fsync=False),
     "raw-sqlite-wal": lambda d, f, **o: RawSqliteAdapter(d, f),
     "sesskit-file": lambda d, f, **o: SesskitAdapter(d, f, "file", **o),
-    "sesskit-file-durable": lambda d, f, **o: SesskitAdapter(d, f, "file", durable=True, **o),
+    "sesskit-file-durable": lambda d, f, **o: SesskitAdapter(d, f, "file", variant="durable", **o),
     "sesskit-memory": lambda d, f, **o: SesskitAdapter(d, f, "memory", **o),
     "sesskit-lmdb": lambda d, f, **o: SesskitAdapter(d, f, "lmdb", **o),
+    "sesskit-lmdb-durable": lambda d, f, **o: SesskitAdapter(d, f, "lmdb", variant="durable", **o),
+    "sesskit-lmdb-nosync": lambda d, f, **o: SesskitAdapter(d, f, "lmdb", variant="nosync", **o),
     "sesskit-sqlite": lambda d, f, **o: SesskitAdapter(d, f, "sqlite", **o),
 }
 

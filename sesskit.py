@@ -146,7 +146,7 @@ _decode_fast, _encode_fast = _fast_json()
 def _check_json(key, value):
     """Return the JSON text of ``value``; raise TypeError naming ``key`` if it is not JSON."""
     try:
-        return _encode(value)
+        return _encode_fast(value)
     except (TypeError, ValueError, RecursionError) as exc:
         raise TypeError(f"session key {key!r}: value {type(value).__name__} is not JSON "
                         f"serialisable ({exc})") from None
@@ -613,23 +613,21 @@ _REAP_LOCK = ".reap-lock"
 
 def _parse_session_file(blob):
     """Return ``(payload, slot index, seq, capacity)`` of the newest valid slot; payload None if none."""
-    if len(blob) < _FILE_HEADER.size:
+    size = len(blob)
+    if size < 32 or blob[:4] != _FILE_MAGIC:
         return None, -1, 0, 0
-    magic, cap = _FILE_HEADER.unpack_from(blob)
-    if magic != _FILE_MAGIC or cap < _MIN_SLOT:
+    cap = _FILE_HEADER.unpack_from(blob)[1]
+    if cap < _MIN_SLOT:
         return None, -1, 0, 0
-    slots = []
-    for index in (0, 1):
-        offset = _FILE_HEADER.size + index * cap
-        start = offset + _SLOT_HEADER.size
-        if start > len(blob):
+    slots = [(*_SLOT_HEADER.unpack_from(blob, 16), 0, 16)]
+    if size >= cap + 32:
+        slots.append((*_SLOT_HEADER.unpack_from(blob, cap + 16), 1, cap + 16))
+        if slots[1][0] > slots[0][0]:
+            slots.reverse()                        # newest first: usually the only CRC computed
+    for seq, length, crc, index, offset in slots:
+        start = offset + 16
+        if length > cap - 16 or start + length > size:
             continue
-        seq, length, crc = _SLOT_HEADER.unpack_from(blob, offset)
-        if length <= cap - _SLOT_HEADER.size and start + length <= len(blob):
-            slots.append((seq, index, offset, length, crc))
-    slots.sort(reverse=True)                       # newest first: usually the only CRC computed
-    for seq, index, offset, length, crc in slots:
-        start = offset + _SLOT_HEADER.size
         payload = blob[start:start + length]
         if zlib.crc32(payload, zlib.crc32(blob[offset:offset + 12])) == crc:
             return payload, index, seq, cap
@@ -642,8 +640,8 @@ def _slot_bytes(seq, payload):
 
 
 def _encode_record(sid, record):
-    meta = _encode([1, sid, record.created, record.expires, record.timeout, record.max_age,
-                    record.forward])
+    meta = _encode_fast([1, sid, record.created, record.expires, record.timeout, record.max_age,
+                         record.forward])
     return f"{meta}\n{record.data}".encode("utf-8")
 
 
@@ -651,7 +649,7 @@ def _decode_record(sid, payload, mtime):
     """Decode a slot payload into a Record, or None if it is not a record of ``sid``."""
     try:
         head, _, data = payload.partition(b"\n")
-        version, owner, created, expires, timeout, max_age, forward = _decode(head.decode("ascii"))
+        version, owner, created, expires, timeout, max_age, forward = _decode_fast(head.decode("ascii"))
         if version != 1 or owner != sid:
             return None
         return Record(data.decode("utf-8"), created, max(expires, mtime), timeout, max_age, forward)
@@ -756,6 +754,7 @@ class FileContainer(Container):
         self.path = os.path.abspath(os.fspath(path))
         self.durable = DEFAULTS["durable"] if durable is None else bool(durable)
         _check_store_dir(self.path, create)
+        self._prefix = self.path + os.sep
         self.last_reap_visited = 0
 
     def __reduce__(self):
@@ -766,7 +765,7 @@ class FileContainer(Container):
 
     def _file(self, sid):
         # Session already checks ids; this guards direct callers (CLI, admin scripts) of the container.
-        return os.path.join(self.path, _require_sid(sid)[:2], sid)
+        return f"{self._prefix}{_require_sid(sid)[:2]}{os.sep}{sid}"
 
     # -- reading -----------------------------------------------------------------
 
@@ -2097,7 +2096,7 @@ class Session(MutableMapping):
         data = None
         if record is not None:
             try:
-                data = _decode(record.data)
+                data = _decode_fast(record.data)
             except ValueError:
                 pass                                  # damaged: loads as no session
         if type(data) is not dict:
@@ -2242,34 +2241,39 @@ class Session(MutableMapping):
         the keys changed and the nested values, not the size of the session. Raises TypeError naming
         the key when an in-place edit put something that is not JSON into a value.
         """
-        snapshot, pristine = self._snapshot, None
+        snapshot, data, pristine = self._snapshot, self._data, None
+        get = snapshot.get
+        candidates = [key for key, value in data.items()
+                      if get(key, _MISSING) is not value or type(value) is list or type(value) is dict]
         changed = {}
-        size = len(self._loaded)
-        for key, value in self._data.items():
-            before = snapshot.get(key, _MISSING)
-            if value is before and type(value) is not list and type(value) is not dict:
-                continue
+        size, new = len(self._loaded), 0
+        for key in candidates:
+            value = data[key]
             after = _check_json(key, value)
+            before = get(key, _MISSING)
             if before is _MISSING:
                 changed[key] = value
-                size += len(_encode(key)) + len(after) + 2         # "key":value and a comma
+                size += len(_encode_str(key)) + len(after) + 2        # "key":value and a comma
+                new += 1
                 continue
             if type(before) is list or type(before) is dict:
                 if pristine is None:
-                    pristine = _decode(self._loaded)
+                    pristine = _decode_fast(self._loaded)
                 before = pristine[key]
-            old = _encode(before)
+            old = _encode_fast(before)
             if after != old:
                 changed[key] = value
                 size += len(after) - len(old)
-        deleted = [key for key in snapshot if key not in self._data]
-        for key in deleted:
-            before = snapshot[key]
-            if type(before) is list or type(before) is dict:
-                if pristine is None:
-                    pristine = _decode(self._loaded)
-                before = pristine[key]
-            size -= len(_encode(key)) + len(_encode(before)) + 2
+        deleted = []
+        if len(data) - new < len(snapshot):           # some loaded key is gone
+            deleted = [key for key in snapshot if key not in data]
+            for key in deleted:
+                before = snapshot[key]
+                if type(before) is list or type(before) is dict:
+                    if pristine is None:
+                        pristine = _decode_fast(self._loaded)
+                    before = pristine[key]
+                size -= len(_encode_str(key)) + len(_encode_fast(before)) + 2
         return changed, deleted, max(size, 2)
 
     def _write_rotated(self, changed, deleted, now):
