@@ -1589,7 +1589,8 @@ def run_cold(code, value, extra_env):
     env = dict(os.environ)
     env.update(extra_env)
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code, value], env=env,
+    # cwd: the run's temp dir, never the repo, whose uncompiled sesskit.py would shadow the compiled copy
+    proc = subprocess.run([sys.executable, "-c", code, value], env=env, cwd=RUN_ROOT,
                           capture_output=True, text=True, timeout=COLD_TIMEOUT)
     elapsed = time.perf_counter() - start
     if proc.returncode != 0:
@@ -1607,7 +1608,7 @@ def import_time_us(module, runs, extra_env):
 
     def top_level(code):
         proc = subprocess.run([sys.executable, "-X", "importtime", "-c", code],
-                              env=env, capture_output=True, text=True,
+                              env=env, cwd=RUN_ROOT, capture_output=True, text=True,
                               timeout=COLD_TIMEOUT)
         if proc.returncode != 0:
             raise RuntimeError("import %s failed" % module)

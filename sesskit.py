@@ -769,16 +769,22 @@ class FileContainer(Container):
 
     # -- reading -----------------------------------------------------------------
 
-    def load(self, sid):
-        path = self._file(sid)
+    @staticmethod
+    def _open_existing(path, flags):
+        """Open the session file ``path``; None if there is none (a symlink counts as none)."""
         try:
-            fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+            return os.open(path, flags | _O_NOFOLLOW | _O_CLOEXEC)
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 return None
-            raise ContainerError(f"cannot read session file {path!r}: {exc}") from exc
+            raise ContainerError(f"cannot open session file {path!r}: {exc}") from exc
+
+    def load(self, sid):
+        fd = self._open_existing(self._file(sid), os.O_RDONLY)
+        if fd is None:
+            return None
         try:
             blob, st = _read_fd(fd)
         finally:
@@ -791,14 +797,9 @@ class FileContainer(Container):
     def lock(self, sid, timeout):
         path = self._file(sid)
         while True:
-            try:
-                fd = os.open(path, os.O_RDWR | _O_NOFOLLOW | _O_CLOEXEC)
-            except (FileNotFoundError, NotADirectoryError):
+            fd = self._open_existing(path, os.O_RDWR)
+            if fd is None:
                 return None
-            except OSError as exc:
-                if exc.errno == errno.ELOOP:
-                    return None
-                raise ContainerError(f"cannot open session file {path!r}: {exc}") from exc
             try:
                 _wait_lock(fd, timeout, f"session {_short(sid)}")
                 st = os.fstat(fd)
@@ -1130,11 +1131,50 @@ class _StripeLocks:
         return None
 
 
-
-
 def _release_all(handles):
     for handle in handles:
         handle.release()
+
+
+def _reap_in_batches(stripes, now, budget, interval, last_reap, mark_reap, expired_after, remove):
+    """The reaper of the database containers: walk the expiry index one batch at a time.
+
+    One reaper per store (a non-blocking lock; the others get ``(0, 0)`` at once). ``last_reap()`` is
+    when the previous reap started (None if never), ``mark_reap(now)`` records this one, and with
+    ``interval`` a reap that started less than that long ago makes this call do nothing.
+    ``expired_after(cursor)`` returns ``(sids, cursor)``: the next ``_REAP_BATCH`` sessions expired at
+    ``now`` past ``cursor`` (None: from the start), or no sids when done. Sessions whose stripe is
+    locked (in use) are skipped; ``remove(sids)`` deletes those still expired in one transaction and
+    returns how many it deleted. With ``budget`` seconds the walk stops after the batch that crossed it.
+    Returns ``(removed, visited)``, visited counting the candidates read from the index.
+    """
+    reaper = stripes.try_reaper()
+    if reaper is None:
+        return 0, 0
+    try:
+        if interval:
+            last = last_reap()
+            if last is not None and now - last < interval:
+                return 0, 0
+        mark_reap(now)
+        deadline = None if budget is None else time.monotonic() + budget
+        removed = visited = 0
+        cursor = None
+        while True:
+            sids, cursor = expired_after(cursor)
+            if not sids:
+                return removed, visited
+            visited += len(sids)
+            locks, lockable = stripes.try_many(sids)
+            try:
+                if lockable:
+                    removed += remove(lockable)
+            finally:
+                _release_all(locks)
+            if deadline is not None and time.monotonic() > deadline:
+                return removed, visited
+    finally:
+        reaper.release()
 
 
 def _require(module, extra):
@@ -1162,8 +1202,11 @@ CREATE TABLE IF NOT EXISTS session_keys (
     sid TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (sid, key));
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY NOT NULL, value) WITHOUT ROWID;
 """
-_SQL_LOAD = ("SELECT s.created, s.expires, s.timeout, s.max_age, s.forward, k.key, k.value FROM sessions s "
-             "LEFT JOIN session_keys k ON k.sid = s.sid WHERE s.sid = ? ORDER BY k.rowid")
+# SQLite itself joins a session's rows into the text of its JSON object, in key insertion order (rowid):
+# one row comes back however many keys the session has.
+_SQL_LOAD = ("SELECT created, expires, timeout, max_age, forward, (SELECT group_concat(key || ':' || value, "
+             "',') FROM (SELECT key, value FROM session_keys WHERE sid = s.sid ORDER BY rowid)) "
+             "FROM sessions s WHERE sid = ?")
 _SQL_EXISTS = "SELECT 1 FROM sessions WHERE sid = ?"
 _SQL_INSERT_SESSION = "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?)"
 _SQL_INSERT_KEY = "INSERT INTO session_keys (sid, key, value) VALUES (?, ?, ?)"
@@ -1345,9 +1388,8 @@ class SQLiteContainer(Container):
         rows = self._query(_SQL_LOAD, (sid,))
         if not rows:
             return None
-        created, expires, timeout, max_age, forward, key, _ = rows[0]
-        data = "{}" if key is None else "{" + ",".join([f"{row[5]}:{row[6]}" for row in rows]) + "}"
-        return Record(data, created, expires, timeout, max_age, forward)
+        created, expires, timeout, max_age, forward, items = rows[0]
+        return Record(f"{{{items or ''}}}", created, expires, timeout, max_age, forward)
 
     def _is_stored(self, sid):
         return bool(self._query(_SQL_EXISTS, (sid,)))
@@ -1448,37 +1490,24 @@ class SQLiteContainer(Container):
         earliest expiry, which is where the work left is. ``last_reap_visited`` counts the candidates.
         """
         now = time.time() if now is None else now
-        reaper = self._stripes.try_reaper()
-        if reaper is None:
-            return 0
-        try:
-            if interval:
-                last = self._query("SELECT value FROM meta WHERE name = 'last_reap'", ())
-                if last and now - last[0][0] < interval:
-                    return 0
+
+        def last_reap():
+            rows = self._query("SELECT value FROM meta WHERE name = 'last_reap'", ())
+            return rows[0][0] if rows else None
+
+        def mark_reap(now):
             self._transaction(lambda con: con.execute(
                 "INSERT OR REPLACE INTO meta VALUES ('last_reap', ?)", (now,)))
-            deadline = None if budget is None else time.monotonic() + budget
-            removed = visited = 0
-            after = (float("-inf"), "")
-            while True:
-                rows = self._query(_SQL_EXPIRED, (now, after[0], after[1], _REAP_BATCH))
-                if not rows:
-                    break
-                visited += len(rows)
-                after = rows[-1]
-                locks, sids = self._stripes.try_many([sid for _, sid in rows])
-                try:
-                    if sids:
-                        removed += self._transaction(self._reap_rows, sids, now)
-                finally:
-                    _release_all(locks)
-                if deadline is not None and time.monotonic() > deadline:
-                    break
-            self.last_reap_visited = visited
-            return removed
-        finally:
-            reaper.release()
+
+        def expired_after(cursor):
+            expires, sid = cursor or (float("-inf"), "")
+            rows = self._query(_SQL_EXPIRED, (now, expires, sid, _REAP_BATCH))
+            return [sid for _, sid in rows], (rows[-1] if rows else cursor)
+
+        removed, self.last_reap_visited = _reap_in_batches(
+            self._stripes, now, budget, interval, last_reap, mark_reap, expired_after,
+            lambda sids: self._transaction(self._reap_rows, sids, now))
+        return removed
 
 
 # LMDB ----------------------------------------------------------------------------------
@@ -1848,44 +1877,29 @@ class LMDBContainer(Container):
         stops after the batch that crossed it. ``last_reap_visited`` counts the candidates.
         """
         now = time.time() if now is None else now
-        reaper = self._stripes.try_reaper()
-        if reaper is None:
-            return 0
         try:
-            env = self._env().env
-            try:
-                env.reader_check()
-            except self._lmdb.Error as exc:
-                raise ContainerError(f"LMDB store {self.path!r}: {exc}") from exc
-            if interval:
-                last = self._txn(lambda txn, env: txn.get(b"last_reap", db=env.meta))
-                if last is not None and now - _LMDB_EXPIRES.unpack(last)[0] < interval:
-                    return 0
+            self._env().env.reader_check()
+        except self._lmdb.Error as exc:
+            raise ContainerError(f"LMDB store {self.path!r}: {exc}") from exc
+
+        def last_reap():
+            last = self._txn(lambda txn, env: txn.get(b"last_reap", db=env.meta))
+            return None if last is None else _LMDB_EXPIRES.unpack(last)[0]
+
+        def mark_reap(now):
             self._txn(lambda txn, env: txn.put(b"last_reap", _LMDB_EXPIRES.pack(now), db=env.meta),
                       write=True)
-            deadline = None if budget is None else time.monotonic() + budget
-            limit = _EXPIRY_KEY.pack(now)
-            removed = visited = 0
-            after = b""
-            while True:
-                keys = self._txn(lambda txn, env: self._expired_keys(txn, env, after, limit))
-                if not keys:
-                    break
-                visited += len(keys)
-                after = keys[-1] + b"\x00"
-                locks, sids = self._stripes.try_many([key[8:].decode("ascii") for key in keys])
-                try:
-                    if sids:
-                        removed += self._txn(lambda txn, env: self._reap_batch(txn, env, sids, now),
-                                             write=True)
-                finally:
-                    _release_all(locks)
-                if deadline is not None and time.monotonic() > deadline:
-                    break
-            self.last_reap_visited = visited
-            return removed
-        finally:
-            reaper.release()
+
+        limit = _EXPIRY_KEY.pack(now)
+
+        def expired_after(cursor):
+            keys = self._txn(lambda txn, env: self._expired_keys(txn, env, cursor or b"", limit))
+            return [key[8:].decode("ascii") for key in keys], (keys[-1] + b"\x00" if keys else cursor)
+
+        removed, self.last_reap_visited = _reap_in_batches(
+            self._stripes, now, budget, interval, last_reap, mark_reap, expired_after,
+            lambda sids: self._txn(lambda txn, env: self._reap_batch(txn, env, sids, now), write=True))
+        return removed
 
     @staticmethod
     def _expired_keys(txn, env, after, limit):
