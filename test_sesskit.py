@@ -2319,8 +2319,9 @@ def _ensure_server_user():
         blocked = _blocked_dirs(_SERVER_USER, dirs)
         if not blocked:
             break
+        had_acl = bool(_sh(["getfacl", "--skip-base", "-p", blocked[0]]).stdout.strip())
         _sh(["setfacl", "-m", f"u:{_SERVER_USER}:--x", blocked[0]])   # topmost first, then look again
-        _machine_changes.append(("acl", blocked[0]))
+        _machine_changes.append(("acl" if had_acl else "new-acl", blocked[0]))
     assert not _blocked_dirs(_SERVER_USER, dirs), f"{_SERVER_USER} cannot reach {sys.executable}"
     pw = pwd.getpwnam(_SERVER_USER)
     return pw.pw_uid, pw.pw_gid
@@ -2331,6 +2332,8 @@ def _undo_machine_changes():
         kind, what = _machine_changes.pop()
         if kind == "acl":
             _sh(["setfacl", "-x", f"u:{_SERVER_USER}", what], check=False)
+        elif kind == "new-acl":          # it had none: remove the mask entry too, as it was
+            _sh(["setfacl", "-b", what], check=False)
         elif kind == "user":
             _sh(["userdel", what], check=False)
 
