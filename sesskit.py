@@ -146,10 +146,16 @@ _decode_fast, _encode_fast = _fast_json()
 def _check_json(key, value):
     """Return the JSON text of ``value``; raise TypeError naming ``key`` if it is not JSON."""
     try:
-        return _encode_fast(value)
+        text = _encode_fast(value)
     except (TypeError, ValueError, RecursionError) as exc:
         raise TypeError(f"session key {key!r}: value {type(value).__name__} is not JSON "
                         f"serialisable ({exc})") from None
+    if "{" in text:                        # holds a dict (or a brace in a string): check its keys
+        bad = _first_bad_key(value)
+        if bad is not _MISSING:
+            raise TypeError(f"session key {key!r}: a dict inside has the key {bad!r}; JSON keys are "
+                            f"strings only")
+    return text
 
 
 def _encode_data(data):
@@ -194,6 +200,24 @@ def _merge_data(text, changed, deleted, base=None):
 
 
 _MISSING = object()
+_SCALARS = frozenset((str, int, float, bool, type(None)))     # JSON values that cannot change in place
+
+
+def _first_bad_key(value):
+    """The first dict key inside ``value`` that is not a str, else _MISSING. json would silently turn
+    it into a string (so {1: "a", "1": "b"} would store one key twice and lose a value on load)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for key, inner in item.items():
+                if type(key) is not str:
+                    return key
+                if type(inner) not in _SCALARS:
+                    stack.append(inner)
+        elif isinstance(item, (list, tuple)):
+            stack.extend(inner for inner in item if type(inner) not in _SCALARS)
+    return _MISSING
 
 
 def _short(sid):
@@ -390,7 +414,10 @@ class Container:
       ``forward`` from ``meta`` and writes it atomically. Returns True when written. ``base``, when
       given, is ``(data text the caller loaded, the caller's complete dict)``: a hint that lets a
       container skip decoding when the stored data has not changed since (``_merge_data`` uses it).
-    * ``touch(sid, expires)`` pushes a record's expiry forward without rewriting its data.
+    * ``touch(sid, expires, timeout=None)`` pushes a record's expiry forward to ``expires`` without
+      rewriting its data. It does nothing to a missing record, to a tombstone (a rotated id must die
+      when its grace period ends) and, when ``timeout`` is given, to a record whose stored timeout is
+      another one (a concurrent request changed it, and a stale touch must not undo that).
     * ``delete(sid, held=None)`` removes a record, under its lock.
     * ``lock(sid, timeout)`` returns a held lock of a stored session (a context manager releasing it),
       or None when the session is not stored. Raises LockTimeout. Locks are not reentrant.
@@ -414,7 +441,7 @@ class Container:
     def update(self, sid, changed, deleted, meta, now, held=None, base=None):
         raise NotImplementedError
 
-    def touch(self, sid, expires):
+    def touch(self, sid, expires, timeout=None):
         raise NotImplementedError
 
     def delete(self, sid, held=None):
@@ -518,10 +545,11 @@ class MemoryContainer(Container):
             if held is None:
                 handle.release()
 
-    def touch(self, sid, expires):
+    def touch(self, sid, expires, timeout=None):
         with self._mutex:
             current = self._records.get(sid)
-            if current is not None and current.expires < expires:
+            if (current is not None and current.forward is None and current.expires < expires
+                    and (timeout is None or current.timeout == timeout)):
                 self._records[sid] = current.replace(expires=expires)
 
     def delete(self, sid, held=None):
@@ -652,7 +680,9 @@ def _decode_record(sid, payload, mtime):
         version, owner, created, expires, timeout, max_age, forward = _decode_fast(head.decode("ascii"))
         if version != 1 or owner != sid:
             return None
-        return Record(data.decode("utf-8"), created, max(expires, mtime), timeout, max_age, forward)
+        if forward is None:       # a tombstone's mtime never counts: it dies when its grace ends
+            expires = max(expires, mtime)
+        return Record(data.decode("utf-8"), created, expires, timeout, max_age, forward)
     except (ValueError, TypeError, UnicodeDecodeError):
         return None
 
@@ -904,13 +934,23 @@ class FileContainer(Container):
         _unlock(old)
         os.close(old)
 
-    def touch(self, sid, expires):
+    def touch(self, sid, expires, timeout=None):
+        """Set the file's mtime to ``expires``: no data is rewritten. The record is read first (touches
+        are throttled by Session, so this costs little) to leave tombstones and changed timeouts alone."""
+        fd = self._open_existing(self._file(sid), os.O_RDONLY)
+        if fd is None:
+            return
         try:
-            _set_expiry(self._file(sid), expires)
-        except FileNotFoundError:
-            pass
+            blob, st = _read_fd(fd)
+            payload = _parse_session_file(blob)[0]
+            record = payload and _decode_record(sid, payload, st.st_mtime)
+            if (record and record.forward is None and record.expires < expires
+                    and (timeout is None or record.timeout == timeout)):
+                _set_expiry(fd, expires)
         except OSError as exc:
             raise ContainerError(f"cannot touch session {_short(sid)}: {exc}") from exc
+        finally:
+            os.close(fd)
 
     def delete(self, sid, held=None):
         handle = held or self.lock(sid, DEFAULTS["lock_timeout"])
@@ -1217,7 +1257,8 @@ _SQL_UPSERT_KEY = ("INSERT INTO session_keys (sid, key, value) VALUES (?, ?, ?) 
 _SQL_DELETE_KEY = "DELETE FROM session_keys WHERE sid = ? AND key = ?"
 _SQL_DELETE_KEYS = "DELETE FROM session_keys WHERE sid = ?"
 _SQL_DELETE_SESSION = "DELETE FROM sessions WHERE sid = ?"
-_SQL_TOUCH = "UPDATE sessions SET expires = ? WHERE sid = ? AND expires < ?"
+_SQL_TOUCH = ("UPDATE sessions SET expires = ? WHERE sid = ? AND expires < ? AND forward IS NULL "
+              "AND (? IS NULL OR timeout = ?)")
 _SQL_EXPIRED = ("SELECT expires, sid FROM sessions WHERE expires < ? AND (expires, sid) > (?, ?) "
                 "ORDER BY expires, sid LIMIT ?")
 _SQL_REAP_ONE = "DELETE FROM sessions WHERE sid = ? AND expires < ?"
@@ -1226,6 +1267,24 @@ _SQLITE_RETRIES = 20       # extra attempts after "database is locked" outlasted
 #: Connections a forked child inherited. They belong to the parent: closing them in the child (which the
 #: garbage collector would do) runs SQLite's close-time file and lock handling, so they are parked here.
 _inherited_connections = []
+
+
+class _ThreadConnection:
+    """One thread's SQLite connection. It lives in the thread's local storage, so it is closed when the
+    thread ends (whatever started the thread), or by its container's close()."""
+
+    __slots__ = ("con", "generation", "__weakref__")
+
+    def __init__(self, con, generation):
+        self.con, self.generation = con, generation
+
+    def close(self):
+        con, self.con = self.con, None
+        if con is not None:
+            con.close()
+
+    def __del__(self):
+        self.close()
 
 
 def _sqlite_busy(exc):
@@ -1263,6 +1322,7 @@ class SQLiteContainer(Container):
 
     def __init__(self, path, durable=None, create=True):
         import threading
+        import weakref
         self._sqlite3 = __import__("sqlite3")
         self._threading = threading
         self.path = os.path.abspath(os.fspath(path))
@@ -1270,8 +1330,9 @@ class SQLiteContainer(Container):
         self._create_file(create)
         self._stripes = _StripeLocks(self.path + ".locks", create)
         self._pid = os.getpid()
-        self._local = threading.local()
-        self._connections = {}          # thread ident -> that thread's connection, in this process
+        self._local = threading.local()            # .holder: this thread's _ThreadConnection
+        self._holders = weakref.WeakSet()          # every thread's, for close() and fork
+        self._generation = 0                       # bumped by close(): older connections are stale
         self._mutex = threading.Lock()
         self.last_reap_visited = 0
         self._retry(self._init_schema)
@@ -1285,17 +1346,32 @@ class SQLiteContainer(Container):
     # -- connections -------------------------------------------------------------
 
     def _create_file(self, create):
-        parent = os.path.dirname(self.path)
+        """Create the database file 0600 if asked, and refuse one another user could read or swap.
+
+        Its directory must be one only we control (FileContainer's rule: SQLite creates the WAL files
+        there) and the file a regular file of ours, writable by nobody else; the WAL files inherit its
+        mode."""
+        _check_store_dir(os.path.dirname(self.path), create)
         flags = os.O_RDWR | _O_NOFOLLOW | _O_CLOEXEC | (os.O_CREAT if create else 0)
         try:
-            if create:
-                os.makedirs(parent, 0o700, exist_ok=True)
-            os.close(os.open(self.path, flags, 0o600))
+            fd = os.open(self.path, flags, 0o600)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise ContainerError(f"session store {self.path!r} is a symbolic link; refusing it "
                                      f"(give the real path)") from exc
             raise ContainerError(f"cannot open session database {self.path!r}: {exc}") from exc
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ContainerError(f"session database {self.path!r} is not a regular file")
+        if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
+            raise ContainerError(f"session database {self.path!r} is owned by uid {st.st_uid}, not by "
+                                 f"this process (uid {os.geteuid()}); refusing it")
+        if os.name != "nt" and st.st_mode & 0o022:
+            raise ContainerError(f"session database {self.path!r} is writable by group or others (mode "
+                                 f"{st.st_mode & 0o777:o}); run 'chmod 600' on it")
 
     def _init_schema(self):
         con = self._conn()
@@ -1305,17 +1381,21 @@ class SQLiteContainer(Container):
 
     def _conn(self):
         """This thread's connection, opened on first use in this thread and process."""
-        con = getattr(self._local, "con", None)
-        if con is not None and self._pid == os.getpid():
-            return con
+        holder = getattr(self._local, "holder", None)
+        if (holder is not None and holder.con is not None and holder.generation == self._generation
+                and self._pid == os.getpid()):
+            return holder.con
         return self._connect()
 
     def _connect(self):
         if self._pid != os.getpid():
             # Forked: the parent's connections and thread state are not ours to use (SQLite: "do not
-            # carry an open database connection across a fork()").
-            _inherited_connections.extend(self._connections.values())
-            self._connections = {}
+            # carry an open database connection across a fork()"), nor to close.
+            for holder in list(self._holders):
+                if holder.con is not None:
+                    _inherited_connections.append(holder.con)
+                    holder.con = None
+            self._holders = type(self._holders)()
             self._local = self._threading.local()
             self._mutex = self._threading.Lock()
             self._pid = os.getpid()
@@ -1327,29 +1407,25 @@ class SQLiteContainer(Container):
             con.execute(f"PRAGMA cache_size=-{DEFAULTS['sqlite_cache_kib']}")
         except self._sqlite3.Error as exc:
             raise ContainerError(f"cannot open session database {self.path!r}: {exc}") from exc
+        old = getattr(self._local, "holder", None)
+        if old is not None:
+            old.close()
+        holder = _ThreadConnection(con, self._generation)
         with self._mutex:
-            # Close the connections of threads that have ended (a thread-per-request server would
-            # otherwise pile them up); a new thread may reuse the ident of an ended one.
-            alive = {thread.ident for thread in self._threading.enumerate()}
-            ended = [ident for ident in self._connections if ident not in alive]
-            ended.append(self._threading.get_ident())
-            for ident in ended:
-                old = self._connections.pop(ident, None)
-                if old is not None:
-                    old.close()
-            self._connections[self._threading.get_ident()] = con
-        self._local.con = con
+            self._holders.add(holder)
+        self._local.holder = holder       # goes, and closes its connection, when the thread ends
         return con
 
     def close(self):
-        """Close this process's connections (the container reopens them on demand)."""
+        """Close this process's connections, those of other threads included: call it when the store
+        is no longer used. The container reopens connections on demand."""
         if self._pid != os.getpid():
             return
         with self._mutex:
-            connections, self._connections = self._connections, {}
-            self._local = self._threading.local()
-        for con in connections.values():
-            con.close()
+            self._generation += 1
+            holders = list(self._holders)
+        for holder in holders:
+            holder.close()
 
     def _retry(self, work, *args):
         """Run ``work`` again while SQLite says "database is locked" past its busy timeout (bounded)."""
@@ -1452,8 +1528,8 @@ class SQLiteContainer(Container):
         # session lock (see the class docstring).
         return self._transaction(self._apply, session_row, upserts, deletions)
 
-    def touch(self, sid, expires):
-        self._retry(lambda: self._conn().execute(_SQL_TOUCH, (expires, sid, expires)))
+    def touch(self, sid, expires, timeout=None):
+        self._retry(lambda: self._conn().execute(_SQL_TOUCH, (expires, sid, expires, timeout, timeout)))
 
     @staticmethod
     def _delete_rows(con, sid):
@@ -1839,13 +1915,17 @@ class LMDBContainer(Container):
             return True
         return self._txn(write, write=True)
 
-    def touch(self, sid, expires):
+    def touch(self, sid, expires, timeout=None):
         key = sid.encode("ascii")
         packed = _LMDB_EXPIRES.pack(expires)
 
         def push(txn, env):
             current = txn.get(key, db=env.sessions)
-            if current is not None and _LMDB_EXPIRES.unpack_from(current, 8)[0] < expires:
+            if current is None:
+                return
+            _, stored_expires, stored_timeout, _, forward = _LMDB_HEADER.unpack_from(current)
+            if (forward == _NO_FORWARD and stored_expires < expires
+                    and (timeout is None or stored_timeout == timeout)):
                 self._replace(txn, env, key, current, current[:8] + packed + current[16:])
         self._txn(push, write=True)
 
@@ -2095,7 +2175,13 @@ class Session(MutableMapping):
         if self._entered:
             raise SesskitError("a Session can be entered once")
         self._entered = True
-        now = self._clock()
+        try:
+            return self._enter(self._clock())
+        except BaseException:
+            self._release()               # a lock taken before the failure must not outlive it
+            raise
+
+    def _enter(self, now):
         record = None
         sid = self._incoming if is_valid_session_id(self._incoming) else None
         if sid is not None:
@@ -2165,7 +2251,8 @@ class Session(MutableMapping):
         if self.mode == "read":
             raise ReadOnlySession("cannot delete a session opened with lock='read'")
         if not self.is_new:
-            self.container.delete(self.id, held=self._held)
+            stored = self._rotate[0] if self._rotate else self.id    # regenerate() may have renamed it
+            self.container.delete(stored, held=self._held)
             self._release()
         self.deleted = True
         self._rotate = None
@@ -2186,7 +2273,8 @@ class Session(MutableMapping):
         if self.is_new:
             self.id = new_session_id()
             return True
-        self._rotate = (self.id, float(grace))
+        stored = self._rotate[0] if self._rotate else self.id       # the id the record is stored under
+        self._rotate = (stored, float(grace))
         self.id = new_session_id()
         return True
 
@@ -2221,7 +2309,9 @@ class Session(MutableMapping):
             changed = deleted = None
         else:
             changed, deleted, size = self._changes()
-            if (changed or deleted or self._rotate) and size > self._max_size:
+            # The limit bounds what this block makes of the session; concurrent merges of other keys can
+            # push the stored total past it, and then a block that does not grow the session still saves.
+            if (changed or deleted or self._rotate) and size > self._max_size and size > len(self._loaded):
                 raise self._too_large(size)
         if self._rotate is not None:
             self._write_rotated(changed, deleted, now)
@@ -2230,7 +2320,7 @@ class Session(MutableMapping):
             new_expiry = self._expiry(now)
             interval = min(DEFAULTS["touch_interval"], self._timeout / 10)
             if new_expiry - self.expires >= interval:
-                self.container.touch(self.id, new_expiry)
+                self.container.touch(self.id, new_expiry, self._stored_timeout)
             return
         ok = self.container.update(self.id, changed, deleted, self._meta(now), now, held=self._held,
                                    base=(self._loaded, self._data))
@@ -2250,15 +2340,15 @@ class Session(MutableMapping):
         was loaded), the keys it deleted, and the size of the data as JSON after those changes.
 
         ``_snapshot`` is a shallow copy of the loaded dict: a key still bound to the very object it was
-        loaded with is unchanged unless that object is a list or dict, which may have been edited in
-        place; only then is a pristine copy decoded again to compare JSON texts. So the cost follows
+        loaded with is unchanged unless that object is a container (list, dict or any other that may
+        have been edited in place); only then is a pristine copy decoded again to compare JSON texts. So the cost follows
         the keys changed and the nested values, not the size of the session. Raises TypeError naming
         the key when an in-place edit put something that is not JSON into a value.
         """
         snapshot, data, pristine = self._snapshot, self._data, None
         get = snapshot.get
         candidates = [key for key, value in data.items()
-                      if get(key, _MISSING) is not value or type(value) is list or type(value) is dict]
+                      if get(key, _MISSING) is not value or type(value) not in _SCALARS]
         changed = {}
         size, new = len(self._loaded), 0
         for key in candidates:
@@ -2270,7 +2360,7 @@ class Session(MutableMapping):
                 size += len(_encode_str(key)) + len(after) + 2        # "key":value and a comma
                 new += 1
                 continue
-            if type(before) is list or type(before) is dict:
+            if type(before) not in _SCALARS:           # may have been edited in place
                 if pristine is None:
                     pristine = _decode_fast(self._loaded)
                 before = pristine[key]
@@ -2283,7 +2373,7 @@ class Session(MutableMapping):
             deleted = [key for key in snapshot if key not in data]
             for key in deleted:
                 before = snapshot[key]
-                if type(before) is list or type(before) is dict:
+                if type(before) not in _SCALARS:
                     if pristine is None:
                         pristine = _decode_fast(self._loaded)
                     before = pristine[key]
@@ -2404,13 +2494,13 @@ def _cookie_values(header, name):
     """The values of cookie ``name`` in a ``Cookie`` request header, in order.
 
     Tolerant by design (unlike http.cookies.SimpleCookie, which drops every cookie of a header when one
-    piece does not parse): each ``;``-separated piece stands alone, garbage pieces are skipped, at most
+    piece does not parse): each piece separated by ``;`` (or ``,``, which servers use to join repeated headers and no cookie value may hold) stands alone, garbage pieces are skipped, at most
     ``_MAX_COOKIE_HEADER`` characters and ``_MAX_COOKIE_VALUES`` values are looked at. Never raises.
     """
     if type(header) is not str:
         return []
     values = []
-    for piece in header[:_MAX_COOKIE_HEADER].split(";"):
+    for piece in header[:_MAX_COOKIE_HEADER].replace(",", ";").split(";"):
         key, eq, value = piece.partition("=")
         if eq and key.strip() == name:
             value = value.strip()
@@ -2650,8 +2740,9 @@ class _WebSession(Session):
         self._write_back(now)
         if self.lost or (was_new and not self.saved):
             return
-        if rotated and self._held is not None:
-            # exclusive mode held the old id's lock; hold the new id's from now on
+        if self.mode == "exclusive" and (rotated or was_new):
+            # the cookie now names an id this block did not hold yet (a new or rotated session): hold
+            # its lock until the block ends, so the client's next request waits for this one
             self._release()
             self._held = self.container.lock(self.id, self._lock_timeout)
         if wrote or moved:
