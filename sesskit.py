@@ -735,12 +735,18 @@ def _check_store_dir(path, create):
         raise ContainerError(f"session store {path!r} is a symbolic link; refusing it (give the real path)")
     if not stat.S_ISDIR(st.st_mode):
         raise ContainerError(f"session store {path!r} is not a directory")
+    _check_private(f"session store {path!r}", st, "chmod 700")
+
+
+def _check_private(what, st, remedy):
+    """Refuse (ContainerError) a file or directory, by its stat ``st``, that another user owns or may
+    write to: a session store must be changeable by its owner only."""
     if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
-        raise ContainerError(f"session store {path!r} is owned by uid {st.st_uid}, not by this process "
-                             f"(uid {os.geteuid()}); refusing a directory another user controls")
+        raise ContainerError(f"{what} is owned by uid {st.st_uid}, not by this process "
+                             f"(uid {os.geteuid()}); refusing what another user controls")
     if os.name != "nt" and st.st_mode & 0o022:
-        raise ContainerError(f"session store {path!r} is writable by group or others (mode "
-                             f"{st.st_mode & 0o777:o}); run 'chmod 700' on it")
+        raise ContainerError(f"{what} is writable by group or others (mode {st.st_mode & 0o777:o}); "
+                             f"run '{remedy}' on it")
 
 
 class _FileLock:
@@ -1366,12 +1372,7 @@ class SQLiteContainer(Container):
             os.close(fd)
         if not stat.S_ISREG(st.st_mode):
             raise ContainerError(f"session database {self.path!r} is not a regular file")
-        if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
-            raise ContainerError(f"session database {self.path!r} is owned by uid {st.st_uid}, not by "
-                                 f"this process (uid {os.geteuid()}); refusing it")
-        if os.name != "nt" and st.st_mode & 0o022:
-            raise ContainerError(f"session database {self.path!r} is writable by group or others (mode "
-                                 f"{st.st_mode & 0o777:o}); run 'chmod 600' on it")
+        _check_private(f"session database {self.path!r}", st, "chmod 600")
 
     def _init_schema(self):
         con = self._conn()
