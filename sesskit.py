@@ -622,8 +622,8 @@ class MemoryContainer(Container):
 # The payload is a JSON list of metadata, a newline, then the session's JSON object. The metadata carries
 # the session id, so a file copied or swapped under another name is refused.
 #
-# The file's mtime is set to the session's expiry time. touch() is then one utime() call that rewrites no
-# data, and reap() finds expired candidates with one stat() per file without opening any. The expiry in
+# The file's mtime is set to the session's expiry time. touch() then rewrites no data, only that time,
+# and reap() finds expired candidates with one stat() per file without opening any. The expiry in
 # the record is authoritative together with the mtime: a session expires at max(record, mtime), because a
 # write sets the mtime to "now" for a moment before it is set to the new expiry.
 #
