@@ -1781,6 +1781,7 @@ def main(argv=None):
     scenarios = {s.strip() for s in args.scenarios.split(",")}
 
     RUN_ROOT = tempfile.mkdtemp(prefix="bench-sesskit-")
+    sys.stdout.reconfigure(line_buffering=True)     # tables appear as they are done, also in a log file
     run_start = time.perf_counter()
     found = versions()
     print("bench_sesskit: %s mode%s, %d CPUs, load average %.2f, %s" % (
