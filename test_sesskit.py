@@ -1573,6 +1573,42 @@ def _steady_writer(url, sid, n, started):
             s["check"] = len(s["blob"])
 
 
+class TestFullDisk:
+    def test_write_failure_leaves_every_container_intact(self, shared_url):
+        """A real kernel write failure (RLIMIT_FSIZE: files may not grow past their size now, as on a
+        full disk) in a child process: the write raises ContainerError and the stored data stays."""
+        store = sesskit.open_store(shared_url)
+        sid = _seed(store, {"a": 1})
+        store.close()
+        root = shared_url.partition(":")[2]
+        files = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs] if os.path.isdir(root) \
+            else [p for p in (root, root + "-wal", root + "-shm") if os.path.exists(p)]
+        limit = max(os.path.getsize(p) for p in files) + 65536
+        code = (
+            "import resource, signal, sesskit\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n"
+            f"store = sesskit.open_store({shared_url!r})\n"
+            "for sid in (" + repr(sid) + ", None):\n"
+            "    try:\n"
+            "        with sesskit.open_session(sid, store=store) as s:\n"
+            "            s['big'] = 'x' * 900_000\n"
+            "    except sesskit.ContainerError as exc:\n"
+            "        print('refused:', str(exc)[:200])\n"
+        )
+        out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.count("refused:") == 2, out.stdout
+        store = sesskit.open_store(shared_url)
+        assert _stored(store, sid) == {"a": 1}
+        assert store.count() == 1
+        with sesskit.open_session(sid, store=store) as s:       # and it still takes writes
+            s["b"] = 2
+        assert _stored(store, sid) == {"a": 1, "b": 2}
+        store.close()
+
+
 class TestCrashSafety:
     def test_readers_never_see_a_partial_write(self, shared_url):
         sid = _seed(shared_url, {"n": 0, "copy": 0, "blob": "", "check": 0})
