@@ -145,6 +145,8 @@ _decode_fast, _encode_fast = _fast_json()
 
 def _check_json(key, value):
     """Return the JSON text of ``value``; raise TypeError naming ``key`` if it is not JSON."""
+    if type(value) is str:
+        return _encode_str(value)
     try:
         text = _encode_fast(value)
     except (TypeError, ValueError, RecursionError) as exc:
@@ -2354,8 +2356,13 @@ class Session(MutableMapping):
         size, new = len(self._loaded), 0
         for key in candidates:
             value = data[key]
-            after = _check_json(key, value)
             before = get(key, _MISSING)
+            if type(value) is str and type(before) is str:     # the common case, without encoding twice
+                if value != before:
+                    changed[key] = value
+                    size += len(_encode_str(value)) - len(_encode_str(before))
+                continue
+            after = _check_json(key, value)
             if before is _MISSING:
                 changed[key] = value
                 size += len(_encode_str(key)) + len(after) + 2        # "key":value and a comma
