@@ -2426,6 +2426,19 @@ class Session(MutableMapping):
             pass   # reaping is housekeeping: it must never fail the request that happened to trigger it
 
 
+def _session_options(timeout, max_age, lock, lock_timeout, clock, max_size, reap_interval):
+    """Session's keyword arguments, with DEFAULTS for those given as None."""
+    return dict(
+        timeout=DEFAULTS["timeout"] if timeout is None else timeout,
+        max_age=DEFAULTS["max_age"] if max_age is None else max_age,
+        lock=lock,
+        lock_timeout=DEFAULTS["lock_timeout"] if lock_timeout is None else lock_timeout,
+        clock=time.time if clock is None else clock,
+        max_size=DEFAULTS["max_size"] if max_size is None else max_size,
+        reap_interval=DEFAULTS["reap_interval"] if reap_interval is None else reap_interval,
+    )
+
+
 def open_session(sid=None, store=None, *, timeout=None, max_age=None, lock="merge", lock_timeout=None,
                  clock=None, max_size=None, reap_interval=None, environ=None, cookie_name="sesskit",
                  secret=None, route=None, secure=None, httponly=True, samesite="Lax", path="/",
@@ -2459,15 +2472,7 @@ def open_session(sid=None, store=None, *, timeout=None, max_age=None, lock="merg
     request deleted or that expired while the block ran is not resurrected by its write-back (``s.lost``).
     A new session is stored only once it holds data.
     """
-    options = dict(
-        timeout=DEFAULTS["timeout"] if timeout is None else timeout,
-        max_age=DEFAULTS["max_age"] if max_age is None else max_age,
-        lock=lock,
-        lock_timeout=DEFAULTS["lock_timeout"] if lock_timeout is None else lock_timeout,
-        clock=time.time if clock is None else clock,
-        max_size=DEFAULTS["max_size"] if max_size is None else max_size,
-        reap_interval=DEFAULTS["reap_interval"] if reap_interval is None else reap_interval,
-    )
+    options = _session_options(timeout, max_age, lock, lock_timeout, clock, max_size, reap_interval)
     container = _default_store() if store is None else open_store(store)
     if environ is None:
         return Session(sid, container, **options)
@@ -2860,15 +2865,8 @@ class SessionMiddleware:
         self.cookie = _Cookie(cookie_name, secret=secret, route=route, secure=secure, httponly=httponly,
                               samesite=samesite, path=path, domain=domain, persistent=persistent)
         self._container = None if store is None else open_store(store)
-        self._options = dict(
-            timeout=DEFAULTS["timeout"] if timeout is None else timeout,
-            max_age=DEFAULTS["max_age"] if max_age is None else max_age,
-            lock=lock,
-            lock_timeout=DEFAULTS["lock_timeout"] if lock_timeout is None else lock_timeout,
-            clock=time.time if clock is None else clock,
-            max_size=DEFAULTS["max_size"] if max_size is None else max_size,
-            reap_interval=0,          # the middleware reaps itself, in close()
-        )
+        # reap_interval=0: the middleware reaps itself, in close(), after the response
+        self._options = _session_options(timeout, max_age, lock, lock_timeout, clock, max_size, 0)
         self.reap_interval = DEFAULTS["reap_interval"] if reap_interval is None else reap_interval
 
     def __call__(self, environ, start_response):
