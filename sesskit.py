@@ -161,15 +161,21 @@ def _check_json(key, value):
 
 
 def _encode_data(data):
-    """Encode a session dict, naming the first key whose value is not JSON."""
+    """Encode a session dict, naming the first key whose value is not JSON (dict keys that are not
+    strings included, at any depth: an in-place edit may have put one there after the value was set)."""
     try:
-        return _encode(data)
+        text = _encode(data)
     except (TypeError, ValueError, RecursionError):
+        text = None
+    if text is None or "{" in text[1:]:
         for key, value in data.items():
             if type(key) is not str:
                 raise TypeError(f"session keys must be str, not {type(key).__name__}: {key!r}") from None
-            _check_json(key, value)
-        raise
+            if type(value) not in _SCALARS:
+                _check_json(key, value)
+    if text is None:
+        raise TypeError("session data is not JSON serialisable")
+    return text
 
 
 def _merge_data(text, changed, deleted, base=None):
@@ -416,10 +422,11 @@ class Container:
       ``forward`` from ``meta`` and writes it atomically. Returns True when written. ``base``, when
       given, is ``(data text the caller loaded, the caller's complete dict)``: a hint that lets a
       container skip decoding when the stored data has not changed since (``_merge_data`` uses it).
-    * ``touch(sid, expires, timeout=None)`` pushes a record's expiry forward to ``expires`` without
-      rewriting its data. It does nothing to a missing record, to a tombstone (a rotated id must die
-      when its grace period ends) and, when ``timeout`` is given, to a record whose stored timeout is
-      another one (a concurrent request changed it, and a stale touch must not undo that).
+    * ``touch(sid, expires, timeout=None, now=None)`` pushes a record's expiry forward to ``expires``
+      without rewriting its data. It does nothing to a missing record, to a record already expired at
+      ``now`` (a touch never revives a session), to a tombstone (a rotated id must die when its grace
+      period ends) and, when ``timeout`` is given, to a record whose stored timeout is another one (a
+      concurrent request changed it, and a stale touch must not undo that).
     * ``delete(sid, held=None)`` removes a record, under its lock.
     * ``lock(sid, timeout)`` returns a held lock of a stored session (a context manager releasing it),
       or None when the session is not stored. Raises LockTimeout. Locks are not reentrant.
@@ -443,7 +450,7 @@ class Container:
     def update(self, sid, changed, deleted, meta, now, held=None, base=None):
         raise NotImplementedError
 
-    def touch(self, sid, expires, timeout=None):
+    def touch(self, sid, expires, timeout=None, now=None):
         raise NotImplementedError
 
     def delete(self, sid, held=None):
@@ -547,10 +554,11 @@ class MemoryContainer(Container):
             if held is None:
                 handle.release()
 
-    def touch(self, sid, expires, timeout=None):
+    def touch(self, sid, expires, timeout=None, now=None):
         with self._mutex:
             current = self._records.get(sid)
             if (current is not None and current.forward is None and current.expires < expires
+                    and (now is None or current.expires >= now)
                     and (timeout is None or current.timeout == timeout)):
                 self._records[sid] = current.replace(expires=expires)
 
@@ -942,23 +950,28 @@ class FileContainer(Container):
         _unlock(old)
         os.close(old)
 
-    def touch(self, sid, expires, timeout=None):
-        """Set the file's mtime to ``expires``: no data is rewritten. The record is read first (touches
-        are throttled by Session, so this costs little) to leave tombstones and changed timeouts alone."""
-        fd = self._open_existing(self._file(sid), os.O_RDONLY)
-        if fd is None:
-            return
+    def touch(self, sid, expires, timeout=None, now=None):
+        """Set the file's mtime to ``expires``: no data is rewritten. Under the session's lock, taken
+        without waiting (a busy session is being written, which moves its expiry anyway), the record is
+        read first to leave expired sessions, tombstones and changed timeouts alone. Touches are
+        throttled by Session, so this costs little."""
         try:
-            blob, st = _read_fd(fd)
-            payload = _parse_session_file(blob)[0]
-            record = payload and _decode_record(sid, payload, st.st_mtime)
-            if (record and record.forward is None and record.expires < expires
-                    and (timeout is None or record.timeout == timeout)):
-                _set_expiry(fd, expires)
-        except OSError as exc:
-            raise ContainerError(f"cannot touch session {_short(sid)}: {exc}") from exc
-        finally:
-            os.close(fd)
+            handle = self.lock(sid, 0)
+        except LockTimeout:
+            return
+        if handle is None:
+            return
+        with handle:
+            try:
+                blob, st = _read_fd(handle.fd)
+                payload = _parse_session_file(blob)[0]
+                record = payload and _decode_record(sid, payload, st.st_mtime)
+                if (record and record.forward is None and record.expires < expires
+                        and (now is None or record.expires >= now)
+                        and (timeout is None or record.timeout == timeout)):
+                    _set_expiry(handle.fd if _UTIME_FD else handle.path, expires)
+            except OSError as exc:
+                raise ContainerError(f"cannot touch session {_short(sid)}: {exc}") from exc
 
     def delete(self, sid, held=None):
         handle = held or self.lock(sid, DEFAULTS["lock_timeout"])
@@ -1266,7 +1279,7 @@ _SQL_DELETE_KEY = "DELETE FROM session_keys WHERE sid = ? AND key = ?"
 _SQL_DELETE_KEYS = "DELETE FROM session_keys WHERE sid = ?"
 _SQL_DELETE_SESSION = "DELETE FROM sessions WHERE sid = ?"
 _SQL_TOUCH = ("UPDATE sessions SET expires = ? WHERE sid = ? AND expires < ? AND forward IS NULL "
-              "AND (? IS NULL OR timeout = ?)")
+              "AND (? IS NULL OR timeout = ?) AND (? IS NULL OR expires >= ?)")
 _SQL_EXPIRED = ("SELECT expires, sid FROM sessions WHERE expires < ? AND (expires, sid) > (?, ?) "
                 "ORDER BY expires, sid LIMIT ?")
 _SQL_REAP_ONE = "DELETE FROM sessions WHERE sid = ? AND expires < ?"
@@ -1281,14 +1294,19 @@ class _ThreadConnection:
     """One thread's SQLite connection. It lives in the thread's local storage, so it is closed when the
     thread ends (whatever started the thread), or by its container's close()."""
 
-    __slots__ = ("con", "generation", "__weakref__")
+    __slots__ = ("con", "generation", "pid", "__weakref__")
 
     def __init__(self, con, generation):
-        self.con, self.generation = con, generation
+        self.con, self.generation, self.pid = con, generation, os.getpid()
 
     def close(self):
         con, self.con = self.con, None
-        if con is not None:
+        if con is None:
+            return
+        if self.pid != os.getpid():
+            # a forked child dropping its parent's thread states: the connection is not ours to close
+            _inherited_connections.append(con)
+        else:
             con.close()
 
     def __del__(self):
@@ -1357,8 +1375,8 @@ class SQLiteContainer(Container):
         """Create the database file 0600 if asked, and refuse one another user could read or swap.
 
         Its directory must be one only we control (FileContainer's rule: SQLite creates the WAL files
-        there) and the file a regular file of ours, writable by nobody else; the WAL files inherit its
-        mode."""
+        there) and the file a regular file of ours that nobody else may read or write; the WAL files
+        inherit its mode."""
         _check_store_dir(os.path.dirname(self.path), create)
         flags = os.O_RDWR | _O_NOFOLLOW | _O_CLOEXEC | (os.O_CREAT if create else 0)
         try:
@@ -1375,6 +1393,10 @@ class SQLiteContainer(Container):
         if not stat.S_ISREG(st.st_mode):
             raise ContainerError(f"session database {self.path!r} is not a regular file")
         _check_private(f"session database {self.path!r}", st, "chmod 600")
+        if os.name != "nt" and st.st_mode & 0o044:    # SQLite gives the WAL files the same mode
+            raise ContainerError(f"session database {self.path!r} is readable by group or others (mode "
+                                 f"{st.st_mode & 0o777:o}): its sessions could be stolen; run 'chmod 600' "
+                                 f"on it")
 
     def _init_schema(self):
         con = self._conn()
@@ -1531,8 +1553,9 @@ class SQLiteContainer(Container):
         # session lock (see the class docstring).
         return self._transaction(self._apply, session_row, upserts, deletions)
 
-    def touch(self, sid, expires, timeout=None):
-        self._retry(lambda: self._conn().execute(_SQL_TOUCH, (expires, sid, expires, timeout, timeout)))
+    def touch(self, sid, expires, timeout=None, now=None):
+        self._retry(lambda: self._conn().execute(
+            _SQL_TOUCH, (expires, sid, expires, timeout, timeout, now, now)))
 
     @staticmethod
     def _delete_rows(con, sid):
@@ -1918,7 +1941,7 @@ class LMDBContainer(Container):
             return True
         return self._txn(write, write=True)
 
-    def touch(self, sid, expires, timeout=None):
+    def touch(self, sid, expires, timeout=None, now=None):
         key = sid.encode("ascii")
         packed = _LMDB_EXPIRES.pack(expires)
 
@@ -1928,6 +1951,7 @@ class LMDBContainer(Container):
                 return
             _, stored_expires, stored_timeout, _, forward = _LMDB_HEADER.unpack_from(current)
             if (forward == _NO_FORWARD and stored_expires < expires
+                    and (now is None or stored_expires >= now)
                     and (timeout is None or stored_timeout == timeout)):
                 self._replace(txn, env, key, current, current[:8] + packed + current[16:])
         self._txn(push, write=True)
@@ -2323,7 +2347,7 @@ class Session(MutableMapping):
             new_expiry = self._expiry(now)
             interval = min(DEFAULTS["touch_interval"], self._timeout / 10)
             if new_expiry - self.expires >= interval:
-                self.container.touch(self.id, new_expiry, self._stored_timeout)
+                self.container.touch(self.id, new_expiry, self._stored_timeout, now)
             return
         ok = self.container.update(self.id, changed, deleted, self._meta(now), now, held=self._held,
                                    base=(self._loaded, self._data))
@@ -2507,13 +2531,13 @@ def _cookie_values(header, name):
     """The values of cookie ``name`` in a ``Cookie`` request header, in order.
 
     Tolerant by design (unlike http.cookies.SimpleCookie, which drops every cookie of a header when one
-    piece does not parse): each piece separated by ``;`` (or ``,``, which servers use to join repeated headers and no cookie value may hold) stands alone, garbage pieces are skipped, at most
+    piece does not parse): each ``;``-separated piece stands alone, garbage pieces are skipped, at most
     ``_MAX_COOKIE_HEADER`` characters and ``_MAX_COOKIE_VALUES`` values are looked at. Never raises.
     """
     if type(header) is not str:
         return []
     values = []
-    for piece in header[:_MAX_COOKIE_HEADER].replace(",", ";").split(";"):
+    for piece in header[:_MAX_COOKIE_HEADER].split(";"):
         key, eq, value = piece.partition("=")
         if eq and key.strip() == name:
             value = value.strip()

@@ -592,7 +592,7 @@ class TestSession:
         clock.advance(70)
         with sesskit.open_session(sid, store=container, clock=clock) as s:
             pass
-        assert touches == [(sid, clock.now + 1000, 1000.0)]
+        assert touches == [(sid, clock.now + 1000, 1000.0, clock.now)]
         assert updates == []
         assert container.load(sid).expires == clock.now + 1000
 
@@ -704,6 +704,25 @@ class TestSession:
         clock.advance(300)
         with sesskit.open_session(other, store=container, clock=clock) as r:
             assert r.is_new
+
+    def test_a_read_only_block_does_not_revive_a_session_that_expired_meanwhile(self, container):
+        clock = FakeClock()
+        sid = _seed(container, {"a": 1}, clock=clock, timeout=100)
+        with sesskit.open_session(sid, store=container, clock=clock) as s:
+            assert s["a"] == 1
+            clock.advance(200)                       # a slow request: the session expires meanwhile
+        record = container.load(sid)
+        assert record is None or record.expires < clock.now
+        with sesskit.open_session(sid, store=container, clock=clock) as s:
+            assert s.is_new
+
+    def test_non_string_key_put_in_place_into_a_new_session_is_refused(self, container):
+        with pytest.raises(TypeError, match="'a'"):
+            with sesskit.open_session(None, store=container) as s:
+                s["a"] = {}
+                s["a"][1] = "x"
+                s["a"]["1"] = "y"
+        assert container.count() == 0
 
     def test_exclusive_lock_is_released_when_loading_fails(self, container, monkeypatch):
         sid = _seed(container, {"a": 1})
@@ -1000,6 +1019,51 @@ class TestFileContainer:
         assert [f for f in _files_under(store.path) if f.endswith(".tmp")] == []
         assert store.count() == 1
 
+    def test_touch_racing_a_timeout_change_does_not_undo_it(self, tmp_path, monkeypatch):
+        """A touch reads the record and sets the time under the session's lock, so a write that shortens
+        the timeout meanwhile waits for it and has the last word."""
+        store = sesskit.FileContainer(tmp_path / "s")
+        clock = FakeClock()
+        sid = _seed(store, {"a": 1}, clock=clock, timeout=1000)
+        clock.advance(200)
+        shorter = sesskit.Record(None, T0, clock.now + 10, 10.0)
+        real_read = sesskit._read_fd
+        writers = []
+
+        def read_while_a_write_races(fd):
+            result = real_read(fd)
+            if not writers:                           # the touch's read: a request shortens the timeout
+                writer = ExThread(target=lambda: store.update(sid, {}, [], shorter, clock.now))
+                writers.append(writer)
+                writer.start()
+                threading.Thread.join(writer, 0.5)    # it finishes here unless the touch holds the lock
+            return result
+        monkeypatch.setattr(sesskit, "_read_fd", read_while_a_write_races)
+        store.touch(sid, clock.now + 1000, 1000.0, clock.now)
+        writers[0].join()
+        monkeypatch.undo()
+        record = store.load(sid)
+        assert (record.timeout, record.expires) == (10.0, clock.now + 10)
+
+    def test_touch_works_with_paths_where_utime_takes_no_descriptor(self, tmp_path, monkeypatch):
+        store = sesskit.FileContainer(tmp_path / "s")
+        clock = FakeClock()
+        sid = _seed(store, {"a": 1}, clock=clock, timeout=1000)
+        real_utime = os.utime
+
+        def utime_paths_only(target, *args, **kwargs):
+            if isinstance(target, int):
+                raise TypeError("utime: path should be string, bytes or os.PathLike, not int")
+            return real_utime(target, *args, **kwargs)
+        monkeypatch.setattr(os, "utime", utime_paths_only)
+        monkeypatch.setattr(sesskit, "_UTIME_FD", False)
+        store.touch(sid, T0 + 5000, 1000.0, T0)
+        with sesskit.open_session(sid, store=store, clock=clock) as s:
+            s["b"] = 2
+        monkeypatch.undo()
+        assert store.load(sid).expires == T0 + 1000
+        assert _stored(store, sid, clock) == {"a": 1, "b": 2}
+
     def test_durable_writes(self, tmp_path, monkeypatch):
         store = sesskit.FileContainer(tmp_path / "s", durable=True)
         synced = []
@@ -1271,6 +1335,9 @@ class TestSQLiteContainer:
         os.chmod(mine / "s.db", 0o666)
         with pytest.raises(sesskit.ContainerError, match="chmod 600"):
             sesskit.SQLiteContainer(mine / "s.db")
+        os.chmod(mine / "s.db", 0o644)                       # readable: its sessions could be stolen
+        with pytest.raises(sesskit.ContainerError, match="readable"):
+            sesskit.SQLiteContainer(mine / "s.db")
         os.chmod(mine / "s.db", 0o600)
         store = sesskit.SQLiteContainer(mine / "s.db")
         _seed(store, {"a": 1})
@@ -1328,6 +1395,41 @@ class TestSQLiteContainer:
         step.set()
         t.join()
         assert results == [True, True]
+        store.close()
+
+    def test_fork_child_never_closes_its_parents_connections(self, tmp_path):
+        """CPython drops the other threads' states in a forked child; their connections, the parent's,
+        must not be closed by the child (SQLite: never use a connection across fork)."""
+        store = sesskit.SQLiteContainer(tmp_path / "s.db")
+        sid = _seed(store, {"a": 1})
+        held, ready, release = [], threading.Event(), threading.Event()
+
+        def worker():
+            held.append(store._conn())
+            ready.set()
+            release.wait(30)
+        t = ExThread(target=worker)
+        t.start()
+        assert ready.wait(10)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:                                         # child
+            import gc
+            gc.collect()
+            try:
+                held[0].total_changes                        # raises if the child closed it
+                ok = store.load(sid) is not None
+            except Exception:
+                ok = False
+            os.write(w, b"1" if ok else b"0")
+            os._exit(0)
+        os.close(w)
+        answer = os.read(r, 1)
+        os.close(r)
+        assert os.waitpid(pid, 0)[1] == 0
+        release.set()
+        t.join()
+        assert answer == b"1"
         store.close()
 
     def test_fork_child_gets_its_own_connection(self, tmp_path):
@@ -2187,13 +2289,17 @@ class TestMiddleware:
         result2.close()
         assert _stored(store, cookie.partition("=")[2]) == {"n": 102}
 
-    def test_comma_joined_cookie_headers_are_read(self):
+    def test_a_comma_in_another_cookie_cannot_smuggle_an_id(self):
         store = sesskit.MemoryContainer()
-        sid = _seed(store, {"a": 1})
-        environ = {"HTTP_COOKIE": f"other=1, sesskit={sid}"}   # how some servers join two headers
+        mine, theirs = _seed(store, {"who": "me"}), _seed(store, {"who": "attacker"})
+        environ = {"HTTP_COOKIE": f"note=hello,sesskit={theirs}; sesskit={mine}"}
         setup_testing_defaults(environ)
         with sesskit.open_session(store=store, environ=environ) as s:
-            assert s.id == sid and not s.is_new
+            assert s.id == mine
+        environ = {"HTTP_COOKIE": f"note=hello,sesskit={theirs}"}
+        setup_testing_defaults(environ)
+        with sesskit.open_session(store=store, environ=environ) as s:
+            assert s.is_new and s.id != theirs
 
     def test_error_discards_changes(self):
         store = sesskit.MemoryContainer()
