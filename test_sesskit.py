@@ -12,7 +12,6 @@ import os
 import random
 import signal
 import stat
-import struct
 import subprocess
 import sys
 import threading
@@ -20,7 +19,7 @@ import time
 
 import pytest
 from hypothesis import given, settings, strategies as st, HealthCheck
-from hypothesis.stateful import RuleBasedStateMachine, rule, invariant, initialize, precondition
+from hypothesis.stateful import RuleBasedStateMachine, rule, invariant, precondition
 
 import sesskit
 
