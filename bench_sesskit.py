@@ -571,7 +571,28 @@ def django_setup():
     call_command("migrate", run_syncdb=True, verbosity=0)
 
 
-class DjangoFileAdapter(Adapter):
+class DjangoAdapter(Adapter):
+    """What both Django backends share: a SessionStore class in self.Store."""
+
+    def create(self, data):
+        session = self.Store()
+        session.update(data)
+        session.save()               # no key yet: save() creates one
+        return session.session_key
+
+    def load(self, sid):
+        session = self.Store(session_key=sid)
+        session.keys()               # Django loads lazily; force it here
+        return session
+
+    def save(self, handle):
+        handle.save()
+
+    def read(self, sid):
+        return dict(self.load(sid).items())
+
+
+class DjangoFileAdapter(DjangoAdapter):
     """django.contrib.sessions.backends.file.SessionStore, files named
     'sessionid<key>' in settings.SESSION_FILE_PATH (see django_setup; the
     adapter's own directory is not used).  Expiry is the file's mtime plus
@@ -593,23 +614,6 @@ class DjangoFileAdapter(Adapter):
             shutil.rmtree(self.file_path)
             os.makedirs(self.file_path)
 
-    def create(self, data):
-        session = self.Store()
-        session.update(data)
-        session.save()               # no key yet: save() creates one
-        return session.session_key
-
-    def load(self, sid):
-        session = self.Store(session_key=sid)
-        session.keys()               # Django loads lazily; force it here
-        return session
-
-    def save(self, handle):
-        handle.save()
-
-    def read(self, sid):
-        return dict(self.load(sid).items())
-
     def expire(self, sids):
         backdate_files(self.file_path, sids, prefix=self.prefix)
 
@@ -630,7 +634,7 @@ class DjangoFileAdapter(Adapter):
         )
 
 
-class DjangoDbAdapter(Adapter):
+class DjangoDbAdapter(DjangoAdapter):
     """django.contrib.sessions.backends.db.SessionStore on SQLite with
     Django's defaults (rollback journal, no WAL)."""
 
@@ -650,22 +654,6 @@ class DjangoDbAdapter(Adapter):
         if fresh:
             self.Model.objects.all().delete()
 
-    def create(self, data):
-        session = self.Store()
-        session.update(data)
-        session.save()
-        return session.session_key
-
-    def load(self, sid):
-        session = self.Store(session_key=sid)
-        session.keys()
-        return session
-
-    def save(self, handle):
-        handle.save()
-
-    def read(self, sid):
-        return dict(self.load(sid).items())
 
     def expire(self, sids):
         import datetime
