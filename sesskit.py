@@ -58,6 +58,9 @@ DEFAULTS = {
     "touch_interval": 60.0,     # seconds: expiry is pushed forward on a read at most this often
     "reap_interval": 300.0,     # seconds between two opportunistic reaps of one store (0 = never)
     "reap_budget": 0.05,        # seconds an opportunistic reap may take before it stops and resumes later
+    "reap_margin": 300.0,       # seconds a session stays after its expiry before a reaper may remove it
+                                # (the clock skew between processes and hosts that the store tolerates)
+    "max_depth": 64,            # nesting depth of lists and dicts a session value may have (TypeError beyond)
     "durable": False,           # fsync file and directory on every write (survives power loss)
     "sqlite_busy_timeout": 5.0,  # seconds SQLite waits for its write lock before "database is locked"
     "sqlite_cache_kib": 16384,  # KiB of page cache per SQLite connection (one per thread)
@@ -378,8 +381,13 @@ class Record:
 
     ``data`` is the JSON text of the session dict; ``created`` and ``expires`` are wall-clock epoch
     seconds; ``timeout`` is the sliding inactivity timeout and ``max_age`` the absolute lifetime (0: none)
-    the session was created with; ``forward`` is the id a rotated session now lives under (a tombstone left
-    for a grace period by ``Session.regenerate(grace=...)``), else None.
+    the session was created with; ``forward`` is None for a live session.
+
+    A record whose ``forward`` is set is a *tombstone*: the session was rotated to the id ``forward``
+    (``Session.regenerate``). Its ``created`` is the time of the rotation and its ``timeout`` the grace
+    period: until ``created + timeout`` the old id forwards to the new one (``forwards``); after that and
+    until ``expires`` it is only remembered, so that a late request with the old id is told apart from
+    an unknown id (it gets an empty session whose writes are dropped, and no cookie). Its data is "{}".
     """
 
     __slots__ = ("data", "created", "expires", "timeout", "max_age", "forward")
@@ -397,6 +405,21 @@ class Record:
         return Record(self.data if data is _MISSING else data, self.created,
                       self.expires if expires is _MISSING else expires, self.timeout, self.max_age,
                       self.forward)
+
+    def writable(self, now):
+        """Whether a write-back, touch or rotation may change this record at ``now``: only a live
+        session may. A tombstone or an expired record is never written again (no resurrection)."""
+        return self.forward is None and self.expires >= now
+
+    def forwards(self, now):
+        """Whether this is a tombstone still inside its grace period at ``now``."""
+        return self.forward is not None and now <= self.created + self.timeout and now <= self.expires
+
+    @staticmethod
+    def tombstone(new_sid, now, grace, remember):
+        """The record an id rotated to ``new_sid`` at ``now`` leaves behind: it forwards for ``grace``
+        seconds and is remembered for ``remember`` seconds (at least the grace)."""
+        return Record("{}", now, now + max(grace, remember), float(grace), 0.0, new_sid)
 
     def __repr__(self):
         return (f"Record(created={self.created:.3f}, expires={self.expires:.3f}, timeout={self.timeout:g}, "
@@ -422,11 +445,19 @@ class Container:
       ``forward`` from ``meta`` and writes it atomically. Returns True when written. ``base``, when
       given, is ``(data text the caller loaded, the caller's complete dict)``: a hint that lets a
       container skip decoding when the stored data has not changed since (``_merge_data`` uses it).
-    * ``touch(sid, expires, timeout=None, now=None)`` pushes a record's expiry forward to ``expires``
-      without rewriting its data. It does nothing to a missing record, to a record already expired at
-      ``now`` (a touch never revives a session), to a tombstone (a rotated id must die when its grace
-      period ends) and, when ``timeout`` is given, to a record whose stored timeout is another one (a
-      concurrent request changed it, and a stale touch must not undo that).
+    * ``rotate(old, new, changed, deleted, meta, tombstone, now, held=None, base=None)`` moves a session
+      to a new id in one atomic step: unless ``old``'s record is not ``writable(now)`` (then it writes
+      nothing and returns False), it applies ``changed``/``deleted`` to it as ``update`` does, stores
+      the result under the fresh id ``new`` with the metadata of ``meta``, and replaces ``old`` by
+      ``tombstone`` (a ``Record.tombstone``; None: delete ``old``). No write-back of ``old`` can land
+      between these steps (one transaction, or under ``old``'s lock, which ``held`` is when the caller
+      holds it). Returns True when done.
+    * ``touch(sid, expires, timeout=None, now=None, held=None)`` pushes a record's expiry forward to
+      ``expires`` without rewriting its data. It does nothing to a missing record, to a record that is
+      not ``writable(now)`` (a touch never revives a session, and a rotated id dies when its grace ends)
+      and, when ``timeout`` is given, to a record whose stored timeout is another one (a concurrent
+      request changed it, and a stale touch must not undo that). ``held`` is the session's lock when
+      the caller holds it (exclusive mode): the touch then happens under it.
     * ``delete(sid, held=None)`` removes a record, under its lock.
     * ``lock(sid, timeout)`` returns a held lock of a stored session (a context manager releasing it),
       or None when the session is not stored. Raises LockTimeout. Locks are not reentrant.
@@ -450,7 +481,10 @@ class Container:
     def update(self, sid, changed, deleted, meta, now, held=None, base=None):
         raise NotImplementedError
 
-    def touch(self, sid, expires, timeout=None, now=None):
+    def rotate(self, old, new, changed, deleted, meta, tombstone, now, held=None, base=None):
+        raise NotImplementedError
+
+    def touch(self, sid, expires, timeout=None, now=None, held=None):
         raise NotImplementedError
 
     def delete(self, sid, held=None):
@@ -554,7 +588,7 @@ class MemoryContainer(Container):
             if held is None:
                 handle.release()
 
-    def touch(self, sid, expires, timeout=None, now=None):
+    def touch(self, sid, expires, timeout=None, now=None, held=None):
         with self._mutex:
             current = self._records.get(sid)
             if (current is not None and current.forward is None and current.expires < expires
@@ -950,7 +984,7 @@ class FileContainer(Container):
         _unlock(old)
         os.close(old)
 
-    def touch(self, sid, expires, timeout=None, now=None):
+    def touch(self, sid, expires, timeout=None, now=None, held=None):
         """Set the file's mtime to ``expires``: no data is rewritten. Under the session's lock, taken
         without waiting (a busy session is being written, which moves its expiry anyway), the record is
         read first to leave expired sessions, tombstones and changed timeouts alone. Touches are
@@ -1553,7 +1587,7 @@ class SQLiteContainer(Container):
         # session lock (see the class docstring).
         return self._transaction(self._apply, session_row, upserts, deletions)
 
-    def touch(self, sid, expires, timeout=None, now=None):
+    def touch(self, sid, expires, timeout=None, now=None, held=None):
         self._retry(lambda: self._conn().execute(
             _SQL_TOUCH, (expires, sid, expires, timeout, timeout, now, now)))
 
@@ -1941,7 +1975,7 @@ class LMDBContainer(Container):
             return True
         return self._txn(write, write=True)
 
-    def touch(self, sid, expires, timeout=None, now=None):
+    def touch(self, sid, expires, timeout=None, now=None, held=None):
         key = sid.encode("ascii")
         packed = _LMDB_EXPIRES.pack(expires)
 
