@@ -1019,6 +1019,188 @@ class TestLifecycle:
             for pause_at in range(_calls_of(container, op_a, clock) + 1):
                 _interleave(container, op_a, op_b, pause_at, clock)
 
+    def test_a_late_request_after_the_grace_period_gets_no_cookie(self, container):
+        clock = FakeClock()
+        app = _middleware(container, clock=clock)
+        client = _Client(app)
+        client.get("/set?k=a&v=1")
+        old_cookie = client.cookie
+        new = client.get("/login?grace=5")["id"]
+        clock.advance(6)                              # the old cookie waited in the server's queue
+        late = _Client(app)
+        late.cookie = old_cookie
+        reply = late.get("/set?k=late&v=1")
+        assert reply["new"] and late.set_cookies == []          # nothing replaces the login cookie
+        assert client.get("/get")["data"] == {"a": "1", "user": "alice"}   # the late write: dropped
+        assert client.cookie == f"sesskit={new}"
+        with sesskit.open_session(environ={"HTTP_COOKIE": old_cookie}, store=container,
+                                  clock=clock) as s:
+            s["late"] = 2
+        assert s.stale and s.lost and not s.saved and s.cookie_header() is None
+        clock.advance(1800)                           # past the session's timeout: forgotten
+        with sesskit.open_session(environ={"HTTP_COOKIE": old_cookie}, store=container,
+                                  clock=clock) as s:
+            s["x"] = 1
+        assert not s.stale and s.saved and s.cookie_header() is not None
+
+    @pytest.mark.parametrize("grace", [0, 5])
+    def test_a_write_back_that_finds_its_session_rotated_leaves_the_cookie_alone(self, container, grace):
+        clock = FakeClock()
+        client = _Client(_middleware(container, clock=clock))
+        client.get("/set?k=a&v=1")
+        in_flight = sesskit.open_session(environ={"HTTP_COOKIE": client.cookie}, store=container,
+                                         clock=clock).__enter__()    # loaded before the login
+        new = client.get(f"/login?grace={grace}")["id"]
+        in_flight["ajax"] = 1
+        header = in_flight.cookie_header()            # its response goes out after the login's
+        in_flight.__exit__(None, None, None)
+        if grace:
+            assert in_flight.saved and header is not None and f"sesskit={new};" in header
+            assert client.get("/get")["data"]["ajax"] == 1
+        else:
+            assert in_flight.lost and header is None   # never Max-Age=0: that would log the user out
+            assert "ajax" not in client.get("/get")["data"]
+        assert client.cookie == f"sesskit={new}"
+
+    def test_a_concurrent_read_does_not_send_the_old_id_again(self, container):
+        clock = FakeClock()
+        client = _Client(_middleware(container, clock=clock))
+        client.get("/set?k=a&v=1")
+        clock.advance(100)                            # a read would move the expiry and refresh the cookie
+        reader = sesskit.open_session(environ={"HTTP_COOKIE": client.cookie}, store=container,
+                                      clock=clock, lock="read").__enter__()
+        new = client.get("/login")["id"]
+        reader.__exit__(None, None, None)
+        assert reader.cookie_header() is None         # its touch found a tombstone: nothing to refresh
+        assert container.load(new) is not None
+
+    def test_cookie_header_after_the_block_says_what_the_block_stored(self, container):
+        with sesskit.open_session(store=container, environ=_cgi_environ()) as s:
+            s["n"] = 1                                # a CGI script that prints its headers last
+        header = s.cookie_header()
+        assert header is not None and header.startswith(f"Set-Cookie: sesskit={s.id};") and s.saved
+        with pytest.raises(sesskit.SesskitError):
+            s.cookie_header()                         # once
+        with sesskit.open_session(store=container, environ=_cgi_environ(f"sesskit={s.id}")) as t:
+            assert t["n"] == 1
+            t.regenerate()
+        assert t.cookie_header().startswith(f"Set-Cookie: sesskit={t.id};") and t.id != s.id
+        with sesskit.open_session(store=container, environ=_cgi_environ(f"sesskit={t.id}")) as u:
+            u.delete()
+        assert "Max-Age=0" in u.cookie_header()
+        with pytest.raises(RuntimeError):
+            with sesskit.open_session(store=container, environ=_cgi_environ()) as w:
+                w["n"] = 1
+                raise RuntimeError
+        assert w.cookie_header() is None and not w.saved   # discarded: nothing to tell
+
+    def test_the_two_step_api(self, container):
+        s = sesskit.open_session(store=container).load()
+        s["a"] = 1
+        s.save()                                       # stored now; the session goes on
+        assert s.saved and not s.is_new and _stored(container, s.id) == {"a": 1}
+        other = sesskit.open_session(s.id, store=container).load()
+        other["b"] = 2
+        s["c"] = 3
+        other.close()
+        s.close()
+        assert _stored(container, s.id) == {"a": 1, "b": 2, "c": 3}
+        d = sesskit.open_session(s.id, store=container).load()
+        d["x"] = 1
+        d.close(discard=True)
+        assert _stored(container, s.id) == {"a": 1, "b": 2, "c": 3} and not d.saved
+        d.close()                                      # again: nothing
+        with pytest.raises(sesskit.SesskitError):
+            d.load()
+        with pytest.raises(sesskit.SesskitError):
+            d["y"] = 1
+
+    def test_exclusive_mode_holds_the_lock_of_a_saved_new_or_rotated_session(self, container):
+        s = sesskit.open_session(store=container, lock="exclusive", lock_timeout=0).load()
+        s["a"] = 1
+        s.save()                                       # a new session: from now on its lock is held
+        with pytest.raises(sesskit.LockTimeout):
+            sesskit.open_session(s.id, store=container, lock="exclusive", lock_timeout=0).load()
+        s.regenerate()
+        s.save()
+        with pytest.raises(sesskit.LockTimeout):
+            sesskit.open_session(s.id, store=container, lock="exclusive", lock_timeout=0).load()
+        s.close()
+        with sesskit.open_session(s.id, store=container, lock="exclusive", lock_timeout=0) as t:
+            assert t["a"] == 1
+
+    def test_exclusive_reads_extend_the_session(self, container):
+        clock = FakeClock()
+        sid = _seed(container, {"a": 1}, clock=clock, timeout=1000)
+        for _ in range(5):                             # used only by exclusive-mode reads, for 2500 s
+            clock.advance(500)
+            with sesskit.open_session(sid, store=container, clock=clock, lock="exclusive") as s:
+                assert s["a"] == 1 and not s.is_new
+        assert container.load(sid).expires == clock.now + 1000
+
+    def test_a_touch_waits_for_no_lock_and_writes_nothing_under_another_holder(self, container):
+        clock = FakeClock()
+        sid = _seed(container, {"a": 1}, clock=clock, timeout=1000)
+        before = container.load(sid).expires
+        held = []
+        holder = ExThread(target=lambda: held.append(container.lock(sid, 5)))
+        holder.start()
+        holder.join()
+        try:
+            moved = container.touch(sid, before + 500, 1000.0, clock.now)
+            if isinstance(container, (sesskit.MemoryContainer, sesskit.FileContainer)):
+                # a session being written moves its expiry anyway; a touch must not race that write
+                assert moved is False and container.load(sid).expires == before
+            else:                                      # one statement or transaction: atomic anyway
+                assert moved is True and container.load(sid).expires == before + 500
+        finally:
+            held[0].release()
+
+    def test_touch_never_brings_back_a_session_deleted_meanwhile(self, container):
+        clock = FakeClock()
+        sids = [_seed(container, {"a": 1}, clock=clock, timeout=1000) for _ in range(200)]
+        clock.advance(100)
+
+        def touch_all():
+            for sid in sids:
+                container.touch(sid, clock.now + 1000, 1000.0, clock.now)
+        toucher = ExThread(target=touch_all)
+        toucher.start()
+        for sid in sids:
+            container.delete(sid)
+        toucher.join()
+        assert [sid for sid in sids if container.load(sid) is not None] == []
+
+    def test_opening_the_middleware_session_again_fails_at_once(self, container):
+        seen = {}
+
+        def inner(environ, start_response):
+            environ["sesskit.session"]["a"] = 1
+            with pytest.raises(sesskit.SesskitError, match="already open"):
+                sesskit.open_session(environ=environ, store=container, lock="exclusive",
+                                     lock_timeout=30)
+            seen["ok"] = True
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"ok"]
+        status = _wsgi_get(sesskit.SessionMiddleware(inner, store=container, reap_interval=0), "/")[0]
+        assert status == "200 OK" and seen["ok"]
+
+    def test_lock_mode_per_request(self, container):
+        modes = []
+
+        def lock(environ):
+            return "exclusive" if environ["PATH_INFO"].endswith("incr") else "merge"
+
+        def spy(environ, start_response):
+            modes.append(environ["sesskit.session"].mode)
+            return _test_app(environ, start_response)
+        client = _Client(sesskit.SessionMiddleware(spy, store=container, lock=lock, reap_interval=0))
+        client.get("/set?k=a&v=1")
+        assert client.get("/incr")["n"] == 1
+        assert modes == ["merge", "exclusive"]
+        with pytest.raises(ValueError):
+            sesskit.SessionMiddleware(spy, lock="mutex")
+
 
 def _files_under(path):
     """Every file below ``path`` but the reaper's own bookkeeping."""
