@@ -3137,11 +3137,16 @@ STORE = {store!r}
 merge = sesskit.SessionMiddleware(app, store=STORE, reap_interval=0)
 exclusive = sesskit.SessionMiddleware(app, store=STORE, lock="exclusive", cookie_name="sx",
                                       reap_interval=0)
+databases = {{prefix: sesskit.SessionMiddleware(app, store=url, cookie_name="s" + prefix[1], reap_interval=0)
+             for prefix, url in {databases!r}.items()}}
 
 
 def application(environ, start_response):
-    if environ.get("PATH_INFO", "").startswith("/x/"):
+    path = environ.get("PATH_INFO", "")
+    if path.startswith("/x/"):
         return exclusive(environ, start_response)
+    if path[:3] in databases:
+        return databases[path[:3]](environ, start_response)
     return merge(environ, start_response)
 '''
 
@@ -3160,18 +3165,23 @@ def apache_server():
     base = tempfile.mkdtemp(prefix="sesskit-apache-", dir="/tmp")
     try:
         os.chmod(base, 0o755)
-        lib, cgi, store = (os.path.join(base, d) for d in ("lib", "cgi", "store"))
+        lib, cgi, store, dbs, lmdb_store = (os.path.join(base, d)
+                                            for d in ("lib", "cgi", "store", "dbs", "lmdb"))
         for d in (lib, cgi):
             os.mkdir(d, 0o755)
         shutil.copy(os.path.join(HERE, "sesskit.py"), lib)
         os.chmod(os.path.join(lib, "sesskit.py"), 0o644)
-        os.mkdir(store, 0o700)
         uid, gid = _ensure_server_user()
-        os.chown(store, uid, gid)
+        for d in (store, dbs, lmdb_store):
+            os.mkdir(d, 0o700)
+            os.chown(d, uid, gid)
         url = f"file:{store}"
+        databases = {"/q/": f"sqlite:{dbs}/sessions.db"}
+        if _have_lmdb():
+            databases["/l/"] = f"lmdb:{lmdb_store}"
         app_file = os.path.join(base, "app.wsgi")
         with open(app_file, "w") as f:
-            f.write(_APACHE_APP.format(app_source=_APP_SOURCE, store=url))
+            f.write(_APACHE_APP.format(app_source=_APP_SOURCE, store=url, databases=databases))
         script = os.path.join(cgi, "s.cgi")
         with open(script, "w") as f:
             f.write(f"#!{sys.executable}\nimport os\nos.environ['SESSKIT_TEST_STORE'] = {url!r}\n"
@@ -3192,12 +3202,12 @@ class _HttpClient:
         self.jar = http.cookiejar.CookieJar()
         self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.jar))
 
-    def get(self, path, cookie=None):
-        """GET ``path`` (with ``cookie`` as a fixed sesskit cookie instead of the jar's, if given)."""
+    def get(self, path, cookie=None, name="sesskit"):
+        """GET ``path`` (with ``cookie`` as a fixed ``name`` cookie instead of the jar's, if given)."""
         request = urllib.request.Request(self.base + path)
         opener = self.opener
         if cookie is not None:
-            request.add_header("Cookie", f"sesskit={cookie}")
+            request.add_header("Cookie", f"{name}={cookie}")
             opener = urllib.request.build_opener()
         with opener.open(request, timeout=30) as response:
             return response.headers.get_all("Set-Cookie") or [], json.loads(response.read())
@@ -3253,6 +3263,32 @@ class TestApache:
         assert all(len(sc) == 1 and _cookie_of(sc[0]) == f"sesskit={login['id']}" for sc, _ in replies)
         data = client.get("/m/get")[1]["data"]
         assert data["user"] == "alice" and all(f"late{i}" in data for i in range(8))
+
+    @pytest.mark.parametrize("prefix, name", [("m", "sesskit"), ("q", "sq"), ("l", "sl")],
+                             ids=["file", "sqlite", "lmdb"])
+    def test_a_burst_of_writes_racing_a_login_loses_nothing(self, apache_server, prefix, name):
+        """Parallel AJAX writes of one session, sent with the pre-login cookie, while the login rotates
+        it (grace 30 s): every write that was answered is in the logged-in session."""
+        if prefix == "l":
+            _need(_have_lmdb(), "the lmdb package is not installed (pip install lmdb)")
+        base, _ = apache_server
+        for round_ in range(5):
+            client = _HttpClient(base)
+            client.get(f"/{prefix}/set?k=k0")
+            old = client.cookie(name)
+            with ThreadPoolExecutor(16) as pool:
+                writes = [pool.submit(_HttpClient(base).get, f"/{prefix}/set?k=k{i}&sleep=0.0{i % 3}",
+                                      old, name) for i in range(1, 41)]
+                login = pool.submit(client.get, f"/{prefix}/login?grace=30")
+                answered = [f.result() for f in writes]
+                login_cookies, login_reply = login.result()
+            new = client.cookie(name)
+            assert new == login_reply["id"] != old and len(login_cookies) == 1
+            # a write answered before the rotation needs no cookie; one after it is given the new id
+            assert all(sc == [] or _cookie_of(sc[0]) == f"{name}={new}" for sc, _ in answered)
+            data = client.get(f"/{prefix}/get")[1]["data"]
+            missing = [f"k{i}" for i in range(41) if f"k{i}" not in data]
+            assert missing == [] and data["user"] == "alice", f"round {round_}: lost {missing}"
 
     def test_cgi_and_mod_wsgi_share_sessions(self, apache_server):
         base, _ = apache_server
