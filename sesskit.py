@@ -2559,14 +2559,15 @@ class Session(MutableMapping):
         self._close(self._clock(), discard)
 
     def _close(self, now, discard):
+        was_open = self._state is _OPEN
         try:
-            if not discard and self._state is _OPEN and self._data is not None:
+            if not discard and was_open:
                 self._write_back(now)
         finally:
             self._state = _CLOSED
             self._release()
             self._data = None
-        if not discard and self._reap_interval:
+        if was_open and not discard and self._reap_interval:
             self._maybe_reap()
 
     def __exit__(self, exc_type, exc, tb):
@@ -2578,7 +2579,6 @@ class Session(MutableMapping):
         text = _encode_data(self._data)
         wrote = (self._stored is None or self._grace is not None or text != self._loaded
                  or self._timeout != self._stored_timeout)
-        self._touched = False
         self._write_back(now)
         moved = self._touched
         if self.lost or self.stale or self._stored is None:
@@ -2602,6 +2602,7 @@ class Session(MutableMapping):
 
     def _write_back(self, now):
         """Store what the session changed: create, update, rotate or touch. Sets ``saved``/``lost``."""
+        self._touched = False
         if self.stale:
             if self._data or self._grace is not None or self._timeout != self._stored_timeout:
                 self.lost = True                       # a late request of a rotated id writes nothing
