@@ -468,8 +468,9 @@ class Container:
       store (others return 0 at once), a ``budget`` in seconds bounds one call (the next resumes), and
       with ``interval`` the call does nothing if a reap of this store started less than that long ago.
       Returns the number of records removed.
-    * ``count(now=None)`` and ``sids(now=None)`` count and list unexpired sessions; ``close()`` frees
-      handles (the container stays usable and reopens them on demand).
+    * ``count(now=None)`` and ``sids(now=None)`` count and list unexpired records (ids remembered
+      after a rotation included, until they expire); ``close()`` frees handles (the container stays
+      usable and reopens them on demand).
     """
 
     #: Set by ``open_session``: the earliest wall time at which this process may reap again.

@@ -2140,6 +2140,7 @@ class SessionMachine(RuleBasedStateMachine):
         self.clock = FakeClock()
         self.model = {}            # sid -> [data dict, expires]
         self.dead = []
+        self.rotated = {}          # old sid -> (new sid, forwards until, remembered until)
 
     def teardown(self):
         import shutil
@@ -2211,6 +2212,40 @@ class SessionMachine(RuleBasedStateMachine):
         del self.model[sid]
         self.dead.append(sid)
 
+    @precondition(lambda self: self._live())
+    @rule(pick=st.randoms(use_true_random=False), key=keys, value=values,
+          grace=st.sampled_from([0.0, 5.0, 500.0]))
+    def login(self, pick, key, value, grace):
+        sid = pick.choice(self._live())
+        with self._open(sid) as s:
+            s[key] = value
+            assert s.regenerate(grace=grace)
+        assert s.saved and s.id != sid
+        data = self.model.pop(sid)[0]
+        data[key] = json.loads(json.dumps(value))
+        now = self.clock.now
+        self.model[s.id] = [data, now + self.TIMEOUT]
+        self.rotated[sid] = (s.id, now + grace, now + max(grace, self.TIMEOUT))
+
+    @precondition(lambda self: self.rotated)
+    @rule(pick=st.randoms(use_true_random=False), value=values)
+    def old_cookie(self, pick, value):
+        """A request that still carries a rotated id."""
+        old = pick.choice(sorted(self.rotated))
+        new, forwards_until, remembered_until = self.rotated[old]
+        now = self.clock.now
+        with self._open(old) as s:
+            s["late"] = value
+        if now < forwards_until and new in self._live():
+            assert s.id == new and s.saved and not s.stale      # forwarded
+            self.model[new][0]["late"] = json.loads(json.dumps(value))
+            self.model[new][1] = now + self.TIMEOUT
+        elif now <= remembered_until and now >= forwards_until:
+            assert s.stale and s.lost and not s.saved          # remembered: dropped, no new session
+        else:                # forgotten, or forwarding to a session that has ended: a new session
+            assert not s.stale and s.is_new and s.saved and s.id not in (old, new)
+            self.model[s.id] = [{"late": json.loads(json.dumps(value))}, now + self.TIMEOUT]
+
     @rule(seconds=st.sampled_from([1.0, 9.0, 30.0, 99.0, 150.0]))
     def advance(self, seconds):
         self.clock.advance(seconds)
@@ -2219,10 +2254,13 @@ class SessionMachine(RuleBasedStateMachine):
     def reap(self):
         removed = self.store.reap(self.clock.now)
         expired = [sid for sid, (_, exp) in self.model.items() if exp < self.clock.now]
-        assert removed == len(expired)
+        forgotten = [old for old, (_, _, until) in self.rotated.items() if until < self.clock.now]
+        assert removed == len(expired) + len(forgotten)
         for sid in expired:
             del self.model[sid]
             self.dead.append(sid)
+        for old in forgotten:
+            del self.rotated[old]
 
     @precondition(lambda self: self.KIND != "memory")
     @rule()
@@ -2243,7 +2281,16 @@ class SessionMachine(RuleBasedStateMachine):
         for sid in self.dead[-5:]:
             record = self.store.load(sid)
             assert record is None or record.expires < now
-        assert self.store.count(now) == len(self._live())
+        remembered = 0
+        for old, (new, _, until) in self.rotated.items():
+            record = self.store.load(old)
+            if until >= now:
+                assert record is not None and record.forward == new and record.data == "{}"
+                remembered += 1
+            else:
+                assert record is None or record.expires < now
+        # count() counts records: the ids a rotation left behind are remembered until they expire
+        assert self.store.count(now) == len(self._live()) + remembered
 
 
 class MemorySessionMachine(SessionMachine):
