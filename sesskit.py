@@ -2556,7 +2556,6 @@ def open_session(sid=None, store=None, *, timeout=None, max_age=None, lock="merg
 # The MAC covers the id only: a route is a routing hint, never trusted, and an id loads on any node.
 
 _MAC_LENGTH = 16                # base64url characters: 12 bytes (96 bits) of HMAC-SHA256
-_MAX_COOKIE_HEADER = 16384      # characters of a Cookie header looked at; the rest is ignored
 _MAX_COOKIE_VALUES = 8          # values of our cookie looked at (a browser sends one per matching path)
 _SAMESITE = ("Lax", "Strict", "None")
 
@@ -2565,22 +2564,29 @@ def _cookie_values(header, name):
     """The values of cookie ``name`` in a ``Cookie`` request header, in order.
 
     Tolerant by design (unlike http.cookies.SimpleCookie, which drops every cookie of a header when one
-    piece does not parse): each ``;``-separated piece stands alone, garbage pieces are skipped, at most
-    ``_MAX_COOKIE_HEADER`` characters and ``_MAX_COOKIE_VALUES`` values are looked at. Never raises.
+    piece does not parse): each ``;``-separated piece stands alone and garbage pieces are skipped. The
+    whole header is searched, so that a long header (the cookies of other apps) never hides ours, but the
+    work is bounded: one pass of the regular expression engine, and at most ``_MAX_COOKIE_VALUES``
+    values are returned. Never raises.
     """
     if type(header) is not str:
         return []
+    pattern = _cookie_patterns.get(name)
+    if pattern is None:
+        import re       # already imported by json, so free
+        pattern = _cookie_patterns[name] = re.compile(r"(?:^|;)[ \t]*%s[ \t]*=([^;]*)" % re.escape(name))
     values = []
-    for piece in header[:_MAX_COOKIE_HEADER].split(";"):
-        key, eq, value = piece.partition("=")
-        if eq and key.strip() == name:
-            value = value.strip()
-            if len(value) >= 2 and value[0] == value[-1] == '"':
-                value = value[1:-1]
-            values.append(value)
-            if len(values) == _MAX_COOKIE_VALUES:
-                break
+    for match in pattern.finditer(header):
+        value = match.group(1).strip()
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = value[1:-1]
+        values.append(value)
+        if len(values) == _MAX_COOKIE_VALUES:
+            break
     return values
+
+
+_cookie_patterns = {}
 
 
 def _is_https(environ):
@@ -2597,14 +2603,37 @@ def _check_attribute(what, value):
     return value
 
 
+_WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def _http_date(when):
+    """``when`` (epoch seconds) as an HTTP date (RFC 9110 IMF-fixdate), without the locale's names."""
+    t = time.gmtime(when)
+    return (f"{_WEEKDAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year:04d} "
+            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT")
+
+
+def _secret_keys(secret):
+    """``secret=`` as a list of MAC keys (bytes): one str/bytes, or a list whose first signs."""
+    if secret is None:
+        return None
+    items = [secret] if isinstance(secret, (str, bytes, bytearray)) else list(secret)
+    keys = [item.encode("utf-8") if isinstance(item, str) else bytes(item) for item in items]
+    if not keys or not all(keys):
+        raise ValueError("secret must be a non-empty string, or a non-empty list of them")
+    return keys
+
+
 class _Cookie:
-    """How a session id travels in a cookie: the name, the attributes, the optional MAC key and route.
+    """How a session id travels in a cookie: the name, the attributes, the optional MAC keys and route.
 
     Validated once (ValueError names the bad option) and shared by all requests of a middleware.
+    ``secret`` may be a list: the first key signs, every key verifies (key rotation).
     """
 
     def __init__(self, name="sesskit", *, secret=None, route=None, secure=None, httponly=True,
-                 samesite="Lax", path="/", domain=None, persistent=True):
+                 samesite="Lax", path="/", domain=None, persistent=True, partitioned=False):
         if not isinstance(name, str) or not name or name.strip(_SID_ALPHABET + "."):
             raise ValueError(f"cookie_name must be letters, digits, '-', '_' or '.': {name!r}")
         if route is not None and (not isinstance(route, str) or not route or route.strip(_SID_ALPHABET)):
@@ -2615,63 +2644,76 @@ class _Cookie:
             raise ValueError(f"path must start with '/': {path!r}")
         if domain is not None:
             _check_attribute("domain", domain)
-        if secret is not None:
-            secret = secret.encode("utf-8") if isinstance(secret, str) else bytes(secret)
-            if not secret:
-                raise ValueError("secret must not be empty")
         self.name, self.route, self.secure, self.httponly = name, route, secure, bool(httponly)
         self.samesite, self.path, self.domain, self.persistent = samesite, path, domain, bool(persistent)
-        self._key = secret
+        self.partitioned = bool(partitioned)
+        self._keys = _secret_keys(secret)
 
-    def _mac(self, sid):
+    @staticmethod
+    def _mac(key, sid):
         import hashlib   # only with a secret, so that `import sesskit` stays cheap
         import hmac
-        digest = hmac.new(self._key, sid.encode("ascii"), hashlib.sha256).digest()[:12]
+        digest = hmac.new(key, sid.encode("ascii"), hashlib.sha256).digest()[:12]
         return binascii.b2a_base64(digest, newline=False).translate(_URLSAFE).decode("ascii")
 
     def encode(self, sid):
-        """The cookie value for ``sid``."""
-        value = sid if self._key is None else sid + self._mac(sid)
+        """The cookie value for ``sid`` (signed with the first key)."""
+        value = sid if self._keys is None else sid + self._mac(self._keys[0], sid)
         return value if self.route is None else f"{value}.{self.route}"
 
     def decode(self, value):
-        """The session id in cookie value ``value``, or None when it is malformed or its MAC is wrong.
+        """The session id in cookie value ``value``, or None when it is malformed or no key's MAC matches.
 
-        Touches no store: forged and random values cost one HMAC at most.
+        Touches no store: forged and random values cost one HMAC per key at most.
         """
         head = value.partition(".")[0]
-        if self._key is None:
+        if self._keys is None:
             return head if is_valid_session_id(head) else None
         sid, mac = head[:SID_LENGTH], head[SID_LENGTH:]
         if len(mac) != _MAC_LENGTH or mac.strip(_SID_ALPHABET) or not is_valid_session_id(sid):
             return None
         import hmac
-        return sid if hmac.compare_digest(mac, self._mac(sid)) else None
+        return sid if any(hmac.compare_digest(mac, self._mac(key, sid)) for key in self._keys) else None
+
+    def read_all(self, environ):
+        """The session ids in the request's values of our cookie that decode, in order, without repeats.
+
+        A browser sends one value per matching Path and Domain, most specific path first; a stale one
+        from an old Path or Domain may come first, so the caller tries the next when one is unknown.
+        """
+        sids = []
+        for value in _cookie_values(environ.get("HTTP_COOKIE"), self.name):
+            sid = self.decode(value)
+            if sid is not None and sid not in sids:
+                sids.append(sid)
+        return sids
 
     def read(self, environ):
         """The session id of a request: the first value of our cookie that decodes, else None."""
-        for value in _cookie_values(environ.get("HTTP_COOKIE"), self.name):
-            sid = self.decode(value)
-            if sid is not None:
-                return sid
-        return None
+        sids = self.read_all(environ)
+        return sids[0] if sids else None
 
-    def header(self, sid, max_age, https):
+    def header(self, sid, max_age, https, now=None):
         """A ``Set-Cookie`` value: ``sid`` for ``max_age`` seconds (None: until the browser closes), or
-        with ``sid`` None an expired cookie that makes the browser drop ours."""
+        with ``sid`` None an expired cookie that makes the browser drop ours. ``Expires`` goes beside
+        ``Max-Age`` for clients that know only the older attribute."""
         parts = [f"{self.name}={'' if sid is None else self.encode(sid)}", f"Path={self.path}"]
         if self.domain is not None:
             parts.append(f"Domain={self.domain}")
         if sid is None:
             parts.append("Max-Age=0; Expires=Thu, 01 Jan 1970 00:00:00 GMT")
         elif max_age is not None:
-            parts.append(f"Max-Age={max(0, int(max_age + 0.5))}")
+            seconds = max(0, int(max_age + 0.5))
+            when = (time.time() if now is None else now) + seconds
+            parts.append(f"Max-Age={seconds}; Expires={_http_date(when)}")
         if self.secure or (self.secure is None and https):
             parts.append("Secure")
         if self.httponly:
             parts.append("HttpOnly")
         if self.samesite is not None:
             parts.append(f"SameSite={self.samesite}")
+        if self.partitioned:
+            parts.append("Partitioned")
         return "; ".join(parts)
 
 
