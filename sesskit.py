@@ -2995,6 +2995,515 @@ class SessionMiddleware:
         return response
 
 
+###############################################################################
+# Frameworks: Django and Flask ################################################
+###############################################################################
+
+# Both frameworks split a request's session into a load at first use and a save at the end, with the
+# whole dict in between. Their adapters keep that dict, as the frameworks expect, beside a sesskit Session
+# opened at load; at save they hand the Session each value that may have changed (it compares JSON, so
+# only keys that really changed are written) and each deleted key, then write back. So concurrent requests
+# of one session lose nothing, as in the ``with`` block. Neither framework is imported before its adapter
+# is used: Django's SessionStore and FlaskSessionInterface are built by the module's ``__getattr__``.
+
+# The tagged codec: values beyond JSON as one-key JSON objects, so that a plain JSON reader still sees JSON.
+# A dict whose only key starts with "~" is wrapped in {"~dict": ...} so it never reads back as a tag.
+_TAG_ESCAPE = "~dict"
+
+
+def _codec_types():
+    """The tagged codec's built-in types: (tag, type, to JSON, from JSON), most specific first."""
+    global _CODEC
+    if _CODEC is None:
+        import base64
+        import datetime
+        import decimal
+        import uuid
+        _CODEC = (
+            ("~tuple", tuple, None, None),       # items are (un)tagged recursively
+            ("~bytes", bytes, lambda v: base64.b64encode(v).decode("ascii"), base64.b64decode),
+            ("~datetime", datetime.datetime, datetime.datetime.isoformat, datetime.datetime.fromisoformat),
+            ("~date", datetime.date, datetime.date.isoformat, datetime.date.fromisoformat),
+            ("~uuid", uuid.UUID, str, uuid.UUID),
+            ("~decimal", decimal.Decimal, str, decimal.Decimal),
+        )
+    return _CODEC
+
+
+_CODEC = None
+
+
+def _tag(value, extra=()):
+    """``value`` with tuples, bytes, datetimes, dates, UUIDs and Decimals (and the ``extra`` types, given
+    as (tag, type, to JSON, from JSON)) turned into tagged JSON objects. Returns ``value`` itself when
+    nothing in it needed a tag; leaves other types alone (the Session then refuses them, naming the key)."""
+    kind = type(value)
+    if kind in _SCALARS:
+        return value
+    if kind is list:
+        items = [_tag(item, extra) for item in value]
+        return value if all(a is b for a, b in zip(items, value)) else items
+    if kind is dict:
+        items = {key: _tag(item, extra) for key, item in value.items()}
+        if len(items) == 1 and type(next(iter(items))) is str and next(iter(items)).startswith("~"):
+            return {_TAG_ESCAPE: items}
+        return value if all(items[key] is item for key, item in value.items()) else items
+    for tag, cls, dump, _ in itertools.chain(extra, _codec_types()):
+        if isinstance(value, cls):
+            if cls is tuple:
+                return {tag: [_tag(item, extra) for item in value]}
+            return {tag: dump(value)}
+    return value
+
+
+def _untag(value, extra=()):
+    """The inverse of ``_tag``: ``value`` itself when it holds no tag. A tag that does not decode is
+    left as the JSON object it is."""
+    kind = type(value)
+    if kind is list:
+        items = [_untag(item, extra) for item in value]
+        return value if all(a is b for a, b in zip(items, value)) else items
+    if kind is not dict:
+        return value
+    if len(value) == 1:
+        tag, inner = next(iter(value.items()))
+        if tag == _TAG_ESCAPE and type(inner) is dict:
+            return {key: _untag(item, extra) for key, item in inner.items()}
+        for name, cls, _, load in itertools.chain(extra, _codec_types()):
+            if tag == name:
+                try:
+                    if cls is tuple:
+                        return tuple(_untag(item, extra) for item in inner)
+                    return load(inner)
+                except (TypeError, ValueError, ArithmeticError):
+                    return value
+    items = {key: _untag(item, extra) for key, item in value.items()}
+    return value if all(items[key] is item for key, item in value.items()) else items
+
+
+def _sync_into(session, data, loaded, extra=()):
+    """Bring Session ``session`` to the content of dict ``data``: delete the keys ``data`` lacks and set
+    every value that may differ from ``loaded`` (the dict handed out at load). A value still bound to the
+    very immutable object it was loaded with is skipped; the Session compares the rest as JSON."""
+    for key in [key for key in session if key not in data]:
+        del session[key]
+    for key, value in data.items():
+        if type(value) in _SCALARS and loaded.get(key, _MISSING) is value:
+            continue
+        session[key] = _tag(value, extra)
+
+
+class _TwoStep(_WebSession):
+    """TEMPORARY, until issue 8's public ``open_session(...).load()`` / ``save()`` / ``close()`` land on
+    main: the same three steps built from the current Session's pieces, for the adapters below."""
+
+    def load(self):
+        Session.__enter__(self)
+        return self
+
+    store_empty = False
+
+    def save(self):
+        now = self._clock()
+        if self.store_empty and self.is_new and not self._data:
+            self.container.create(self.id, Record("{}", self.created, self._expiry(now), self._timeout,
+                                                  self._max_age))
+            self.is_new, self._loaded, self._stored_timeout = False, "{}", self._timeout
+            return
+        self._commit(now)
+
+    def close(self, discard=False):
+        if self._data is None:
+            self._release()
+            return
+        if discard:
+            error = SesskitError("discarded")
+            Session.__exit__(self, type(error), error, None)
+        else:
+            Session.__exit__(self, None, None, None)
+
+
+def _open_loaded(sid, container, lock="merge", timeout=None):
+    """A loaded Session of ``sid`` (a new one when ``sid`` is unknown) for a framework adapter."""
+    options = _session_options(timeout, None, lock, None, None, None, None)
+    return _TwoStep(sid, container, **options).load()
+
+
+def _shared_store(store):
+    """The container of ``store`` (a URL, a Container, or None for the default store), one per URL and
+    process, so that framework adapters do not reopen the store on every request."""
+    if store is None:
+        return _default_store()
+    if isinstance(store, Container):
+        return store
+    key = (store, os.getpid())
+    container = _default_stores.get(key)
+    if container is None:
+        container = _default_stores[key] = open_store(store)
+    return container
+
+
+def _django_session_store():
+    """Build ``sesskit.SessionStore``, the Django session engine (``SESSION_ENGINE = "sesskit"``)."""
+    from django.conf import settings
+    from django.contrib.sessions.backends.base import SessionBase, UpdateError
+
+    class SessionStore(SessionBase):
+        """A Django session engine on a sesskit store; concurrent requests of one session lose no key.
+
+        Settings: ``SESSKIT_STORE`` (a store URL; default: the embedded default store) and
+        ``SESSKIT_LOCK`` ("merge", the default, "exclusive" or "read"). A subclass may set the class
+        attributes ``store`` and ``lock`` instead. ``SESSION_COOKIE_AGE`` is the sliding timeout;
+        ``set_expiry(seconds)`` changes it for one session, ``set_expiry(datetime)`` ends the session at
+        that time. ``cycle_key()`` is ``regenerate()``, ``flush()`` deletes the session, ``create()``
+        stores an empty one, ``clear_expired()`` (``manage.py clearsessions``) reaps the store.
+        Session ids are sesskit's (44 characters, checked before any store access).
+        """
+
+        store = None
+        lock = None
+
+        def __init__(self, session_key=None):
+            super().__init__(session_key)
+            self._opened = None     # the sesskit Session loaded for this key
+            self._loaded = {}       # the dict handed to Django at load, to see what changed
+
+        @classmethod
+        def _container(cls):
+            store = cls.store if cls.store is not None else getattr(settings, "SESSKIT_STORE", None)
+            return _shared_store(store)
+
+        def _lock_mode(self):
+            return self.lock or getattr(settings, "SESSKIT_LOCK", None) or "merge"
+
+        def _open(self, sid, lock=None):
+            session = _open_loaded(sid, self._container(), lock or self._lock_mode(),
+                                   settings.SESSION_COOKIE_AGE)
+            if session.mode == "exclusive":
+                from django.core.signals import request_finished
+                request_finished.connect(self._request_finished, weak=False)
+            return session
+
+        def _request_finished(self, **kwargs):
+            from django.core.signals import request_finished
+            request_finished.disconnect(self._request_finished)
+            self._close(discard=True)       # what Django wanted stored was saved; release the lock
+
+        def _close(self, discard=False):
+            opened, self._opened = self._opened, None
+            if opened is not None:
+                opened.close(discard=discard)
+
+        def _get_new_session_key(self):
+            return new_session_id()
+
+        def exists(self, session_key):
+            if not is_valid_session_id(session_key):
+                return False
+            if self._opened is not None and self._opened.id == session_key and not self._opened.is_new:
+                return True
+            session = _open_loaded(session_key, self._container(), "read")
+            try:
+                return not session.is_new
+            finally:
+                session.close()
+
+        def load(self):
+            self._close()
+            session = self._opened = self._open(self.session_key)
+            if session.is_new:
+                self._session_key = None       # unknown or expired: never adopted, nothing stored
+            self._loaded = {key: _untag(value) for key, value in session.items()}
+            return dict(self._loaded)
+
+        def create(self):
+            data = getattr(self, "_session_cache", {})
+            self._close()
+            session = self._opened = self._open(None)
+            self._write(session, data, create=True)
+            self.modified = True
+
+        def save(self, must_create=False):
+            if must_create or self.session_key is None:
+                return self.create()
+            data = self._get_session()          # loads first if this request has not yet
+            if self._opened is None or self._opened.is_new:
+                return self.create()
+            self._write(self._opened, data)
+
+        def _write(self, session, data, create=False):
+            _sync_into(session, data, self._loaded)
+            expiry = data.get("_session_expiry")
+            now = time.time()
+            if type(expiry) is str:
+                from datetime import datetime
+                ends = datetime.fromisoformat(expiry).timestamp()   # naive: local time, as Django
+                if ends <= now:                 # an expiry in the past ends the session
+                    if not session.is_new:
+                        session.delete()
+                    self._close(discard=True)
+                    self._session_key = None
+                    return
+                session.timeout = max(ends - now, 1.0)
+            elif type(expiry) is int and expiry > 0:
+                session.timeout = expiry
+            elif session.mode != "read":
+                session.timeout = settings.SESSION_COOKIE_AGE
+            if create:
+                session.store_empty = True
+            session.save()
+            if session.lost:
+                raise UpdateError("the session was deleted or expired by another request meanwhile")
+            self._session_key = session.id
+            self._loaded = dict(data)
+
+        def delete(self, session_key=None):
+            own = session_key is None or session_key == self.session_key
+            if session_key is None:
+                session_key = self.session_key
+            opened = self._opened
+            if own and opened is not None and opened.id == session_key and not opened.is_new:
+                opened.delete()                 # under the lock this session may hold
+                self._close(discard=True)
+                return
+            if not is_valid_session_id(session_key):
+                return
+            session = _open_loaded(session_key, self._container(), "merge")
+            if not session.is_new:
+                session.delete()
+            session.close(discard=True)
+
+        def cycle_key(self):
+            data = self._session
+            opened = self._opened
+            if opened is None or opened.is_new:
+                self.create()
+                self._session_cache = data
+                return
+            _sync_into(opened, data, self._loaded)
+            opened.regenerate()
+            opened.save()
+            if opened.lost:
+                raise UpdateError("the session was deleted or expired by another request meanwhile")
+            self._session_key = opened.id
+            self._loaded = dict(data)
+
+        @classmethod
+        def clear_expired(cls):
+            cls._container().reap()
+
+    SessionStore.__module__ = __name__
+    return SessionStore
+
+
+def _flask_session_interface():
+    """Build ``sesskit.FlaskSessionInterface``."""
+    from flask.sessions import SessionInterface, SessionMixin
+    from markupsafe import Markup
+
+    markup = (("~markup", Markup, str, Markup),)
+
+    class FlaskSession(SessionMixin):
+        """The session of one Flask request: loaded from the store at first use, written back (only the
+        keys that changed) by ``save_session``. ``regenerate(grace=0)`` moves it to a new id (call it
+        after a login); ``clear()`` empties it and deletes it from the store (logout)."""
+
+        def __init__(self, opener, had_cookie):
+            self._opener = opener
+            self._had_cookie = had_cookie
+            self._session = None
+            self._data = None
+            self._loaded = {}
+            self.modified = False
+            self.accessed = False
+            self.new = not had_cookie
+
+        def _live(self):
+            if self._data is None:
+                session = self._session = self._opener()
+                self.new = session.is_new
+                self._loaded = {key: _untag(value, markup) for key, value in session.items()}
+                self._data = dict(self._loaded)
+            return self._data
+
+        def __getitem__(self, key):
+            return self._live()[key]
+
+        def __setitem__(self, key, value):
+            self._live()[key] = value
+            self.modified = True
+
+        def __delitem__(self, key):
+            del self._live()[key]
+            self.modified = True
+
+        def __iter__(self):
+            return iter(self._live())
+
+        def __len__(self):
+            return len(self._live())
+
+        def __contains__(self, key):
+            return key in self._live()
+
+        # Like Flask's own session, every mutating call counts as a change, even one that changed nothing
+        # (pop of a missing key), so that the response then expires the cookie of an empty session.
+        def pop(self, key, *default):
+            self.modified = True
+            return self._live().pop(key, *default)
+
+        def popitem(self):
+            self.modified = True
+            return self._live().popitem()
+
+        def setdefault(self, key, default=None):
+            self.modified = True
+            return self._live().setdefault(key, default)
+
+        def update(self, *args, **kwargs):
+            self.modified = True
+            self._live().update(*args, **kwargs)
+
+        def clear(self):
+            self.modified = True
+            self._live().clear()
+
+        def __repr__(self):
+            return f"<sesskit FlaskSession {self._data if self._data is not None else '(not loaded)'}>"
+
+        def regenerate(self, grace=0.0):
+            self._live()
+            self._session.regenerate(grace)
+            self.modified = True
+
+    class FlaskSessionInterface(SessionInterface):
+        """Server-side Flask sessions on a sesskit store: ``app.session_interface =
+        sesskit.FlaskSessionInterface(store="file:/var/lib/myapp/sessions")``.
+
+        The cookie carries only the session id, signed with the app's ``SECRET_KEY`` (verified with
+        ``SECRET_KEY_FALLBACKS`` too); without a secret key the app gets Flask's null session, as with
+        Flask's own sessions. ``SESSION_COOKIE_*`` settings shape the cookie, ``PERMANENT_SESSION_LIFETIME``
+        is the sliding timeout in the store and the cookie's lifetime for permanent sessions, and
+        ``SESSION_REFRESH_EACH_REQUEST`` re-sends the cookie of a permanent session. Values may be JSON,
+        tuples, bytes, datetimes, dates, UUIDs, Decimals and Markup (the tagged codec). ``lock`` is
+        "merge" (default), "exclusive" (held until the request ends) or "read".
+        """
+
+        session_class = FlaskSession
+
+        def __init__(self, store=None, lock="merge", route=None):
+            if lock not in LOCK_MODES:
+                raise ValueError(f"lock must be one of {', '.join(LOCK_MODES)}, not {lock!r}")
+            self.store, self.lock, self.route = store, lock, route
+            self._cookies = {}
+
+        def _cookie(self, app):
+            secrets = [app.secret_key, *(app.config.get("SECRET_KEY_FALLBACKS") or ())]
+            key = (self.get_cookie_name(app), self.get_cookie_domain(app), self.get_cookie_path(app),
+                   self.get_cookie_secure(app), self.get_cookie_httponly(app), self.get_cookie_samesite(app),
+                   bool(app.config.get("SESSION_COOKIE_PARTITIONED")), tuple(secrets))
+            cookie = self._cookies.get(key)
+            if cookie is None:
+                name, domain, path, secure, httponly, samesite, partitioned, _ = key
+                cookie = _Cookie(name, secret=secrets, route=self.route, secure=bool(secure),
+                                 httponly=httponly, samesite=samesite, path=path, domain=domain or None,
+                                 partitioned=partitioned)
+                if len(self._cookies) > 64:
+                    self._cookies.clear()
+                self._cookies[key] = cookie
+            return cookie
+
+        def open_session(self, app, request):
+            if not app.secret_key:
+                return None
+            cookie = self._cookie(app)
+            sids = cookie.read_all(request.environ)
+            container = _shared_store(self.store)
+            timeout = app.permanent_session_lifetime.total_seconds()
+            if self.lock == "exclusive":
+                self._close_at_teardown(app)
+
+            def opener():
+                for sid in sids[:-1]:           # a stale value (old Path or Domain) may come first
+                    session = _open_loaded(sid, container, self.lock, timeout)
+                    if not session.is_new:
+                        return session
+                    session.close(discard=True)
+                return _open_loaded(sids[-1] if sids else None, container, self.lock, timeout)
+            return FlaskSession(opener, bool(sids))
+
+        def _close_at_teardown(self, app):
+            if app.extensions.get("sesskit.teardown"):
+                return
+            app.extensions["sesskit.teardown"] = True
+
+            @app.teardown_request
+            def close_session(exc=None):
+                from flask.globals import request_ctx
+                session = getattr(request_ctx, "_session", None) if request_ctx else None
+                if isinstance(session, FlaskSession) and session._session is not None:
+                    session._session.close(discard=True)
+
+        def save_session(self, app, session, response):
+            if session.accessed:
+                response.vary.add("Cookie")
+            if session._data is None:
+                refresh = session.permanent if session._had_cookie else False
+                if not (refresh and app.config["SESSION_REFRESH_EACH_REQUEST"]):
+                    return                  # never used: no store I/O
+            data = session._live()
+            stored = session._session
+            cookie = self._cookie(app)
+            https = _flask_https()
+            if not data:
+                if session.modified:        # emptied: delete it from the store, expire the cookie
+                    if not stored.is_new:
+                        stored.delete()
+                    stored.close(discard=True)
+                    response.headers.add("Set-Cookie", cookie.header(None, None, https))
+                    response.vary.add("Cookie")
+                else:
+                    stored.close(discard=True)
+                return
+            timeout = app.permanent_session_lifetime.total_seconds()
+            _sync_into(stored, data, session._loaded, markup)
+            if stored.mode != "read":
+                stored.timeout = timeout
+            incoming = stored.id
+            was_new = stored.is_new
+            stored.save()
+            session._loaded = dict(data)
+            if stored.mode == "exclusive":
+                stored.close()
+            if stored.lost:
+                response.headers.add("Set-Cookie", cookie.header(None, None, https))
+                response.vary.add("Cookie")
+                return
+            if was_new or stored.id != incoming or self.should_set_cookie(app, session):
+                max_age = timeout if session.permanent else None
+                response.headers.add("Set-Cookie", cookie.header(stored.id, max_age, https))
+                response.vary.add("Cookie")
+
+    def _flask_https():
+        from flask import request
+        return request.scheme == "https"
+
+    FlaskSession.__module__ = FlaskSessionInterface.__module__ = __name__
+    return FlaskSessionInterface
+
+
+#: Names built on first access by ``__getattr__``, so that ``import sesskit`` imports no framework.
+_LAZY = {"SessionStore": _django_session_store, "FlaskSessionInterface": _flask_session_interface}
+
+
+def __getattr__(name):
+    build = _LAZY.get(name)
+    if build is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = globals()[name] = build()
+    return value
+
+
 # Demo application ------------------------------------------------------------------
 
 _DEMO_PAGE = """<!doctype html>

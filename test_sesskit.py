@@ -1941,6 +1941,7 @@ class TestImport:
 
 import http.cookiejar                                   # noqa: E402  (web tests only)
 import io                                               # noqa: E402
+import re                                               # noqa: E402
 import shutil                                           # noqa: E402
 import socket                                           # noqa: E402
 import urllib.request                                   # noqa: E402
@@ -2977,6 +2978,191 @@ class TestBrowser:
             if driver is not None:
                 driver.quit()
             _stop(proc)
+
+
+###############################################################################
+# Frameworks: Django's and Flask's own session test suites, the adapters under load
+###############################################################################
+
+# .ci/run downloads the pinned source distributions of Django and Flask into .sdists/ (see README); their
+# own session tests then run, as subprocesses, against sesskit's Django engine and Flask interface. Tests
+# of theirs that cannot apply to a server-side store are skipped with the reason below (the README lists
+# the same); every other one must pass.
+_SDISTS = os.environ.get("SESSKIT_SDISTS") or os.path.join(HERE, ".sdists")
+
+DJANGO_NOT_APPLICABLE = {
+    "test_empty_session_saved":
+        "reads the row of Django's database engine (Session.objects.get) to check what was stored",
+}
+FLASK_NOT_APPLICABLE = {}
+
+_DJANGO_SETTINGS = '''
+DATABASES = {"default": {"ENGINE": "django.db.backends.sqlite3"},
+             "other": {"ENGINE": "django.db.backends.sqlite3"}}
+SECRET_KEY = "sesskit-framework-tests"
+DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
+USE_TZ = False
+import os
+SESSKIT_STORE = "file:" + os.path.join(os.environ["SESSKIT_FRAMEWORK_ROOT"], "middleware")
+'''
+
+# Django's SessionTestsMixin against sesskit's engine, one class per store, and its SessionMiddlewareTests
+# with SESSION_ENGINE = "sesskit". Placed inside Django's sessions_tests package, so Django's runner
+# installs that app; the stock module is imported as a module so its own classes are not collected here.
+_DJANGO_SHIM = '''
+import json
+import os
+import unittest
+
+from django.test import SimpleTestCase, override_settings
+
+import sesskit
+from . import tests as stock
+
+ROOT = os.environ["SESSKIT_FRAMEWORK_ROOT"]
+
+
+def engine(url):
+    return type("SessionStore", (sesskit.SessionStore,), {"store": url})
+
+
+class SesskitFileSessionTests(stock.SessionTestsMixin, SimpleTestCase):
+    backend = engine("file:" + os.path.join(ROOT, "file"))
+
+
+class SesskitSQLiteSessionTests(stock.SessionTestsMixin, SimpleTestCase):
+    backend = engine("sqlite:" + os.path.join(ROOT, "sessions.sqlite"))
+
+
+class SesskitLMDBSessionTests(stock.SessionTestsMixin, SimpleTestCase):
+    backend = engine("lmdb:" + os.path.join(ROOT, "lmdb"))
+
+
+class SesskitMemorySessionTests(stock.SessionTestsMixin, SimpleTestCase):
+    backend = engine("memory:")
+
+
+@override_settings(SESSION_ENGINE="sesskit")
+class SesskitSessionMiddlewareTests(stock.SessionMiddlewareTests):
+    pass
+
+
+for cls in (SesskitFileSessionTests, SesskitSQLiteSessionTests, SesskitLMDBSessionTests,
+            SesskitMemorySessionTests, SesskitSessionMiddlewareTests):
+    for name, reason in json.loads(os.environ["SESSKIT_NOT_APPLICABLE"]).items():
+        if hasattr(cls, name):
+            setattr(cls, name, unittest.skip("not applicable: " + reason)(getattr(cls, name)))
+'''
+
+# Flask's tests that use the application's session interface, run with sesskit's interface installed on
+# flask.Flask itself (its conftest makes a new app per test).
+_FLASK_TESTS = [
+    "test_basic.py::" + name for name in (
+        "test_session_accessed", "test_session_path", "test_session_using_application_root",
+        "test_session_using_session_settings", "test_session_using_samesite_attribute",
+        "test_missing_session", "test_session_secret_key_fallbacks", "test_session_expiration",
+        "test_session_stored_last", "test_session_special_types", "test_session_cookie_setting",
+        "test_session_vary_cookie", "test_session_refresh_vary", "test_flashes", "test_extended_flashing")
+] + [
+    "test_testing.py::test_redirect_session", "test_testing.py::test_session_transactions",
+    "test_testing.py::test_session_transactions_no_null_sessions",
+    "test_testing.py::test_session_transactions_keep_context",
+    "test_testing.py::test_session_transaction_needs_cookies",
+    "test_helpers.py::TestStreaming::test_stream_keeps_session", "test_signals.py::test_flash_signal",
+]
+
+_FLASK_PLUGIN = '''
+import json
+import os
+
+import flask
+import pytest
+
+import sesskit
+
+NOT_APPLICABLE = json.loads(os.environ["SESSKIT_NOT_APPLICABLE"])
+
+
+def pytest_configure(config):
+    flask.Flask.session_interface = sesskit.FlaskSessionInterface(store=os.environ["SESSKIT_FLASK_STORE"])
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.name in NOT_APPLICABLE:
+            item.add_marker(pytest.mark.skip(reason="not applicable: " + NOT_APPLICABLE[item.name]))
+'''
+
+
+def _unpacked_sdist(project, into):
+    """The unpacked source distribution of ``project`` from _SDISTS (skips, or fails under CI, if absent)."""
+    import glob
+    import tarfile
+    found = sorted(glob.glob(os.path.join(_SDISTS, f"{project}-*.tar.gz")))
+    _need(found, f"{project}'s source distribution in {_SDISTS} (bash .ci/run downloads it)")
+    with tarfile.open(found[-1]) as tar:
+        tar.extractall(into, filter="data") if hasattr(tarfile, "data_filter") else tar.extractall(into)
+    return os.path.join(into, os.path.basename(found[-1])[:-len(".tar.gz")])
+
+
+def _importable(name):
+    import importlib.util
+    return importlib.util.find_spec(name) is not None
+
+
+def _run_suite(cmd, cwd, env, timeout=900):
+    proc = subprocess.run(cmd, cwd=cwd, env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=timeout)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+class TestFrameworks:
+    def test_django_sessions_tests_pass_on_every_store(self, tmp_path):
+        _need(_importable("django"), "Django (pip install -e '.[test]')")
+        root = _unpacked_sdist("django", str(tmp_path))
+        tests = os.path.join(root, "tests")
+        with open(os.path.join(tests, "sessions_tests", "test_sesskit_engine.py"), "w") as f:
+            f.write(_DJANGO_SHIM)
+        settings_dir = tmp_path / "settings"
+        settings_dir.mkdir()
+        (settings_dir / "sesskit_django_settings.py").write_text(_DJANGO_SETTINGS)
+        stores = tmp_path / "stores"
+        stores.mkdir(mode=0o700)
+        env = {"PYTHONPATH": os.pathsep.join([str(settings_dir), HERE, root]),
+               "SESSKIT_FRAMEWORK_ROOT": str(stores),
+               "SESSKIT_NOT_APPLICABLE": json.dumps(DJANGO_NOT_APPLICABLE)}
+        code, output = _run_suite([sys.executable, "runtests.py", "--settings=sesskit_django_settings",
+                                   "--parallel=1", "--verbosity=2", "--noinput",
+                                   "sessions_tests.test_sesskit_engine"], tests, env)
+        ran = re.search(r"^Ran (\d+) tests?", output, re.M)
+        skipped = re.findall(r"\.(test\w+)\)\n(?:.*\n)?.*\.\.\. skipped .not applicable", output)
+        print(output[-3000:])
+        assert code == 0 and ran, output[-6000:]
+        for cls in ("File", "SQLite", "LMDB", "Memory"):       # every store ran the whole mixin
+            assert len(set(re.findall(rf"\.Sesskit{cls}SessionTests\.(\w+)\)", output))) >= 60
+        assert len(set(re.findall(r"\.SesskitSessionMiddlewareTests\.(\w+)\)", output))) >= 10
+        assert set(skipped) == set(DJANGO_NOT_APPLICABLE), (skipped, output[-6000:])
+        assert re.search(r"^OK \(skipped=%d\)$" % len(skipped), output, re.M), output[-6000:]
+
+    @pytest.mark.parametrize("kind", ["memory", "file"])
+    def test_flask_session_and_flash_tests_pass(self, tmp_path, kind):
+        _need(_importable("flask"), "Flask (pip install -e '.[test]')")
+        root = _unpacked_sdist("flask", str(tmp_path))
+        plugin_dir = tmp_path / "plugin"
+        plugin_dir.mkdir()
+        (plugin_dir / "sesskit_flask_plugin.py").write_text(_FLASK_PLUGIN)
+        store = "memory:" if kind == "memory" else f"file:{tmp_path / 'store'}"
+        env = {"PYTHONPATH": os.pathsep.join([str(plugin_dir), HERE, os.path.join(root, "src")]),
+               "SESSKIT_FLASK_STORE": store, "SESSKIT_NOT_APPLICABLE": json.dumps(FLASK_NOT_APPLICABLE)}
+        code, output = _run_suite([sys.executable, "-m", "pytest", "-p", "sesskit_flask_plugin",
+                                   "-p", "no:cacheprovider", "-rs", "-q",
+                                   *[os.path.join("tests", t) for t in _FLASK_TESTS]], root, env)
+        print(output[-3000:])
+        passed = re.search(r"(\d+) passed", output)
+        skipped = re.search(r"(\d+) skipped", output)
+        assert code == 0 and passed, output[-6000:]
+        assert int(passed.group(1)) + int(skipped.group(1) if skipped else 0) == len(_FLASK_TESTS), output
+        assert int(skipped.group(1) if skipped else 0) == len(FLASK_NOT_APPLICABLE), output
 
 
 class TestCookieOptions:
