@@ -2286,7 +2286,7 @@ class Session(MutableMapping):
         self.container = container
         self.mode = lock
         self._default_timeout = float(timeout)
-        self._max_age = float(max_age or 0)
+        self._max_age = self._default_max_age = float(max_age or 0)
         self._lock_timeout = lock_timeout
         self._clock = clock
         self._max_size = max_size
@@ -2411,7 +2411,7 @@ class Session(MutableMapping):
         self.is_new = False
         self.created, self.expires = record.created, record.expires
         self._timeout = self._stored_timeout = record.timeout
-        self._max_age = record.max_age
+        self._max_age = self._stored_max_age = record.max_age
         self._loaded = record.data
         self._data = data
         self._snapshot = dict(data)
@@ -2456,6 +2456,7 @@ class Session(MutableMapping):
         self._stored = None
         self.created = now
         self._timeout = self._stored_timeout = self._default_timeout
+        self._max_age = self._stored_max_age = self._default_max_age
         self.expires = self._expiry(now)
         self._loaded = "{}"
         self._data = {}
@@ -2509,13 +2510,35 @@ class Session(MutableMapping):
         self.id = new_session_id()
         return True
 
+    def expire_at(self, when):
+        """End the session at ``when`` (epoch seconds or a ``datetime``; a naive one is local time),
+        however it is used meanwhile: reads never slide its expiry past that time. The end is stored
+        with the session at write-back. A time that has passed ends the session now, as ``delete()``.
+        ``None`` removes such an end (back to the ``max_age`` the session was opened with).
+        """
+        self._live()
+        if self.mode == "read":
+            raise ReadOnlySession("cannot change the expiry of a read-only session")
+        if when is None:
+            self._max_age = self._default_max_age
+            return
+        if not isinstance(when, (int, float)):
+            when = when.timestamp()
+        if when <= self._clock():
+            self.delete()
+            return
+        self._max_age = max(float(when) - self.created, 1e-6)
+
     # -- write-back ------------------------------------------------------------------
 
     def save(self):
         """Write back what was done so far, as the end of a block would, and go on as if the session
-        had just been loaded (in exclusive mode holding the lock of the id it is now stored under)."""
+        had just been loaded (in exclusive mode holding the lock of the id it is now stored under).
+
+        Unlike the end of a block, an explicit save stores a new session even while it is empty.
+        """
         self._live()
-        self._save(self._clock())
+        self._save(self._clock(), create=True)
 
     def close(self, discard=False):
         """End the session: write back (unless ``discard``), release every lock, then maybe reap.
@@ -2543,13 +2566,13 @@ class Session(MutableMapping):
         self.close(discard=exc_type is not None)
         return False
 
-    def _save(self, now):
+    def _save(self, now, create=False):
         """Write back, then go on as if the block had just loaded what it wrote."""
         text = _encode_data(self._data)
         wrote = (self._stored is None or self._grace is not None or text != self._loaded
-                 or self._timeout != self._stored_timeout)
+                 or self._timeout != self._stored_timeout or self._max_age != self._stored_max_age)
         moved = self._expiry(now) - self.expires >= _touch_interval(self._timeout)
-        self._write_back(now)
+        self._write_back(now, create)
         if self.lost or self.stale or self._stored is None:
             return
         if self.mode == "exclusive" and self._held_sid != self._stored:
@@ -2564,19 +2587,21 @@ class Session(MutableMapping):
         self._loaded = text
         self._snapshot = dict(self._data)
         self._stored_timeout = self._timeout
+        self._stored_max_age = self._max_age
 
     def _too_large(self, size):
         return SessionTooLarge(f"session {_short(self.id)} serialises to {size} bytes, over its "
                                f"max_size of {self._max_size}; nothing was stored")
 
-    def _write_back(self, now):
-        """Store what the session changed: create, update, rotate or touch. Sets ``saved``/``lost``."""
+    def _write_back(self, now, create=False):
+        """Store what the session changed: create, update, rotate or touch. Sets ``saved``/``lost``.
+        A new session is stored when it holds data, or with ``create`` (an explicit save) when empty."""
         if self.stale:
             if self._data or self._grace is not None or self._timeout != self._stored_timeout:
                 self.lost = True                       # a late request of a rotated id writes nothing
             return
         if self._stored is None:
-            if self._data:
+            if self._data or create:
                 text = _encode_data(self._data)
                 if len(text) > self._max_size:
                     raise self._too_large(len(text))
@@ -2600,7 +2625,8 @@ class Session(MutableMapping):
                                   now, held=self._held, base=base)
             if ok:
                 self._stored, self._grace = self.id, None
-        elif not changed and not deleted and self._timeout == self._stored_timeout:
+        elif not changed and not deleted and self._timeout == self._stored_timeout \
+                and self._max_age == self._stored_max_age:
             new_expiry = self._expiry(now)
             if new_expiry - self.expires >= _touch_interval(self._timeout):
                 container.touch(self._stored, new_expiry, self._stored_timeout, now, held=self._held)
@@ -2747,7 +2773,7 @@ def open_session(sid=None, store=None, *, timeout=None, max_age=None, lock="merg
 
     An exception inside the block discards its changes and releases every lock. A session that another
     request deleted or that expired while the block ran is not resurrected by its write-back (``s.lost``).
-    A new session is stored only once it holds data.
+    A new session is stored only once it holds data, or when ``save()`` is called explicitly.
     """
     options = _session_options(timeout, max_age, lock, lock_timeout, clock, max_size, reap_interval)
     container = _default_store() if store is None else open_store(store)
@@ -3299,40 +3325,9 @@ def _sync_into(session, data, loaded, extra=()):
         session[key] = _tag(value, extra)
 
 
-class _TwoStep(_WebSession):
-    """TEMPORARY, until issue 8's public ``open_session(...).load()`` / ``save()`` / ``close()`` land on
-    main: the same three steps built from the current Session's pieces, for the adapters below."""
-
-    def load(self):
-        Session.__enter__(self)
-        return self
-
-    store_empty = False
-
-    def save(self):
-        now = self._clock()
-        if self.store_empty and self.is_new and not self._data:
-            self.container.create(self.id, Record("{}", self.created, self._expiry(now), self._timeout,
-                                                  self._max_age))
-            self.is_new, self._loaded, self._stored_timeout = False, "{}", self._timeout
-            return
-        self._commit(now)
-
-    def close(self, discard=False):
-        if self._data is None:
-            self._release()
-            return
-        if discard:
-            error = SesskitError("discarded")
-            Session.__exit__(self, type(error), error, None)
-        else:
-            Session.__exit__(self, None, None, None)
-
-
 def _open_loaded(sid, container, lock="merge", timeout=None):
     """A loaded Session of ``sid`` (a new one when ``sid`` is unknown) for a framework adapter."""
-    options = _session_options(timeout, None, lock, None, None, None, None)
-    return _TwoStep(sid, container, **options).load()
+    return open_session(sid, container, lock=lock, timeout=timeout).load()
 
 
 def _shared_store(store):
@@ -3426,7 +3421,7 @@ def _django_session_store():
             data = getattr(self, "_session_cache", {})
             self._close()
             session = self._opened = self._open(None)
-            self._write(session, data, create=True)
+            self._write(session, data)
             self.modified = True
 
         def save(self, must_create=False):
@@ -3437,26 +3432,23 @@ def _django_session_store():
                 return self.create()
             self._write(self._opened, data)
 
-        def _write(self, session, data, create=False):
+        def _write(self, session, data):
             _sync_into(session, data, self._loaded)
             expiry = data.get("_session_expiry")
-            now = time.time()
-            if type(expiry) is str:
-                from datetime import datetime
-                ends = datetime.fromisoformat(expiry).timestamp()   # naive: local time, as Django
-                if ends <= now:                 # an expiry in the past ends the session
-                    if not session.is_new:
-                        session.delete()
-                    self._close(discard=True)
-                    self._session_key = None
-                    return
-                session.timeout = max(ends - now, 1.0)
-            elif type(expiry) is int and expiry > 0:
-                session.timeout = expiry
-            elif session.mode != "read":
-                session.timeout = settings.SESSION_COOKIE_AGE
-            if create:
-                session.store_empty = True
+            if session.mode != "read":
+                # set_expiry(): seconds are a sliding timeout, a datetime an end that reads never
+                # slide past (one that has passed ends the session), 0 only the cookie's business
+                sliding = type(expiry) is int and expiry > 0
+                session.timeout = expiry if sliding else settings.SESSION_COOKIE_AGE
+                if type(expiry) is str:
+                    from datetime import datetime
+                    session.expire_at(datetime.fromisoformat(expiry))   # naive: local time, as Django
+                    if session.deleted:
+                        self._close(discard=True)
+                        self._session_key = None
+                        return
+                else:
+                    session.expire_at(None)
             session.save()
             if session.lost:
                 raise UpdateError("the session was deleted or expired by another request meanwhile")

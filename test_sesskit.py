@@ -3225,3 +3225,56 @@ class TestCookieOptions:
         cookie = sesskit._Cookie()
         environ = {"HTTP_COOKIE": f"sesskit=junk; sesskit={a}; x=1; sesskit={b}; sesskit={a}"}
         assert cookie.read_all(environ) == [a, b] and cookie.read(environ) == a
+
+
+class TestSessionGaps:
+    """Issue 11's gaps inside Session: an explicitly saved empty session, an absolute expiry."""
+
+    def test_explicit_save_stores_an_empty_new_session(self, container):
+        s = sesskit.open_session(None, store=container, reap_interval=0).load()
+        s.save()
+        assert s.saved and not s.is_new and _stored(container, s.id) == {}
+        s["a"] = 1
+        s.close()
+        assert _stored(container, s.id) == {"a": 1}
+        with sesskit.open_session(None, store=container, reap_interval=0) as empty:
+            pass
+        assert not empty.saved and _stored(container, empty.id) is None     # a block still stores nothing
+
+    def test_expire_at_is_never_slid_past(self, container):
+        clock = FakeClock()
+        sid = _seed(container, {"a": 1}, clock=clock, timeout=100)
+        with sesskit.open_session(sid, store=container, clock=clock, reap_interval=0) as s:
+            s.expire_at(T0 + 150)
+        clock.advance(90)
+        with sesskit.open_session(sid, store=container, clock=clock, reap_interval=0) as s:
+            assert not s.is_new and s["a"] == 1      # read: the expiry slides, but only up to T0 + 150
+        assert container.load(sid).expires == T0 + 150
+        clock.advance(59)
+        assert _stored(container, sid, clock) == {"a": 1}
+        clock.advance(2)
+        with sesskit.open_session(sid, store=container, clock=clock, reap_interval=0) as s:
+            assert s.is_new and s.id != sid
+
+    def test_expire_at_takes_a_datetime_and_none_removes_it(self, container):
+        from datetime import datetime, timezone
+        clock = FakeClock()
+        sid = _seed(container, {"a": 1}, clock=clock, timeout=100)
+        with sesskit.open_session(sid, store=container, clock=clock, reap_interval=0) as s:
+            s.expire_at(datetime.fromtimestamp(T0 + 30, timezone.utc))
+        assert container.load(sid).max_age == 30
+        with sesskit.open_session(sid, store=container, clock=clock, reap_interval=0) as s:
+            s.expire_at(None)
+        clock.advance(60)
+        assert _stored(container, sid, clock) == {"a": 1}
+
+    def test_expire_at_in_the_past_ends_the_session(self, container):
+        clock = FakeClock()
+        sid = _seed(container, {"a": 1}, clock=clock)
+        with sesskit.open_session(sid, store=container, clock=clock, reap_interval=0) as s:
+            s.expire_at(T0 - 1)
+            assert s.deleted and s.is_new and s.id != sid
+        assert container.load(sid) is None
+        with pytest.raises(sesskit.ReadOnlySession):
+            with sesskit.open_session(None, store=container, lock="read") as r:
+                r.expire_at(T0 + 10)
