@@ -2745,7 +2745,7 @@ def _session_options(timeout, max_age, lock, lock_timeout, clock, max_size, reap
 def open_session(sid=None, store=None, *, timeout=None, max_age=None, lock="merge", lock_timeout=None,
                  clock=None, max_size=None, reap_interval=None, environ=None, cookie_name="sesskit",
                  secret=None, route=None, secure=None, httponly=True, samesite="Lax", path="/",
-                 domain=None, persistent=True) -> Session:
+                 domain=None, persistent=True, partitioned=False, refresh=False) -> Session:
     """Open the session ``sid`` (or a new one) for one ``with`` block.
 
     :param sid: the id the client sent, or None. An id that is malformed, unknown or expired is never
@@ -2767,8 +2767,9 @@ def open_session(sid=None, store=None, *, timeout=None, max_age=None, lock="merg
     :param environ: a CGI environment (``os.environ``) or WSGI environ: the id is then read from the
         request's cookie (do not pass ``sid`` too), and the session gains ``cookie_header()``, which
         returns the ``Set-Cookie`` line the response needs. ``cookie_name``, ``secret``, ``route``,
-        ``secure``, ``httponly``, ``samesite``, ``path``, ``domain`` and ``persistent`` describe the
-        cookie as for ``SessionMiddleware`` (they apply only with ``environ``).
+        ``secure``, ``httponly``, ``samesite``, ``path``, ``domain``, ``persistent``, ``partitioned``
+        and ``refresh`` describe the cookie as for ``SessionMiddleware`` (they apply only with
+        ``environ``).
     :raises LockTimeout: a lock could not be had in time (the stored session is unchanged).
 
     An exception inside the block discards its changes and releases every lock. A session that another
@@ -2782,7 +2783,8 @@ def open_session(sid=None, store=None, *, timeout=None, max_age=None, lock="merg
     if sid is not None:
         raise ValueError("give open_session() either sid or environ, not both")
     cookie = _Cookie(cookie_name, secret=secret, route=route, secure=secure, httponly=httponly,
-                     samesite=samesite, path=path, domain=domain, persistent=persistent)
+                     samesite=samesite, path=path, domain=domain, persistent=persistent,
+                     partitioned=partitioned, refresh=refresh)
     return _web_session(environ, container, cookie, False, **options)
 
 
@@ -2878,7 +2880,7 @@ class _Cookie:
     """
 
     def __init__(self, name="sesskit", *, secret=None, route=None, secure=None, httponly=True,
-                 samesite="Lax", path="/", domain=None, persistent=True, partitioned=False):
+                 samesite="Lax", path="/", domain=None, persistent=True, partitioned=False, refresh=False):
         if not isinstance(name, str) or not name or name.strip(_SID_ALPHABET + "."):
             raise ValueError(f"cookie_name must be letters, digits, '-', '_' or '.': {name!r}")
         if route is not None and (not isinstance(route, str) or not route or route.strip(_SID_ALPHABET)):
@@ -2891,7 +2893,7 @@ class _Cookie:
             _check_attribute("domain", domain)
         self.name, self.route, self.secure, self.httponly = name, route, secure, bool(httponly)
         self.samesite, self.path, self.domain, self.persistent = samesite, path, domain, bool(persistent)
-        self.partitioned = bool(partitioned)
+        self.partitioned, self.refresh = bool(partitioned), bool(refresh)
         self._keys = _secret_keys(secret)
 
     @staticmethod
@@ -2920,18 +2922,23 @@ class _Cookie:
         import hmac
         return sid if any(hmac.compare_digest(mac, self._mac(key, sid)) for key in self._keys) else None
 
-    def read_all(self, environ):
-        """The session ids in the request's values of our cookie that decode, in order, without repeats.
+    def candidates(self, environ):
+        """``(sid, value)`` for each of the request's values of our cookie that decodes, in order, the
+        first value of each id only.
 
         A browser sends one value per matching Path and Domain, most specific path first; a stale one
         from an old Path or Domain may come first, so the caller tries the next when one is unknown.
         """
-        sids = []
+        found = []
         for value in _cookie_values(environ.get("HTTP_COOKIE"), self.name):
             sid = self.decode(value)
-            if sid is not None and sid not in sids:
-                sids.append(sid)
-        return sids
+            if sid is not None and all(sid != seen for seen, _ in found):
+                found.append((sid, value))
+        return found
+
+    def read_all(self, environ):
+        """The session ids of ``candidates()``."""
+        return [sid for sid, _ in self.candidates(environ)]
 
     def read(self, environ):
         """The session id of a request: the first value of our cookie that decodes, else None."""
@@ -3003,10 +3010,21 @@ class _WebSession(Session):
     created = _loading("created")
     expires = _loading("expires")
 
+    _more = ()              # further ids the request's cookie header named, tried in order
+    _values = None          # {sid: the cookie value the client sent for it}
+
     def _live(self):
         if self._state is _UNLOADED and self._lazy:
             self.load()
         return Session._live(self)
+
+    def _load(self, now):
+        Session._load(self, now)
+        for sid in self._more:          # a stale value (old Path or Domain) must not shadow the live one
+            if not self.is_new or self.stale:
+                break
+            self._incoming = sid
+            Session._load(self, now)
 
     @property
     def timeout(self):
@@ -3091,14 +3109,22 @@ class _WebSession(Session):
         if self._stored is None:
             return cookie.header(None, None, self._https) if self.deleted else None
         expires = self._expiry(now)
-        if (self._stored != self._incoming or self._timeout != timeout_before
-                or (cookie.persistent and expires - expires_before >= _touch_interval(self._timeout))):
+        # Re-sent at every touch (the expiry moved), persistent or not, so that changed cookie settings
+        # reach existing clients; at once when the value the client holds is not what it would get now
+        # (a rotated secret, a new route); on every request with ``refresh``.
+        sent = (self._values or {}).get(self._stored)
+        if (self._stored != self._incoming or self._timeout != timeout_before or cookie.refresh
+                or expires - expires_before >= _touch_interval(self._timeout)
+                or (sent is not None and sent != cookie.encode(self._stored))):
             return cookie.header(self._stored, expires - now if cookie.persistent else None, self._https)
         return None
 
 
 def _web_session(environ, container, cookie, lazy, **options):
-    session = _WebSession(cookie.read(environ), container, **options)
+    found = cookie.candidates(environ)
+    session = _WebSession(found[0][0] if found else None, container, **options)
+    session._more = [sid for sid, _ in found[1:]]
+    session._values = dict(found)
     session._cookie = cookie
     session._https = _is_https(environ)
     session._lazy = lazy
@@ -3176,14 +3202,17 @@ class SessionMiddleware:
     Cookie options: ``cookie_name``; ``secure`` (None: exactly when the request came over HTTPS);
     ``httponly``; ``samesite`` ("Lax", "Strict", "None" or None to omit); ``path``; ``domain``;
     ``persistent`` (True: Max-Age follows the session's expiry; False: a browser-session cookie);
-    ``secret`` (ids carry a keyed MAC; forged values are rejected before any store access); ``route``
-    (the cookie value ends in ``.route`` for sticky load balancing; ids with any route load anywhere).
+    ``secret`` (ids carry a keyed MAC; forged values are rejected before any store access; a list:
+    the first key signs, all verify); ``route`` (the cookie value ends in ``.route`` for sticky load
+    balancing; ids with any route load anywhere); ``partitioned`` (adds ``Partitioned``, for cookies
+    in third-party contexts, which browsers then also want ``Secure``); ``refresh`` (re-send the
+    cookie on every request that uses the session, not only when something changed).
     """
 
     def __init__(self, app, store=None, cookie_name="sesskit", timeout=None, secure=None, httponly=True,
                  samesite="Lax", path="/", domain=None, route=None, lock="merge", *, secret=None,
                  persistent=True, max_age=None, lock_timeout=None, max_size=None, reap_interval=None,
-                 clock=None, environ_key="sesskit.session"):
+                 clock=None, environ_key="sesskit.session", partitioned=False, refresh=False):
         if not callable(lock) and lock not in LOCK_MODES:
             raise ValueError(f"lock must be one of {', '.join(LOCK_MODES)} or a function of the "
                              f"environ, not {lock!r}")
@@ -3191,7 +3220,8 @@ class SessionMiddleware:
         self.environ_key = environ_key
         self.lock = lock
         self.cookie = _Cookie(cookie_name, secret=secret, route=route, secure=secure, httponly=httponly,
-                              samesite=samesite, path=path, domain=domain, persistent=persistent)
+                              samesite=samesite, path=path, domain=domain, persistent=persistent,
+                              partitioned=partitioned, refresh=refresh)
         self._container = None if store is None else open_store(store)
         self._options = _session_options(timeout, max_age, "merge", lock_timeout, clock, max_size,
                                          reap_interval)

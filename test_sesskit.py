@@ -2152,7 +2152,8 @@ class TestCookies:
         assert "Max-Age" not in browser_only.set_cookies[0]
         clock.advance(500)
         browser_only.get("/get")
-        assert browser_only.set_cookies == []             # no Max-Age to keep up to date
+        (again,) = browser_only.set_cookies               # re-sent at the touch: changed cookie
+        assert "Max-Age" not in again and "Expires" not in again    # settings reach the client
 
     def test_secret_rejects_forgeries_before_any_store_access(self):
         store = _CountingContainer()
@@ -3219,6 +3220,49 @@ class TestCookieOptions:
         assert len(header) > 16384
         reply = json.loads(_wsgi_get(_middleware(store), "/get", cookie=header)[2])
         assert reply["id"] == sid and reply["data"] == {"user": "bob"}
+
+    def test_a_stale_first_value_does_not_shadow_the_live_session(self):
+        store = _CountingContainer()
+        sid = _seed(store, {"user": "bob"})
+        stale = sesskit.new_session_id()          # well-formed, unknown to the store (an old Path's)
+        app = _middleware(store)
+        status, headers, body = _wsgi_get(app, "/get", cookie=f"sesskit={stale}; sesskit={sid}")
+        reply = json.loads(body)
+        assert reply["id"] == sid and reply["data"] == {"user": "bob"} and _set_cookies(headers) == []
+        with sesskit.open_session(store=store, environ=_cgi_environ(f"sesskit={stale}; sesskit={sid}"),
+                                  reap_interval=0) as s:
+            assert s.id == sid and s["user"] == "bob"
+        reply = json.loads(_wsgi_get(app, "/get", cookie=f"sesskit={stale}")[2])
+        assert reply["new"] and reply["id"] not in (sid, stale)
+
+    def test_refresh_resends_the_cookie_on_every_request_that_uses_the_session(self):
+        clock = FakeClock()
+        plain, refreshing = (_Client(_middleware(clock=clock, refresh=flag)) for flag in (False, True))
+        for client in (plain, refreshing):
+            client.get("/set?k=a")
+            clock.advance(1)
+            client.get("/get")
+        assert plain.set_cookies == [] and len(refreshing.set_cookies) == 1
+        assert "Max-Age=1800" in refreshing.set_cookies[0]
+        refreshing.get("/none")                     # a request that never used its session: nothing
+        assert refreshing.set_cookies == []
+
+    def test_changed_secret_or_route_reaches_the_client(self):
+        store = sesskit.MemoryContainer()
+        old = _Client(_middleware(store, secret="k1"))
+        old.get("/set?k=a")
+        rotated = _middleware(store, secret=["k2", "k1"], route="n2")
+        old.app = rotated
+        old.get("/get")                             # within the touch interval, yet re-issued at once
+        (value,) = old.set_cookies
+        sid = old.get("/get")["id"]
+        assert _cookie_of(value) == "sesskit=" + sesskit._Cookie(secret="k2", route="n2").encode(sid)
+        assert old.set_cookies == []                # the client now holds the current value
+
+    def test_partitioned_through_the_middleware(self):
+        client = _Client(_middleware(partitioned=True, secure=True, samesite="None"))
+        client.get("/set?k=a")
+        assert client.set_cookies[0].endswith("; Secure; HttpOnly; SameSite=None; Partitioned")
 
     def test_read_all_gives_every_decodable_value_once_in_order(self):
         a, b = sesskit.new_session_id(), sesskit.new_session_id()
