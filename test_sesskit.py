@@ -3322,3 +3322,138 @@ class TestSessionGaps:
         with pytest.raises(sesskit.ReadOnlySession):
             with sesskit.open_session(None, store=container, lock="read") as r:
                 r.expire_at(T0 + 10)
+
+
+# 8 threads x 25 requests of one session, each request adding its own key, through each adapter as a
+# user deploys it: Django's test Client (its handler, SessionMiddleware, the engine, request_finished) and
+# Flask's test client. Django's stock database engine runs the same load for comparison. In a subprocess,
+# since Django's settings are configured once per process.
+_ADAPTER_LOAD = r'''
+import json, os, sys, threading
+import django
+from django.conf import settings
+
+ROOT = sys.argv[1]
+THREADS, REQUESTS = 8, 25
+settings.configure(
+    SECRET_KEY="sesskit-load-test", ROOT_URLCONF="__main__", ALLOWED_HOSTS=["testserver"],
+    INSTALLED_APPS=["django.contrib.sessions"], USE_TZ=True,
+    MIDDLEWARE=["django.contrib.sessions.middleware.SessionMiddleware"],
+    DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": os.path.join(ROOT, "db.sqlite3"),
+                           "OPTIONS": {"timeout": 60}}},
+    SESSKIT_STORE="file:" + os.path.join(ROOT, "django-store"))
+django.setup()
+from django.core.management import call_command
+from django.db import connection
+from django.http import HttpResponse
+from django.test import Client
+from django.urls import path
+call_command("migrate", verbosity=0)
+
+
+def add(request, key):
+    request.session[key] = True
+    return HttpResponse("ok")
+
+
+def keys(request):
+    return HttpResponse(json.dumps(sorted(request.session.keys())))
+
+
+urlpatterns = [path("add/<str:key>", add), path("keys", keys)]
+
+
+def hammer(get, first):
+    """8 threads x 25 requests; returns how many of the 200 keys the session holds afterwards."""
+    errors = []
+
+    def worker(w):
+        try:
+            for i in range(REQUESTS):
+                get(w, f"/add/w{w}r{i}")
+        except BaseException as exc:
+            errors.append(repr(exc))
+        finally:
+            connection.close()
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(THREADS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    stored = [k for k in json.loads(get(None, "/keys")) if k.startswith("w")]
+    return {"lost": THREADS * REQUESTS - len(stored), "errors": errors[:3]}
+
+
+def django_run(engine, lock=None):
+    settings.SESSION_ENGINE = engine
+    settings.SESSKIT_LOCK = lock
+    starter = Client()
+    starter.get("/add/start")
+    sid = starter.cookies[settings.SESSION_COOKIE_NAME].value
+    clients = {}
+
+    def get(w, url):
+        client = clients.get(w)
+        if client is None:
+            client = clients[w] = Client()
+            client.cookies[settings.SESSION_COOKIE_NAME] = sid
+        return client.get(url).content.decode()
+    return hammer(get, sid)
+
+
+def flask_run(store, lock):
+    import flask
+    import sesskit
+    app = flask.Flask("load")
+    app.secret_key = "sesskit-load-test"
+    app.session_interface = sesskit.FlaskSessionInterface(store=store, lock=lock)
+
+    @app.route("/add/<key>")
+    def fadd(key):
+        flask.session[key] = True
+        return "ok"
+
+    @app.route("/keys")
+    def fkeys():
+        return json.dumps(sorted(flask.session.keys()))
+    starter = app.test_client()
+    starter.get("/add/start")
+    cookie = starter.get_cookie("session").value
+    clients = {}
+
+    def get(w, url):
+        client = clients.get(w)
+        if client is None:
+            client = clients[w] = app.test_client()
+            client.set_cookie("session", cookie)
+        return client.get(url).get_data(as_text=True)
+    return hammer(get, cookie)
+
+
+results = {
+    "sesskit Django engine (merge)": django_run("sesskit"),
+    "sesskit Django engine (exclusive)": django_run("sesskit", "exclusive"),
+    "sesskit Flask interface (merge)": flask_run("file:" + os.path.join(ROOT, "flask-store"), "merge"),
+    "sesskit Flask interface (exclusive)": flask_run("file:" + os.path.join(ROOT, "flask-x"), "exclusive"),
+    "Django's db engine": django_run("django.contrib.sessions.backends.db"),
+}
+print(json.dumps(results))
+'''
+
+
+class TestAdapterConcurrency:
+    def test_adapters_lose_no_key_under_concurrent_requests_of_one_session(self, tmp_path):
+        _need(_importable("django") and _importable("flask"), "Django and Flask (pip install -e '.[test]')")
+        script = tmp_path / "load.py"
+        script.write_text(_ADAPTER_LOAD)
+        root = tmp_path / "root"
+        root.mkdir(mode=0o700)
+        proc = subprocess.run([sys.executable, str(script), str(root)], capture_output=True, text=True,
+                              timeout=600, env={**os.environ, "PYTHONPATH": HERE})
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        results = json.loads(proc.stdout.strip().splitlines()[-1])
+        for name, result in results.items():       # printed for the record, beside the assertion
+            print(f"{name}: lost {result['lost']} of 200 keys {result['errors'] or ''}")
+        for name, result in results.items():
+            if name.startswith("sesskit"):
+                assert result == {"lost": 0, "errors": []}, (name, result)
