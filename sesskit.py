@@ -2225,7 +2225,30 @@ def open_store(store, **options):
         rest = rest[2:]
     if not rest:
         raise ContainerError(f"store URL {store!r} names no path")
-    return cls(rest, **options)
+    try:
+        return cls(rest, **options)
+    except PermissionError as exc:
+        user = _process_user()
+        raise ContainerError(
+            f"cannot create or open the session store {rest!r} as user {user}: {exc.strerror} "
+            f"({exc.filename or rest}); create it for that user first, for example "
+            f"install -d -m 0700 -o {user} {rest}") from exc
+
+
+def _user_name(uid):
+    """The name of user ``uid`` (the uid itself when it has none)."""
+    try:
+        import pwd
+        return pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError):
+        return str(uid)
+
+
+def _process_user():
+    """The name of the user this process runs as."""
+    if os.name != "posix":      # pragma: no cover
+        return os.environ.get("USERNAME", "?")
+    return _user_name(os.geteuid())
 
 
 _default_stores = {}
@@ -2777,7 +2800,10 @@ def open_session(sid=None, store=None, *, timeout=None, max_age=None, lock="merg
     A new session is stored only once it holds data, or when ``save()`` is called explicitly.
     """
     options = _session_options(timeout, max_age, lock, lock_timeout, clock, max_size, reap_interval)
-    container = _default_store() if store is None else open_store(store)
+    if store is not None:
+        container = open_store(store)
+    else:
+        container = _default_store() if environ is None else _request_store(environ)
     if environ is None:
         return Session(sid, container, **options)
     if sid is not None:
@@ -3120,6 +3146,51 @@ class _WebSession(Session):
         return None
 
 
+def _shared_store(store):
+    """The container of ``store`` (a URL, a Container, or None for the default store), one per URL and
+    process, so that framework adapters do not reopen the store on every request."""
+    if store is None:
+        return _default_store()
+    if isinstance(store, Container):
+        return store
+    key = (store, os.getpid())
+    container = _default_stores.get(key)
+    if container is None:
+        container = _default_stores[key] = open_store(store)
+    return container
+
+
+_warned_temporary = False
+
+
+def _request_store(environ):
+    """The store of a web request when none was configured: ``SESSKIT_STORE`` from the request's
+    environ (Apache's ``SetEnv`` lands there under mod_wsgi, not in ``os.environ``), else the embedded
+    default. Falling back to a temporary directory under a web server is said once per process, loudly
+    (to the server's error log and the "sesskit" logger): such a directory is private to the server's
+    user and may be wiped on restart (systemd's PrivateTmp)."""
+    global _warned_temporary
+    url = environ.get("SESSKIT_STORE")
+    if isinstance(url, str) and url:
+        return _shared_store(url)
+    container = _default_store()
+    if not os.environ.get("SESSKIT_STORE") and not _warned_temporary:
+        _warned_temporary = True
+        message = (f"sesskit: no session store configured (store=..., or SESSKIT_STORE in the "
+                   f"environment or, with Apache, SetEnv SESSKIT_STORE); sessions go to {container!r}, "
+                   f"a temporary directory private to user {_process_user()} that a restart may wipe")
+        errors = environ.get("wsgi.errors")
+        if errors is not None:
+            try:
+                errors.write(message + "\n")
+                errors.flush()
+            except (OSError, ValueError, AttributeError):
+                pass
+        import logging
+        logging.getLogger("sesskit").warning(message)
+    return container
+
+
 def _web_session(environ, container, cookie, lazy, **options):
     found = cookie.candidates(environ)
     session = _WebSession(found[0][0] if found else None, container, **options)
@@ -3227,7 +3298,7 @@ class SessionMiddleware:
                                          reap_interval)
 
     def __call__(self, environ, start_response):
-        container = self._container if self._container is not None else _default_store()
+        container = self._container if self._container is not None else _request_store(environ)
         options = self._options
         if callable(self.lock):
             options = dict(options, lock=self.lock(environ))
@@ -3358,20 +3429,6 @@ def _sync_into(session, data, loaded, extra=()):
 def _open_loaded(sid, container, lock="merge", timeout=None):
     """A loaded Session of ``sid`` (a new one when ``sid`` is unknown) for a framework adapter."""
     return open_session(sid, container, lock=lock, timeout=timeout).load()
-
-
-def _shared_store(store):
-    """The container of ``store`` (a URL, a Container, or None for the default store), one per URL and
-    process, so that framework adapters do not reopen the store on every request."""
-    if store is None:
-        return _default_store()
-    if isinstance(store, Container):
-        return store
-    key = (store, os.getpid())
-    container = _default_stores.get(key)
-    if container is None:
-        container = _default_stores[key] = open_store(store)
-    return container
 
 
 def _django_session_store():
@@ -3838,7 +3895,70 @@ def _cli_parse(args):
     show = commands.add_parser("show", help="print one session")
     show.add_argument("store", metavar="STORE")
     show.add_argument("sid", metavar="SID")
+    args = list(args)
+    if len(args) == 3 and args[0] == "show" and args[2].startswith("-") and is_valid_session_id(args[2]):
+        args.insert(2, "--")        # 1 id in 64 starts with "-", which argparse takes for an option
     return parser.parse_args(args)
+
+
+def _store_path(url):
+    """The path a store URL names (None for memory: or an unknown scheme)."""
+    scheme, _, rest = str(url).partition(":")
+    if scheme.lower() not in ("file", "sqlite", "lmdb") or not rest:
+        return None
+    return rest[2:] if rest.startswith("//") else rest
+
+
+def _store_owner(url):
+    """``(uid, gid)`` of an existing store's path, or None when it cannot be known."""
+    path = _store_path(url)
+    try:
+        st = os.stat(path) if path else None
+    except OSError:
+        return None
+    return None if st is None else (st.st_uid, st.st_gid)
+
+
+def _as_user(owner, store, work, out, err):
+    """Run ``work()`` in a child process that has become the user and group ``owner`` (for the store URL
+    ``store``); return its exit status.
+
+    The admin commands run as root act as the store's owner (the web server's user, typically): the
+    store refuses directories it does not own, and files root created in it would lock that user out.
+    """
+    # What the command may import later, imported now: the owner may not be able to read the Python
+    # installation (a pyenv under /root is 0700).
+    import encodings.ascii  # noqa: F401
+    import encodings.latin_1  # noqa: F401
+    import pwd  # noqa: F401
+    import shlex  # noqa: F401
+    import threading  # noqa: F401
+    scheme = str(store).partition(":")[0].lower()
+    if scheme == "sqlite":
+        import sqlite3  # noqa: F401
+    elif scheme == "lmdb":
+        try:
+            import lmdb  # noqa: F401
+        except ImportError:
+            pass
+    for stream in (out, err):
+        stream.flush()
+    pid = os.fork()
+    if pid == 0:                                            # pragma: no cover (the child)
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(owner[1])
+            os.setuid(owner[0])
+            code = work()
+        except BaseException as exc:
+            print(f"sesskit: {exc}", file=err)
+        finally:
+            for stream in (out, err):
+                stream.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1
 
 
 def _open_existing(url):
@@ -3884,9 +4004,21 @@ def _main(argv=None, out=None, err=None) -> int:
         args = _cli_parse(sys.argv[1:] if argv is None else argv)
     except SystemExit as exc:
         return 0 if exc.code in (0, None) else 2
-    try:
-        if args.command == "demo":
+    if args.command == "demo":
+        try:
             return _serve_demo(args.store, args.port, err)
+        except (SesskitError, OSError) as exc:
+            print(f"sesskit: {exc}", file=err)
+            return 1
+    owner = _store_owner(args.store) if os.name == "posix" and os.geteuid() == 0 else None
+    if owner is not None and owner[0] != 0:
+        return _as_user(owner, args.store, lambda: _admin(args, out, err), out, err)
+    return _admin(args, out, err)
+
+
+def _admin(args, out, err):
+    """Run the admin command ``args`` (stats, ls, show, reap); return the exit status."""
+    try:
         container = _open_existing(args.store)
         now = time.time()
         if args.command == "stats":
@@ -3916,6 +4048,16 @@ def _main(argv=None, out=None, err=None) -> int:
         return 0
     except (SesskitError, OSError) as exc:
         print(f"sesskit: {exc}", file=err)
+        owner = _store_owner(args.store)
+        if owner is not None and owner[0] != os.geteuid():
+            import shlex
+            import sys
+            words = [sys.executable, os.path.abspath(__file__), args.command, args.store]
+            if args.command == "show":
+                words += ["--", args.sid]
+            command = " ".join(shlex.quote(word) for word in words)
+            print(f"sesskit: the store belongs to {_user_name(owner[0])}; run the command as that "
+                  f"user: sudo -u {shlex.quote(_user_name(owner[0]))} {command}", file=err)
         return 1
 
 

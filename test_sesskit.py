@@ -3457,3 +3457,135 @@ class TestAdapterConcurrency:
         for name, result in results.items():
             if name.startswith("sesskit"):
                 assert result == {"lost": 0, "errors": []}, (name, result)
+
+
+def _call_with(app, extra, cookie=None):
+    """Call ``app`` with a testing environ plus ``extra`` keys; return (headers, JSON body, wsgi.errors)."""
+    errors = io.StringIO()
+    environ = {"PATH_INFO": "/set", "QUERY_STRING": "k=a&v=1", "wsgi.errors": errors, **extra}
+    setup_testing_defaults(environ)
+    if cookie:
+        environ["HTTP_COOKIE"] = cookie
+    seen = {}
+
+    def start_response(status, headers, exc_info=None):
+        seen["headers"] = headers
+    result = app(environ, start_response)
+    try:
+        body = b"".join(result)
+    finally:
+        result.close()
+    return seen["headers"], json.loads(body), errors.getvalue()
+
+
+class TestDeployment:
+    """Issue 11's deployment fixes (Apache's own run is TestApache.test_setenv_store_reaches_mod_wsgi)."""
+
+    def test_store_from_the_request_environ(self, tmp_path, monkeypatch):
+        monkeypatch.delenv("SESSKIT_STORE", raising=False)
+        monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+        url = f"file:{tmp_path / 'store'}"
+        app = sesskit.SessionMiddleware(_test_app, reap_interval=0)
+        headers, reply, errors = _call_with(app, {"SESSKIT_STORE": url})
+        assert _stored(url, reply["id"]) == {"a": "1"} and errors == ""
+        assert not (tmp_path / "tmp").exists()          # nothing went to the temporary fallback
+
+    def test_temporary_fallback_under_a_web_server_is_said_once(self, tmp_path, monkeypatch, caplog):
+        monkeypatch.delenv("SESSKIT_STORE", raising=False)
+        monkeypatch.setenv("TMPDIR", str(tmp_path))
+        monkeypatch.setattr(sesskit, "_warned_temporary", False)
+        app = sesskit.SessionMiddleware(_test_app, reap_interval=0)
+        with caplog.at_level("WARNING", logger="sesskit"):
+            _, first, errors = _call_with(app, {})
+            _, second, again = _call_with(app, {})
+        assert "no session store configured" in errors and f"sesskit-{os.geteuid()}" in errors
+        assert "SetEnv SESSKIT_STORE" in errors and again == ""
+        assert [r.levelname for r in caplog.records if r.name == "sesskit"] == ["WARNING"]
+        monkeypatch.setenv("SESSKIT_STORE", f"file:{tmp_path / 'configured'}")
+        monkeypatch.setattr(sesskit, "_warned_temporary", False)
+        assert _call_with(app, {})[2] == ""              # configured in os.environ: nothing to say
+
+    def test_store_that_cannot_be_created_names_path_and_user(self, tmp_path):
+        import pwd
+        import tempfile
+        base = tempfile.mkdtemp(prefix="sesskit-perm-", dir="/tmp")
+        target = os.path.join(base, "locked", "store")
+        os.chmod(base, 0o755)
+        os.mkdir(os.path.dirname(target), 0o555)
+        uid = 65534 if os.geteuid() == 0 else os.geteuid()     # root may create anything: be nobody
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:                                            # the child: try as that user, report
+            message = "no error"
+            try:
+                if os.geteuid() != uid:
+                    os.setgroups([])
+                    os.setgid(uid)
+                    os.setuid(uid)
+                sesskit.open_store(f"file:{target}")
+            except BaseException as exc:
+                message = f"{type(exc).__name__}: {exc}"
+            finally:
+                os.write(write, message.encode())
+                os._exit(0)
+        try:
+            os.close(write)
+            os.waitpid(pid, 0)
+            with os.fdopen(read) as f:
+                message = f.read()
+            assert message.startswith("ContainerError:") and target in message, message
+            assert f"as user {pwd.getpwuid(uid).pw_name}" in message and "install -d" in message
+        finally:
+            os.chmod(os.path.dirname(target), 0o755)
+            shutil.rmtree(base, ignore_errors=True)
+
+    def test_show_takes_ids_that_start_with_a_dash(self, tmp_path, capsys):
+        url = f"file:{tmp_path / 'store'}"
+        store = sesskit.open_store(url)
+        sid = "-" + sesskit.new_session_id()[1:]
+        assert sesskit.is_valid_session_id(sid)
+        store.create(sid, sesskit.Record('{"a": 1}', time.time(), time.time() + 100, 100.0))
+        assert sesskit._main(["show", url, sid]) == 0
+        assert json.loads(capsys.readouterr().out)["data"] == {"a": 1}
+        assert sesskit._main(["show", url, "--", sid]) == 0
+
+    @pytest.mark.parametrize("kind", ["file", "sqlite"])
+    def test_cli_as_root_acts_as_the_stores_owner(self, kind):
+        _need(os.geteuid() == 0, "root (to own a store by another user)")
+        import tempfile
+        uid = gid = 54321                                  # a user without a name, as good as www-data
+        base = tempfile.mkdtemp(prefix="sesskit-owner-", dir="/tmp")
+        try:
+            os.chmod(base, 0o755)
+            home = os.path.join(base, "home")
+            os.mkdir(home, 0o700)
+            url = f"file:{home}/sessions" if kind == "file" else f"sqlite:{home}/sessions.db"
+            sid = _seed(url, {"a": 1})
+            expired = _seed(url, {"b": 2}, clock=lambda: time.time() - 10_000, timeout=60)
+            sesskit._default_stores.clear()
+            for top, dirs, files in os.walk(home):
+                for name in [top] + [os.path.join(top, n) for n in dirs + files]:
+                    os.lchown(name, uid, gid)
+            run = [sys.executable, os.path.join(HERE, "sesskit.py")]
+            ls = subprocess.run(run + ["ls", url], capture_output=True, text=True, timeout=60)
+            assert ls.returncode == 0 and sid in ls.stdout and expired not in ls.stdout, ls.stderr
+            show = subprocess.run(run + ["show", url, sid], capture_output=True, text=True, timeout=60)
+            assert show.returncode == 0 and json.loads(show.stdout)["data"] == {"a": 1}, show.stderr
+            reap = subprocess.run(run + ["reap", url], capture_output=True, text=True, timeout=60)
+            assert reap.returncode == 0, reap.stderr
+            owners = {os.lstat(os.path.join(top, n)).st_uid
+                      for top, dirs, files in os.walk(home) for n in dirs + files}
+            assert owners == {uid}, "root left files in the store that its owner cannot use"
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+
+    def test_not_root_on_another_users_store_says_what_to_run(self, tmp_path, capsys, monkeypatch):
+        url = f"file:{tmp_path / 'store'}"
+        _seed(url, {"a": 1})
+        monkeypatch.setattr(sesskit, "_store_owner", lambda store: (4242, 4242))
+        monkeypatch.setattr(os, "geteuid", lambda: 1000)
+        monkeypatch.setattr(sesskit, "_open_existing",
+                            lambda store: (_ for _ in ()).throw(sesskit.ContainerError("not yours")))
+        assert sesskit._main(["ls", url]) == 1
+        err = capsys.readouterr().err
+        assert "sudo -u 4242" in err and f"sesskit.py ls {url}" in err
