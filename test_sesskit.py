@@ -2731,7 +2731,7 @@ def _alive(pid):
 
 
 @contextlib.contextmanager
-def _apache(app_file, root, cgi_dir, python_path, processes=4, threads=4, timeout=30):
+def _apache(app_file, root, cgi_dir, python_path, processes=4, threads=4, timeout=30, include=None):
     """Run mod_wsgi-express (Apache httpd) serving ``app_file``, plus ``*.cgi`` from ``cgi_dir``; yield
     its base URL. Always stops it: apachectl stop, a bounded wait, then SIGKILL of what is left."""
     port = _free_port()
@@ -2740,6 +2740,8 @@ def _apache(app_file, root, cgi_dir, python_path, processes=4, threads=4, timeou
            "--threads", threads, "--locale", "C.UTF-8", "--python-path", python_path,
            "--setenv", "PYTHONPATH", python_path, "--setenv", "PYTHONDONTWRITEBYTECODE", "1",
            "--with-cgi", "--document-root", cgi_dir, "--log-level", "info"]
+    if include is not None:
+        cmd += ["--include-file", include]
     if os.geteuid() == 0:
         import grp
         uid, gid = _ensure_server_user()
@@ -3479,7 +3481,7 @@ def _call_with(app, extra, cookie=None):
 
 
 class TestDeployment:
-    """Issue 11's deployment fixes (Apache's own run is TestApache.test_setenv_store_reaches_mod_wsgi)."""
+    """Issue 11's deployment fixes (the real mod_wsgi run is TestApacheSetEnv)."""
 
     def test_store_from_the_request_environ(self, tmp_path, monkeypatch):
         monkeypatch.delenv("SESSKIT_STORE", raising=False)
@@ -3589,3 +3591,46 @@ class TestDeployment:
         assert sesskit._main(["ls", url]) == 1
         err = capsys.readouterr().err
         assert "sudo -u 4242" in err and f"sesskit.py ls {url}" in err
+
+
+class TestApacheSetEnv:
+    def test_setenv_store_reaches_the_mod_wsgi_app(self):
+        """``SetEnv SESSKIT_STORE`` in Apache's configuration, ``SessionMiddleware(app)`` with no store:
+        the sessions go to that store (mod_wsgi puts SetEnv into the WSGI environ, not os.environ)."""
+        _need(shutil.which("apache2") or os.path.exists("/usr/sbin/apache2"), "Apache httpd (apt apache2)")
+        express = os.path.join(os.path.dirname(sys.executable), "mod_wsgi-express")
+        _need(os.path.exists(express), "mod_wsgi-express (pip install mod_wsgi, needs apache2-dev)")
+        import tempfile
+        base = tempfile.mkdtemp(prefix="sesskit-setenv-", dir="/tmp")
+        try:
+            os.chmod(base, 0o755)
+            lib, cgi, store = (os.path.join(base, d) for d in ("lib", "cgi", "store"))
+            for d in (lib, cgi):
+                os.mkdir(d, 0o755)
+            shutil.copy(os.path.join(HERE, "sesskit.py"), lib)
+            os.chmod(os.path.join(lib, "sesskit.py"), 0o644)
+            os.mkdir(store, 0o700)
+            uid, gid = _ensure_server_user()
+            os.chown(store, uid, gid)
+            fallback = f"/tmp/sesskit-{uid}"
+            existed = os.path.exists(fallback)
+            app_file = os.path.join(base, "app.wsgi")
+            with open(app_file, "w") as f:
+                f.write("import sesskit\n" + _APP_SOURCE
+                        + "\napplication = sesskit.SessionMiddleware(app, reap_interval=0)\n")
+            include = os.path.join(base, "setenv.conf")
+            with open(include, "w") as f:
+                f.write(f"SetEnv SESSKIT_STORE file:{store}\n")
+            root = os.path.join(base, "srv")
+            with _apache(app_file, root, cgi, lib, processes=2, threads=2, include=include) as url:
+                client = _HttpClient(url)
+                set_cookies, first = client.get("/m/set?k=a&v=1")
+                assert first["new"] and len(set_cookies) == 1
+                replies = [client.get("/m/get")[1] for _ in range(8)]
+            assert all(r["data"] == {"a": "1"} and r["id"] == first["id"] for r in replies), replies
+            assert os.path.exists(os.path.join(store, first["id"][:2], first["id"]))
+            assert existed or not os.path.exists(fallback), "sessions went to the temporary fallback"
+            assert "no session store configured" not in open(os.path.join(root, "error_log")).read()
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+            _undo_machine_changes()
