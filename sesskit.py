@@ -2302,9 +2302,13 @@ class Session(MutableMapping):
     """
 
     def __init__(self, sid, container, *, timeout, max_age, lock, lock_timeout, clock, max_size,
-                 reap_interval):
+                 reap_interval, codec=None):
         if lock not in LOCK_MODES:
             raise ValueError(f"lock must be one of {', '.join(LOCK_MODES)}, not {lock!r}")
+        if codec not in (None, "json", "tagged"):
+            raise ValueError(f"codec must be 'json' or 'tagged', not {codec!r}")
+        self._tagged = codec == "tagged"
+        self._decoded = {}            # tagged codec: key -> the value as the caller sees it
         self._incoming = sid          # what the client sent (maybe not an id at all)
         self.container = container
         self.mode = lock
@@ -2336,7 +2340,15 @@ class Session(MutableMapping):
         return self._data
 
     def __getitem__(self, key):
-        return self._live()[key]
+        value = self._live()[key]
+        if not self._tagged:
+            return value
+        decoded = self._decoded.get(key, _MISSING)
+        if decoded is _MISSING:
+            decoded = _untag(value)
+            if decoded is not value:
+                self._decoded[key] = decoded
+        return decoded
 
     def __setitem__(self, key, value):
         data = self._live()
@@ -2344,6 +2356,12 @@ class Session(MutableMapping):
             raise ReadOnlySession(f"session {_short(self.id)} was opened with lock='read'")
         if type(key) is not str:
             raise TypeError(f"session keys must be str, not {type(key).__name__}: {key!r}")
+        if self._tagged:
+            tagged = _tag(value)
+            self._decoded.pop(key, None)
+            if tagged is not value:
+                self._decoded[key] = value
+            value = tagged
         _check_json(key, value)
         data[key] = value
 
@@ -2352,6 +2370,15 @@ class Session(MutableMapping):
         if self.mode == "read":
             raise ReadOnlySession(f"session {_short(self.id)} was opened with lock='read'")
         del data[key]
+        self._decoded.pop(key, None)
+
+    def _retag(self):
+        """Tagged codec: encode again the values handed out decoded (the caller may have edited them
+        in place), so that the write-back compares and stores what they are now."""
+        data = self._data
+        for key, value in self._decoded.items():
+            if key in data:
+                data[key] = _tag(value)
 
     def __iter__(self):
         return iter(self._live())
@@ -2577,6 +2604,7 @@ class Session(MutableMapping):
     def _close(self, now, discard):
         try:
             if not discard and self._state is _OPEN and self._data is not None:
+                self._retag()
                 self._write_back(now)
         finally:
             self._state = _CLOSED
@@ -2591,6 +2619,7 @@ class Session(MutableMapping):
 
     def _save(self, now, create=False):
         """Write back, then go on as if the block had just loaded what it wrote."""
+        self._retag()
         text = _encode_data(self._data)
         wrote = (self._stored is None or self._grace is not None or text != self._loaded
                  or self._timeout != self._stored_timeout or self._max_age != self._stored_max_age)
@@ -2768,7 +2797,7 @@ def _session_options(timeout, max_age, lock, lock_timeout, clock, max_size, reap
 def open_session(sid=None, store=None, *, timeout=None, max_age=None, lock="merge", lock_timeout=None,
                  clock=None, max_size=None, reap_interval=None, environ=None, cookie_name="sesskit",
                  secret=None, route=None, secure=None, httponly=True, samesite="Lax", path="/",
-                 domain=None, persistent=True, partitioned=False, refresh=False) -> Session:
+                 domain=None, persistent=True, partitioned=False, refresh=False, codec=None) -> Session:
     """Open the session ``sid`` (or a new one) for one ``with`` block.
 
     :param sid: the id the client sent, or None. An id that is malformed, unknown or expired is never
@@ -2793,6 +2822,10 @@ def open_session(sid=None, store=None, *, timeout=None, max_age=None, lock="merg
         ``secure``, ``httponly``, ``samesite``, ``path``, ``domain``, ``persistent``, ``partitioned``
         and ``refresh`` describe the cookie as for ``SessionMiddleware`` (they apply only with
         ``environ``).
+    :param codec: ``"tagged"`` lets values also be tuples, bytes, datetimes, dates, UUIDs and Decimals
+        (at any depth), stored as one-key JSON objects such as ``{"~bytes": "/w=="}``, so that the
+        store still holds plain JSON; a dict whose only key starts with "~" is wrapped in
+        ``{"~dict": ...}``. Default: plain JSON (tuples come back as lists).
     :raises LockTimeout: a lock could not be had in time (the stored session is unchanged).
 
     An exception inside the block discards its changes and releases every lock. A session that another
@@ -2805,13 +2838,13 @@ def open_session(sid=None, store=None, *, timeout=None, max_age=None, lock="merg
     else:
         container = _default_store() if environ is None else _request_store(environ)
     if environ is None:
-        return Session(sid, container, **options)
+        return Session(sid, container, codec=codec, **options)
     if sid is not None:
         raise ValueError("give open_session() either sid or environ, not both")
     cookie = _Cookie(cookie_name, secret=secret, route=route, secure=secure, httponly=httponly,
                      samesite=samesite, path=path, domain=domain, persistent=persistent,
                      partitioned=partitioned, refresh=refresh)
-    return _web_session(environ, container, cookie, False, **options)
+    return _web_session(environ, container, cookie, False, codec=codec, **options)
 
 
 ###############################################################################
@@ -3283,7 +3316,7 @@ class SessionMiddleware:
     def __init__(self, app, store=None, cookie_name="sesskit", timeout=None, secure=None, httponly=True,
                  samesite="Lax", path="/", domain=None, route=None, lock="merge", *, secret=None,
                  persistent=True, max_age=None, lock_timeout=None, max_size=None, reap_interval=None,
-                 clock=None, environ_key="sesskit.session", partitioned=False, refresh=False):
+                 clock=None, environ_key="sesskit.session", partitioned=False, refresh=False, codec=None):
         if not callable(lock) and lock not in LOCK_MODES:
             raise ValueError(f"lock must be one of {', '.join(LOCK_MODES)} or a function of the "
                              f"environ, not {lock!r}")
@@ -3296,6 +3329,7 @@ class SessionMiddleware:
         self._container = None if store is None else open_store(store)
         self._options = _session_options(timeout, max_age, "merge", lock_timeout, clock, max_size,
                                          reap_interval)
+        self._options["codec"] = codec      # "tagged": values beyond JSON, see open_session
 
     def __call__(self, environ, start_response):
         container = self._container if self._container is not None else _request_store(environ)

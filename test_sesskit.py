@@ -3634,3 +3634,49 @@ class TestApacheSetEnv:
         finally:
             shutil.rmtree(base, ignore_errors=True)
             _undo_machine_changes()
+
+
+class TestTaggedCodec:
+    """Issue 11: the opt-in tagged codec (bytes, datetime, date, UUID, Decimal, tuple) as plain JSON."""
+
+    @staticmethod
+    def values():
+        import datetime
+        import decimal
+        import uuid
+        return {"t": (1, "a", (2, 3)), "b": b"\x00\xff", "dt": datetime.datetime(2026, 1, 2, 3, 4, 5, 6),
+                "aware": datetime.datetime(2026, 1, 2, tzinfo=datetime.timezone.utc),
+                "d": datetime.date(2026, 2, 3), "u": uuid.UUID(int=7), "dec": decimal.Decimal("1.10"),
+                "nested": {"list": [b"x", (4,)], "plain": [1, 2]}, "looks": {"~bytes": "not a tag"},
+                "s": "plain"}
+
+    def test_round_trip_through_every_store_as_plain_json(self, container):
+        values = self.values()
+        with sesskit.open_session(None, store=container, codec="tagged", reap_interval=0) as s:
+            s.update(values)
+        stored = json.loads(container.load(s.id).data)      # a plain JSON reader sees JSON
+        assert stored["t"] == {"~tuple": [1, "a", {"~tuple": [2, 3]}]} and stored["s"] == "plain"
+        assert stored["looks"] == {"~dict": {"~bytes": "not a tag"}}
+        with sesskit.open_session(s.id, store=container, codec="tagged", reap_interval=0) as again:
+            assert dict(again) == values
+            assert type(again["t"]) is tuple and type(again["b"]) is bytes
+        with sesskit.open_session(s.id, store=container, reap_interval=0) as plain:
+            assert plain["b"] == {"~bytes": "AP8="}          # without the codec: the JSON as stored
+
+    def test_in_place_edits_of_decoded_values_are_saved(self, container):
+        with sesskit.open_session(None, store=container, codec="tagged", reap_interval=0) as s:
+            s["nested"] = {"list": [b"x"]}
+        with sesskit.open_session(s.id, store=container, codec="tagged", reap_interval=0) as again:
+            again["nested"]["list"].append((1, 2))
+        with sesskit.open_session(s.id, store=container, codec="tagged", reap_interval=0) as third:
+            assert third["nested"] == {"list": [b"x", (1, 2)]}
+
+    def test_plain_values_are_not_copied_and_junk_tags_stay_json(self):
+        plain = {"a": [1, {"b": "c"}]}
+        assert sesskit._tag(plain) is plain and sesskit._untag(plain) is plain
+        assert sesskit._untag({"~uuid": "not-a-uuid"}) == {"~uuid": "not-a-uuid"}
+        with pytest.raises(ValueError):
+            sesskit.open_session(None, store="memory:", codec="pickle")
+        with pytest.raises(TypeError):
+            with sesskit.open_session(None, store="memory:", codec="tagged") as s:
+                s["x"] = object()
