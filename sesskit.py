@@ -3767,9 +3767,13 @@ def _flask_session_interface():
             if session.accessed:
                 response.vary.add("Cookie")
             if session._data is None:
-                refresh = session.permanent if session._had_cookie else False
-                if not (refresh and app.config["SESSION_REFRESH_EACH_REQUEST"]):
-                    return                  # never used: no store I/O
+                # Never used: no store I/O, unless a permanent session's cookie is to be refreshed on
+                # every request (Flask's default), which needs the session to know it is permanent.
+                if not (session._had_cookie and app.config["SESSION_REFRESH_EACH_REQUEST"]):
+                    return
+                if not session.permanent:
+                    session._session.close()
+                    return
             data = session._live()
             stored = session._session
             cookie = self._cookie(app)
