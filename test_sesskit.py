@@ -3151,6 +3151,23 @@ class TestFrameworks:
         assert set(skipped) == set(DJANGO_NOT_APPLICABLE), (skipped, output[-6000:])
         assert re.search(r"^OK \(skipped=%d\)$" % len(skipped), output, re.M), output[-6000:]
 
+    def test_adapters_are_built_on_first_access(self):
+        _need(_importable("django") and _importable("flask"), "Django and Flask (pip install -e '.[test]')")
+        code = ("import sys, sesskit\n"
+                "assert not {'django', 'flask'} & set(sys.modules)\n"
+                "assert not hasattr(sesskit, 'no_such_name')\n"
+                "from django.conf import settings\n"
+                "settings.configure()\n"
+                "from django.contrib.sessions.backends.base import SessionBase\n"
+                "from flask.sessions import SessionInterface\n"
+                "assert issubclass(sesskit.SessionStore, SessionBase)\n"
+                "assert sesskit.SessionStore is sesskit.SessionStore\n"
+                "assert isinstance(sesskit.FlaskSessionInterface(store='memory:'), SessionInterface)\n"
+                "print('ok')\n")
+        proc = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.stdout.strip() == "ok", proc.stderr
+
     @pytest.mark.parametrize("kind", ["memory", "file"])
     def test_flask_session_and_flash_tests_pass(self, tmp_path, kind):
         _need(_importable("flask"), "Flask (pip install -e '.[test]')")
