@@ -845,6 +845,181 @@ class TestMerge:
 ###############################################################################
 
 
+# -- the session lifecycle under forced interleavings ----------------------------------------------
+
+_PROTOCOL = ("load", "create", "update", "rotate", "touch", "delete", "lock", "reap")
+
+
+class _Pausing(sesskit.Container):
+    """A container wrapper that stops one thread before its k-th container call until resumed.
+
+    Container calls are the only points where two requests of one session meet, so pausing one request
+    at each of them in turn, while another request runs, forces every interleaving that can happen.
+    """
+
+    def __init__(self, inner):
+        self.inner = inner
+        self._target = self._pause_at = None
+        self._calls = {}
+        self.paused, self.resume = threading.Event(), threading.Event()
+
+    def arm(self, pause_at):
+        """Pause the calling thread before its ``pause_at``-th container call (0-based)."""
+        self._target, self._pause_at = threading.get_ident(), pause_at
+
+    def calls(self):
+        return self._calls.get(threading.get_ident(), 0)
+
+
+def _pausing_method(name):
+    def call(self, *args, **kwargs):
+        ident = threading.get_ident()
+        n = self._calls.get(ident, 0)
+        self._calls[ident] = n + 1
+        if ident == self._target and n == self._pause_at:
+            self.paused.set()
+            assert self.resume.wait(60), "never resumed"
+        return getattr(self.inner, name)(*args, **kwargs)
+    call.__name__ = name
+    return call
+
+
+for _name in _PROTOCOL:
+    setattr(_Pausing, _name, _pausing_method(_name))
+
+_OPS = ("merge", "exclusive", "regen0", "regen", "delete", "touch", "reap")
+
+
+def _request(op, store, sid, clock, key):
+    """One request of the client holding cookie ``sid``: what it did and what its response said."""
+    if op == "reap":
+        store.reap(clock())
+        return {"op": op, "key": None, "cookie": None, "ids": []}
+    mode = {"exclusive": "exclusive", "touch": "read"}.get(op, "merge")
+    s = sesskit.open_session(environ={"HTTP_COOKIE": f"sesskit={sid}"}, store=store, clock=clock,
+                             lock=mode, lock_timeout=30, reap_interval=0)
+    result = {"op": op, "key": None, "deleted": None}
+    with s:
+        result["loaded"] = s.id
+        if op in ("merge", "exclusive", "regen0", "regen"):
+            s[key] = op
+            result["key"] = key
+        if op == "regen0":
+            s.regenerate()
+        elif op == "regen":
+            s.regenerate(grace=10)
+        elif op == "delete":
+            result["deleted"] = None if s.is_new else s.id
+            s.delete()
+    header = s.cookie_header()                      # after the block: what the client is told
+    result.update(saved=s.saved, lost=s.lost, cookie=header, ids=[s.id])
+    return result
+
+
+def _client_cookie(start, responses):
+    """The id the client's cookie names after the responses, in the order they arrived."""
+    cookie = start
+    for r in responses:
+        header = r["cookie"]
+        if header is not None:
+            value = header.split(":", 1)[1].strip().split(";", 1)[0].split("=", 1)[1]
+            cookie = None if "Max-Age=0" in header else value
+    return cookie
+
+
+def _live_data(store, sid, now):
+    record = store.load(sid) if sid else None
+    if record is None or record.forward is not None or record.expires < now:
+        return None
+    return json.loads(record.data)
+
+
+def _check_lifecycle(store, sid, responses, now, what):
+    """The issue's checks: every write reported saved is in the session the client's newest cookie
+    names; nothing deleted comes back; lost exactly when the write was dropped; no lock left held."""
+    final = _client_cookie(sid, responses)
+    ids = {sid, final} | {i for r in responses for i in r["ids"]} | {r.get("loaded") for r in responses}
+    ids.discard(None)
+    final_data = _live_data(store, final, now)
+    for r in responses:
+        if r["key"] is None:
+            continue
+        assert r["saved"] != r["lost"], f"{what}: {r['op']} neither saved nor lost exactly: {r}"
+        if r["lost"]:
+            holders = [i for i in ids if r["key"] in (_live_data(store, i, now) or {})]
+            assert not holders, f"{what}: {r['op']} reported lost, but its key is stored"
+        elif final_data is not None:
+            assert r["key"] in final_data, f"{what}: {r['op']} reported saved, but its key is not in " \
+                                           f"the session the client's cookie names: {final_data}"
+        else:
+            assert any(x.get("deleted") for x in responses), \
+                f"{what}: {r['op']} reported saved, but the client's cookie names no live session"
+    for r in responses:
+        if r.get("deleted"):
+            assert _live_data(store, r["deleted"], now) is None, f"{what}: a deleted session came back"
+    if final is None and any(r.get("deleted") for r in responses):
+        live = [i for i in ids if _live_data(store, i, now) is not None]
+        assert not live, f"{what}: after the logout that came last, sessions still live: {live}"
+    for i in ids:
+        handle = store.lock(i, 0)          # LockTimeout if a lock was left held
+        if handle is not None:
+            handle.release()
+
+
+def _interleave(store, op_a, op_b, pause_at, clock):
+    """Run request A paused before its ``pause_at``-th container call, B meanwhile, then the rest of A.
+    A B that waits for a lock A holds is given 0.2 s to show it, then A goes on and B finishes after."""
+    sid = _seed(store, {"base": 1}, clock=clock, timeout=1000)
+    clock.advance(100)                                  # far enough for a read to touch
+    wrapper = _Pausing(store)
+    responses, order_lock = [], threading.Lock()
+
+    def run(op, key, pause):
+        if pause is not None:
+            wrapper.arm(pause)
+        result = _request(op, wrapper, sid, clock, key)
+        with order_lock:
+            responses.append(result)
+
+    a = ExThread(target=run, args=(op_a, "ka", pause_at))
+    a.start()
+    while not wrapper.paused.is_set() and a.is_alive():
+        wrapper.paused.wait(0.01)
+    b = ExThread(target=run, args=(op_b, "kb", None))
+    b.start()
+    b_done = not _alive_after(b, 0.2) if wrapper.paused.is_set() else not _alive_after(b, 30)
+    wrapper.resume.set()
+    a.join()
+    b.join()
+    what = f"{op_a} paused at call {pause_at}, {op_b} {'ran meanwhile' if b_done else 'waited for it'}"
+    _check_lifecycle(store, sid, responses, clock(), what)
+
+
+def _alive_after(thread, seconds):
+    thread.join_quietly = threading.Thread.join
+    threading.Thread.join(thread, seconds)
+    return thread.is_alive()
+
+
+def _calls_of(store, op, clock):
+    sid = _seed(store, {"base": 1}, clock=clock, timeout=1000)
+    clock.advance(100)
+    wrapper = _Pausing(store)
+    _request(op, wrapper, sid, clock, "k")
+    return wrapper.calls()
+
+
+class TestLifecycle:
+    """Issue 8: no acknowledged write lost across login, logout and late requests, on every container."""
+
+    @pytest.mark.parametrize("op_a", _OPS)
+    def test_every_interleaving_of_two_requests(self, container, op_a):
+        clock = FakeClock()
+        for op_b in _OPS:
+            for pause_at in range(_calls_of(container, op_a, clock) + 1):
+                _interleave(container, op_a, op_b, pause_at, clock)
+
+
 def _files_under(path):
     """Every file below ``path`` but the reaper's own bookkeeping."""
     return sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if not f.startswith(".reap"))
