@@ -3872,3 +3872,41 @@ class TestTaggedCodec:
         with pytest.raises(TypeError):
             with sesskit.open_session(None, store="memory:", codec="tagged") as s:
                 s["x"] = object()
+
+
+class TestFlaskAdapter:
+    def test_login_rotates_and_logout_deletes_from_the_store(self, tmp_path):
+        _need(_importable("flask"), "Flask (pip install -e '.[test]')")
+        import flask
+        url = f"file:{tmp_path / 'store'}"
+        app = flask.Flask("adapter")
+        app.secret_key = "k"
+        app.session_interface = sesskit.FlaskSessionInterface(store=url)
+
+        @app.route("/login")
+        def login():
+            flask.session.regenerate()
+            flask.session["user"] = "alice"
+            return "ok"
+
+        @app.route("/logout")
+        def logout():
+            flask.session.clear()
+            return "ok"
+
+        @app.route("/who")
+        def who():
+            return flask.session.get("user", "-")
+        client = app.test_client()
+        client.get("/who")
+        assert client.get_cookie("session") is None            # nothing stored, no cookie
+        client.get("/login")
+        first = client.get_cookie("session").value[:sesskit.SID_LENGTH]
+        assert _stored(url, first) == {"user": "alice"}
+        client.get("/login")                                   # a second login rotates the id
+        second = client.get_cookie("session").value[:sesskit.SID_LENGTH]
+        assert second != first and client.get("/who").text == "alice"
+        with sesskit.open_session(first, store=url, reap_interval=0) as old:
+            assert old.is_new and len(old) == 0               # the old id no longer loads the session
+        client.get("/logout")
+        assert client.get_cookie("session") is None and _stored(url, second) is None
