@@ -2255,7 +2255,30 @@ def open_store(store, **options):
         rest = rest[2:]
     if not rest:
         raise ContainerError(f"store URL {store!r} names no path")
-    return cls(rest, **options)
+    try:
+        return cls(rest, **options)
+    except PermissionError as exc:
+        user = _process_user()
+        raise ContainerError(
+            f"cannot create or open the session store {rest!r} as user {user}: {exc.strerror} "
+            f"({exc.filename or rest}); create it for that user first, for example "
+            f"install -d -m 0700 -o {user} {rest}") from exc
+
+
+def _user_name(uid):
+    """The name of user ``uid`` (the uid itself when it has none)."""
+    try:
+        import pwd
+        return pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError):
+        return str(uid)
+
+
+def _process_user():
+    """The name of the user this process runs as."""
+    if os.name != "posix":      # pragma: no cover
+        return os.environ.get("USERNAME", "?")
+    return _user_name(os.geteuid())
 
 
 _default_stores = {}
@@ -2309,14 +2332,18 @@ class Session(MutableMapping):
     """
 
     def __init__(self, sid, container, *, timeout, max_age, lock, lock_timeout, clock, max_size,
-                 reap_interval):
+                 reap_interval, codec=None):
         if lock not in LOCK_MODES:
             raise ValueError(f"lock must be one of {', '.join(LOCK_MODES)}, not {lock!r}")
+        if codec not in (None, "json", "tagged"):
+            raise ValueError(f"codec must be 'json' or 'tagged', not {codec!r}")
+        self._tagged = codec == "tagged"
+        self._decoded = {}            # tagged codec: key -> the value as the caller sees it
         self._incoming = sid          # what the client sent (maybe not an id at all)
         self.container = container
         self.mode = lock
         self._default_timeout = float(timeout)
-        self._max_age = float(max_age or 0)
+        self._max_age = self._default_max_age = float(max_age or 0)
         self._lock_timeout = lock_timeout
         self._clock = clock
         self._max_size = max_size
@@ -2344,7 +2371,15 @@ class Session(MutableMapping):
         return self._data
 
     def __getitem__(self, key):
-        return self._live()[key]
+        value = self._live()[key]
+        if not self._tagged:
+            return value
+        decoded = self._decoded.get(key, _MISSING)
+        if decoded is _MISSING:
+            decoded = _untag(value)
+            if decoded is not value:
+                self._decoded[key] = decoded
+        return decoded
 
     def __setitem__(self, key, value):
         data = self._live()
@@ -2352,6 +2387,12 @@ class Session(MutableMapping):
             raise ReadOnlySession(f"session {_short(self.id)} was opened with lock='read'")
         if type(key) is not str:
             raise TypeError(f"session keys must be str, not {type(key).__name__}: {key!r}")
+        if self._tagged:
+            tagged = _tag(value)
+            self._decoded.pop(key, None)
+            if tagged is not value:
+                self._decoded[key] = value
+            value = tagged
         _check_json(key, value)
         data[key] = value
 
@@ -2360,6 +2401,15 @@ class Session(MutableMapping):
         if self.mode == "read":
             raise ReadOnlySession(f"session {_short(self.id)} was opened with lock='read'")
         del data[key]
+        self._decoded.pop(key, None)
+
+    def _retag(self):
+        """Tagged codec: encode again the values handed out decoded (the caller may have edited them
+        in place), so that the write-back compares and stores what they are now."""
+        data = self._data
+        for key, value in self._decoded.items():
+            if key in data:
+                data[key] = _tag(value)
 
     def __iter__(self):
         return iter(self._live())
@@ -2442,7 +2492,7 @@ class Session(MutableMapping):
         self.is_new = False
         self.created, self.expires = record.created, record.expires
         self._timeout = self._stored_timeout = record.timeout
-        self._max_age = record.max_age
+        self._max_age = self._stored_max_age = record.max_age
         self._loaded = record.data
         self._data = data
         self._snapshot = dict(data)
@@ -2487,6 +2537,7 @@ class Session(MutableMapping):
         self._stored = None
         self.created = now
         self._timeout = self._stored_timeout = self._default_timeout
+        self._max_age = self._stored_max_age = self._default_max_age
         self.expires = self._expiry(now)
         self._loaded = "{}"
         self._data = {}
@@ -2540,13 +2591,35 @@ class Session(MutableMapping):
         self.id = new_session_id()
         return True
 
+    def expire_at(self, when):
+        """End the session at ``when`` (epoch seconds or a ``datetime``; a naive one is local time),
+        however it is used meanwhile: reads never slide its expiry past that time. The end is stored
+        with the session at write-back. A time that has passed ends the session now, as ``delete()``.
+        ``None`` removes such an end (back to the ``max_age`` the session was opened with).
+        """
+        self._live()
+        if self.mode == "read":
+            raise ReadOnlySession("cannot change the expiry of a read-only session")
+        if when is None:
+            self._max_age = self._default_max_age
+            return
+        if not isinstance(when, (int, float)):
+            when = when.timestamp()
+        if when <= self._clock():
+            self.delete()
+            return
+        self._max_age = max(float(when) - self.created, 1e-6)
+
     # -- write-back ------------------------------------------------------------------
 
     def save(self):
         """Write back what was done so far, as the end of a block would, and go on as if the session
-        had just been loaded (in exclusive mode holding the lock of the id it is now stored under)."""
+        had just been loaded (in exclusive mode holding the lock of the id it is now stored under).
+
+        Unlike the end of a block, an explicit save stores a new session even while it is empty.
+        """
         self._live()
-        self._save(self._clock())
+        self._save(self._clock(), create=True)
 
     def close(self, discard=False):
         """End the session: write back (unless ``discard``), release every lock, then maybe reap.
@@ -2563,6 +2636,7 @@ class Session(MutableMapping):
         was_open = self._state is _OPEN
         try:
             if not discard and was_open:
+                self._retag()
                 self._write_back(now)
         finally:
             self._state = _CLOSED
@@ -2575,12 +2649,13 @@ class Session(MutableMapping):
         self.close(discard=exc_type is not None)
         return False
 
-    def _save(self, now):
+    def _save(self, now, create=False):
         """Write back, then go on as if the block had just loaded what it wrote."""
+        self._retag()
         text = _encode_data(self._data)
         wrote = (self._stored is None or self._grace is not None or text != self._loaded
-                 or self._timeout != self._stored_timeout)
-        self._write_back(now)
+                 or self._timeout != self._stored_timeout or self._max_age != self._stored_max_age)
+        self._write_back(now, create)
         moved = self._touched
         if self.lost or self.stale or self._stored is None:
             return
@@ -2596,20 +2671,22 @@ class Session(MutableMapping):
         self._loaded = text
         self._snapshot = dict(self._data)
         self._stored_timeout = self._timeout
+        self._stored_max_age = self._max_age
 
     def _too_large(self, size):
         return SessionTooLarge(f"session {_short(self.id)} serialises to {size} bytes, over its "
                                f"max_size of {self._max_size}; nothing was stored")
 
-    def _write_back(self, now):
-        """Store what the session changed: create, update, rotate or touch. Sets ``saved``/``lost``."""
+    def _write_back(self, now, create=False):
+        """Store what the session changed: create, update, rotate or touch. Sets ``saved``/``lost``.
+        A new session is stored when it holds data, or with ``create`` (an explicit save) when empty."""
         self._touched = False
         if self.stale:
             if self._data or self._grace is not None or self._timeout != self._stored_timeout:
                 self.lost = True                       # a late request of a rotated id writes nothing
             return
         if self._stored is None:
-            if self._data:
+            if self._data or create:
                 text = _encode_data(self._data)
                 if len(text) > self._max_size:
                     raise self._too_large(len(text))
@@ -2633,7 +2710,8 @@ class Session(MutableMapping):
                                   now, held=self._held, base=base)
             if ok:
                 self._stored, self._grace = self.id, None
-        elif not changed and not deleted and self._timeout == self._stored_timeout:
+        elif not changed and not deleted and self._timeout == self._stored_timeout \
+                and self._max_age == self._stored_max_age:
             new_expiry = self._expiry(now)
             if new_expiry - self.expires >= _touch_interval(self._timeout):
                 self._touched = container.touch(self._stored, new_expiry, self._stored_timeout, now,
@@ -2753,7 +2831,7 @@ def _session_options(timeout, max_age, lock, lock_timeout, clock, max_size, reap
 def open_session(sid=None, store=None, *, timeout=None, max_age=None, lock="merge", lock_timeout=None,
                  clock=None, max_size=None, reap_interval=None, environ=None, cookie_name="sesskit",
                  secret=None, route=None, secure=None, httponly=True, samesite="Lax", path="/",
-                 domain=None, persistent=True) -> Session:
+                 domain=None, persistent=True, partitioned=False, refresh=False, codec=None) -> Session:
     """Open the session ``sid`` (or a new one) for one ``with`` block.
 
     :param sid: the id the client sent, or None. An id that is malformed, unknown or expired is never
@@ -2775,24 +2853,33 @@ def open_session(sid=None, store=None, *, timeout=None, max_age=None, lock="merg
     :param environ: a CGI environment (``os.environ``) or WSGI environ: the id is then read from the
         request's cookie (do not pass ``sid`` too), and the session gains ``cookie_header()``, which
         returns the ``Set-Cookie`` line the response needs. ``cookie_name``, ``secret``, ``route``,
-        ``secure``, ``httponly``, ``samesite``, ``path``, ``domain`` and ``persistent`` describe the
-        cookie as for ``SessionMiddleware`` (they apply only with ``environ``).
+        ``secure``, ``httponly``, ``samesite``, ``path``, ``domain``, ``persistent``, ``partitioned``
+        and ``refresh`` describe the cookie as for ``SessionMiddleware`` (they apply only with
+        ``environ``).
+    :param codec: ``"tagged"`` lets values also be tuples, bytes, datetimes, dates, UUIDs and Decimals
+        (at any depth), stored as one-key JSON objects such as ``{"~bytes": "/w=="}``, so that the
+        store still holds plain JSON; a dict whose only key starts with "~" is wrapped in
+        ``{"~dict": ...}``. Default: plain JSON (tuples come back as lists).
     :raises LockTimeout: a lock could not be had in time (the stored session is unchanged).
 
     An exception inside the block discards its changes and releases every lock. A session that another
     request deleted or that expired while the block ran is not resurrected by its write-back (``s.lost``).
-    A new session is stored only once it holds data.
+    A new session is stored only once it holds data, or when ``save()`` is called explicitly.
     """
     options = _session_options(timeout, max_age, lock, lock_timeout, clock, max_size, reap_interval)
-    container = _default_store() if store is None else open_store(store)
+    if store is not None:
+        container = open_store(store)
+    else:
+        container = _default_store() if environ is None else _request_store(environ)
     if environ is None:
-        return Session(sid, container, **options)
+        return Session(sid, container, codec=codec, **options)
     if sid is not None:
         raise ValueError("give open_session() either sid or environ, not both")
     _refuse_second_session(environ, cookie_name, lock)
     cookie = _Cookie(cookie_name, secret=secret, route=route, secure=secure, httponly=httponly,
-                     samesite=samesite, path=path, domain=domain, persistent=persistent)
-    return _web_session(environ, container, cookie, False, **options)
+                     samesite=samesite, path=path, domain=domain, persistent=persistent,
+                     partitioned=partitioned, refresh=refresh)
+    return _web_session(environ, container, cookie, False, codec=codec, **options)
 
 
 def _refuse_second_session(environ, cookie_name, lock):
@@ -2825,7 +2912,6 @@ def _refuse_second_session(environ, cookie_name, lock):
 # The MAC covers the id only: a route is a routing hint, never trusted, and an id loads on any node.
 
 _MAC_LENGTH = 16                # base64url characters: 12 bytes (96 bits) of HMAC-SHA256
-_MAX_COOKIE_HEADER = 16384      # characters of a Cookie header looked at; the rest is ignored
 _MAX_COOKIE_VALUES = 8          # values of our cookie looked at (a browser sends one per matching path)
 _SAMESITE = ("Lax", "Strict", "None")
 
@@ -2834,22 +2920,29 @@ def _cookie_values(header, name):
     """The values of cookie ``name`` in a ``Cookie`` request header, in order.
 
     Tolerant by design (unlike http.cookies.SimpleCookie, which drops every cookie of a header when one
-    piece does not parse): each ``;``-separated piece stands alone, garbage pieces are skipped, at most
-    ``_MAX_COOKIE_HEADER`` characters and ``_MAX_COOKIE_VALUES`` values are looked at. Never raises.
+    piece does not parse): each ``;``-separated piece stands alone and garbage pieces are skipped. The
+    whole header is searched, so that a long header (the cookies of other apps) never hides ours, but the
+    work is bounded: one pass of the regular expression engine, and at most ``_MAX_COOKIE_VALUES``
+    values are returned. Never raises.
     """
     if type(header) is not str:
         return []
+    pattern = _cookie_patterns.get(name)
+    if pattern is None:
+        import re       # already imported by json, so free
+        pattern = _cookie_patterns[name] = re.compile(r"(?:^|;)[ \t]*%s[ \t]*=([^;]*)" % re.escape(name))
     values = []
-    for piece in header[:_MAX_COOKIE_HEADER].split(";"):
-        key, eq, value = piece.partition("=")
-        if eq and key.strip() == name:
-            value = value.strip()
-            if len(value) >= 2 and value[0] == value[-1] == '"':
-                value = value[1:-1]
-            values.append(value)
-            if len(values) == _MAX_COOKIE_VALUES:
-                break
+    for match in pattern.finditer(header):
+        value = match.group(1).strip()
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = value[1:-1]
+        values.append(value)
+        if len(values) == _MAX_COOKIE_VALUES:
+            break
     return values
+
+
+_cookie_patterns = {}
 
 
 def _is_https(environ):
@@ -2866,14 +2959,37 @@ def _check_attribute(what, value):
     return value
 
 
+_WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def _http_date(when):
+    """``when`` (epoch seconds) as an HTTP date (RFC 9110 IMF-fixdate), without the locale's names."""
+    t = time.gmtime(when)
+    return (f"{_WEEKDAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year:04d} "
+            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT")
+
+
+def _secret_keys(secret):
+    """``secret=`` as a list of MAC keys (bytes): one str/bytes, or a list whose first signs."""
+    if secret is None:
+        return None
+    items = [secret] if isinstance(secret, (str, bytes, bytearray)) else list(secret)
+    keys = [item.encode("utf-8") if isinstance(item, str) else bytes(item) for item in items]
+    if not keys or not all(keys):
+        raise ValueError("secret must be a non-empty string, or a non-empty list of them")
+    return keys
+
+
 class _Cookie:
-    """How a session id travels in a cookie: the name, the attributes, the optional MAC key and route.
+    """How a session id travels in a cookie: the name, the attributes, the optional MAC keys and route.
 
     Validated once (ValueError names the bad option) and shared by all requests of a middleware.
+    ``secret`` may be a list: the first key signs, every key verifies (key rotation).
     """
 
     def __init__(self, name="sesskit", *, secret=None, route=None, secure=None, httponly=True,
-                 samesite="Lax", path="/", domain=None, persistent=True):
+                 samesite="Lax", path="/", domain=None, persistent=True, partitioned=False, refresh=False):
         if not isinstance(name, str) or not name or name.strip(_SID_ALPHABET + "."):
             raise ValueError(f"cookie_name must be letters, digits, '-', '_' or '.': {name!r}")
         if route is not None and (not isinstance(route, str) or not route or route.strip(_SID_ALPHABET)):
@@ -2884,63 +3000,81 @@ class _Cookie:
             raise ValueError(f"path must start with '/': {path!r}")
         if domain is not None:
             _check_attribute("domain", domain)
-        if secret is not None:
-            secret = secret.encode("utf-8") if isinstance(secret, str) else bytes(secret)
-            if not secret:
-                raise ValueError("secret must not be empty")
         self.name, self.route, self.secure, self.httponly = name, route, secure, bool(httponly)
         self.samesite, self.path, self.domain, self.persistent = samesite, path, domain, bool(persistent)
-        self._key = secret
+        self.partitioned, self.refresh = bool(partitioned), bool(refresh)
+        self._keys = _secret_keys(secret)
 
-    def _mac(self, sid):
+    @staticmethod
+    def _mac(key, sid):
         import hashlib   # only with a secret, so that `import sesskit` stays cheap
         import hmac
-        digest = hmac.new(self._key, sid.encode("ascii"), hashlib.sha256).digest()[:12]
+        digest = hmac.new(key, sid.encode("ascii"), hashlib.sha256).digest()[:12]
         return binascii.b2a_base64(digest, newline=False).translate(_URLSAFE).decode("ascii")
 
     def encode(self, sid):
-        """The cookie value for ``sid``."""
-        value = sid if self._key is None else sid + self._mac(sid)
+        """The cookie value for ``sid`` (signed with the first key)."""
+        value = sid if self._keys is None else sid + self._mac(self._keys[0], sid)
         return value if self.route is None else f"{value}.{self.route}"
 
     def decode(self, value):
-        """The session id in cookie value ``value``, or None when it is malformed or its MAC is wrong.
+        """The session id in cookie value ``value``, or None when it is malformed or no key's MAC matches.
 
-        Touches no store: forged and random values cost one HMAC at most.
+        Touches no store: forged and random values cost one HMAC per key at most.
         """
         head = value.partition(".")[0]
-        if self._key is None:
+        if self._keys is None:
             return head if is_valid_session_id(head) else None
         sid, mac = head[:SID_LENGTH], head[SID_LENGTH:]
         if len(mac) != _MAC_LENGTH or mac.strip(_SID_ALPHABET) or not is_valid_session_id(sid):
             return None
         import hmac
-        return sid if hmac.compare_digest(mac, self._mac(sid)) else None
+        return sid if any(hmac.compare_digest(mac, self._mac(key, sid)) for key in self._keys) else None
+
+    def candidates(self, environ):
+        """``(sid, value)`` for each of the request's values of our cookie that decodes, in order, the
+        first value of each id only.
+
+        A browser sends one value per matching Path and Domain, most specific path first; a stale one
+        from an old Path or Domain may come first, so the caller tries the next when one is unknown.
+        """
+        found = []
+        for value in _cookie_values(environ.get("HTTP_COOKIE"), self.name):
+            sid = self.decode(value)
+            if sid is not None and all(sid != seen for seen, _ in found):
+                found.append((sid, value))
+        return found
+
+    def read_all(self, environ):
+        """The session ids of ``candidates()``."""
+        return [sid for sid, _ in self.candidates(environ)]
 
     def read(self, environ):
         """The session id of a request: the first value of our cookie that decodes, else None."""
-        for value in _cookie_values(environ.get("HTTP_COOKIE"), self.name):
-            sid = self.decode(value)
-            if sid is not None:
-                return sid
-        return None
+        sids = self.read_all(environ)
+        return sids[0] if sids else None
 
-    def header(self, sid, max_age, https):
+    def header(self, sid, max_age, https, now=None):
         """A ``Set-Cookie`` value: ``sid`` for ``max_age`` seconds (None: until the browser closes), or
-        with ``sid`` None an expired cookie that makes the browser drop ours."""
+        with ``sid`` None an expired cookie that makes the browser drop ours. ``Expires`` goes beside
+        ``Max-Age`` for clients that know only the older attribute."""
         parts = [f"{self.name}={'' if sid is None else self.encode(sid)}", f"Path={self.path}"]
         if self.domain is not None:
             parts.append(f"Domain={self.domain}")
         if sid is None:
             parts.append("Max-Age=0; Expires=Thu, 01 Jan 1970 00:00:00 GMT")
         elif max_age is not None:
-            parts.append(f"Max-Age={max(0, int(max_age + 0.5))}")
+            seconds = max(0, int(max_age + 0.5))
+            when = (time.time() if now is None else now) + seconds
+            parts.append(f"Max-Age={seconds}; Expires={_http_date(when)}")
         if self.secure or (self.secure is None and https):
             parts.append("Secure")
         if self.httponly:
             parts.append("HttpOnly")
         if self.samesite is not None:
             parts.append(f"SameSite={self.samesite}")
+        if self.partitioned:
+            parts.append("Partitioned")
         return "; ".join(parts)
 
 
@@ -2985,10 +3119,21 @@ class _WebSession(Session):
     created = _loading("created")
     expires = _loading("expires")
 
+    _more = ()              # further ids the request's cookie header named, tried in order
+    _values = None          # {sid: the cookie value the client sent for it}
+
     def _live(self):
         if self._state is _UNLOADED and self._lazy:
             self.load()
         return Session._live(self)
+
+    def _load(self, now):
+        Session._load(self, now)
+        for sid in self._more:          # a stale value (old Path or Domain) must not shadow the live one
+            if not self.is_new or self.stale:
+                break
+            self._incoming = sid
+            Session._load(self, now)
 
     @property
     def timeout(self):
@@ -3074,17 +3219,69 @@ class _WebSession(Session):
             return cookie.header(None, None, self._https) if self.deleted else None
         expires = self._expiry(now)
         # the expiry moved only if this response's write-back or touch moved it: a record that another
-        # request deleted or rotated meanwhile is not touched, and its id must not be sent again
+        # request deleted or rotated meanwhile is not touched, and its id must not be sent again. The
+        # cookie is re-sent at such a touch, persistent or not, so that changed cookie settings reach
+        # existing clients; at once when the value the client holds is not what it would get now (a
+        # rotated secret, a new route); and on every request with ``refresh``.
         refreshed = (self.saved or self._touched) and expires - expires_before >= _touch_interval(
             self._timeout)
-        if self._stored != self._incoming or self._timeout != timeout_before or (
-                cookie.persistent and refreshed):
+        sent = (self._values or {}).get(self._stored)
+        if (self._stored != self._incoming or self._timeout != timeout_before or refreshed
+                or cookie.refresh or (sent is not None and sent != cookie.encode(self._stored))):
             return cookie.header(self._stored, expires - now if cookie.persistent else None, self._https)
         return None
 
 
+def _shared_store(store):
+    """The container of ``store`` (a URL, a Container, or None for the default store), one per URL and
+    process, so that framework adapters do not reopen the store on every request."""
+    if store is None:
+        return _default_store()
+    if isinstance(store, Container):
+        return store
+    key = (store, os.getpid())
+    container = _default_stores.get(key)
+    if container is None:
+        container = _default_stores[key] = open_store(store)
+    return container
+
+
+_warned_temporary = False
+
+
+def _request_store(environ):
+    """The store of a web request when none was configured: ``SESSKIT_STORE`` from the request's
+    environ (Apache's ``SetEnv`` lands there under mod_wsgi, not in ``os.environ``), else the embedded
+    default. Falling back to a temporary directory under a web server is said once per process, loudly
+    (to the server's error log and the "sesskit" logger): such a directory is private to the server's
+    user and may be wiped on restart (systemd's PrivateTmp)."""
+    global _warned_temporary
+    url = environ.get("SESSKIT_STORE")
+    if isinstance(url, str) and url:
+        return _shared_store(url)
+    container = _default_store()
+    if not os.environ.get("SESSKIT_STORE") and not _warned_temporary:
+        _warned_temporary = True
+        message = (f"sesskit: no session store configured (store=..., or SESSKIT_STORE in the "
+                   f"environment or, with Apache, SetEnv SESSKIT_STORE); sessions go to {container!r}, "
+                   f"a temporary directory private to user {_process_user()} that a restart may wipe")
+        errors = environ.get("wsgi.errors")
+        if errors is not None:
+            try:
+                errors.write(message + "\n")
+                errors.flush()
+            except (OSError, ValueError, AttributeError):
+                pass
+        import logging
+        logging.getLogger("sesskit").warning(message)
+    return container
+
+
 def _web_session(environ, container, cookie, lazy, **options):
-    session = _WebSession(cookie.read(environ), container, **options)
+    found = cookie.candidates(environ)
+    session = _WebSession(found[0][0] if found else None, container, **options)
+    session._more = [sid for sid, _ in found[1:]]
+    session._values = dict(found)
     session._cookie = cookie
     session._https = _is_https(environ)
     session._lazy = lazy
@@ -3162,14 +3359,17 @@ class SessionMiddleware:
     Cookie options: ``cookie_name``; ``secure`` (None: exactly when the request came over HTTPS);
     ``httponly``; ``samesite`` ("Lax", "Strict", "None" or None to omit); ``path``; ``domain``;
     ``persistent`` (True: Max-Age follows the session's expiry; False: a browser-session cookie);
-    ``secret`` (ids carry a keyed MAC; forged values are rejected before any store access); ``route``
-    (the cookie value ends in ``.route`` for sticky load balancing; ids with any route load anywhere).
+    ``secret`` (ids carry a keyed MAC; forged values are rejected before any store access; a list:
+    the first key signs, all verify); ``route`` (the cookie value ends in ``.route`` for sticky load
+    balancing; ids with any route load anywhere); ``partitioned`` (adds ``Partitioned``, for cookies
+    in third-party contexts, which browsers then also want ``Secure``); ``refresh`` (re-send the
+    cookie on every request that uses the session, not only when something changed).
     """
 
     def __init__(self, app, store=None, cookie_name="sesskit", timeout=None, secure=None, httponly=True,
                  samesite="Lax", path="/", domain=None, route=None, lock="merge", *, secret=None,
                  persistent=True, max_age=None, lock_timeout=None, max_size=None, reap_interval=None,
-                 clock=None, environ_key="sesskit.session"):
+                 clock=None, environ_key="sesskit.session", partitioned=False, refresh=False, codec=None):
         if not callable(lock) and lock not in LOCK_MODES:
             raise ValueError(f"lock must be one of {', '.join(LOCK_MODES)} or a function of the "
                              f"environ, not {lock!r}")
@@ -3177,13 +3377,15 @@ class SessionMiddleware:
         self.environ_key = environ_key
         self.lock = lock
         self.cookie = _Cookie(cookie_name, secret=secret, route=route, secure=secure, httponly=httponly,
-                              samesite=samesite, path=path, domain=domain, persistent=persistent)
+                              samesite=samesite, path=path, domain=domain, persistent=persistent,
+                              partitioned=partitioned, refresh=refresh)
         self._container = None if store is None else open_store(store)
         self._options = _session_options(timeout, max_age, "merge", lock_timeout, clock, max_size,
                                          reap_interval)
+        self._options["codec"] = codec      # "tagged": values beyond JSON, see open_session
 
     def __call__(self, environ, start_response):
-        container = self._container if self._container is not None else _default_store()
+        container = self._container if self._container is not None else _request_store(environ)
         options = self._options
         if callable(self.lock):
             options = dict(options, lock=self.lock(environ))
@@ -3211,6 +3413,471 @@ class SessionMiddleware:
             response.finish(exc)
             raise
         return response
+
+
+###############################################################################
+# Frameworks: Django and Flask ################################################
+###############################################################################
+
+# Both frameworks split a request's session into a load at first use and a save at the end, with the
+# whole dict in between. Their adapters keep that dict, as the frameworks expect, beside a sesskit Session
+# opened at load; at save they hand the Session each value that may have changed (it compares JSON, so
+# only keys that really changed are written) and each deleted key, then write back. So concurrent requests
+# of one session lose nothing, as in the ``with`` block. Neither framework is imported before its adapter
+# is used: Django's SessionStore and FlaskSessionInterface are built by the module's ``__getattr__``.
+
+# The tagged codec: values beyond JSON as one-key JSON objects, so that a plain JSON reader still sees JSON.
+# A dict whose only key starts with "~" is wrapped in {"~dict": ...} so it never reads back as a tag.
+_TAG_ESCAPE = "~dict"
+
+
+def _codec_types():
+    """The tagged codec's built-in types: (tag, type, to JSON, from JSON), most specific first."""
+    global _CODEC
+    if _CODEC is None:
+        import base64
+        import datetime
+        import decimal
+        import uuid
+        _CODEC = (
+            ("~tuple", tuple, None, None),       # items are (un)tagged recursively
+            ("~bytes", bytes, lambda v: base64.b64encode(v).decode("ascii"), base64.b64decode),
+            ("~datetime", datetime.datetime, datetime.datetime.isoformat, datetime.datetime.fromisoformat),
+            ("~date", datetime.date, datetime.date.isoformat, datetime.date.fromisoformat),
+            ("~uuid", uuid.UUID, str, uuid.UUID),
+            ("~decimal", decimal.Decimal, str, decimal.Decimal),
+        )
+    return _CODEC
+
+
+_CODEC = None
+
+
+def _tag(value, extra=()):
+    """``value`` with tuples, bytes, datetimes, dates, UUIDs and Decimals (and the ``extra`` types, given
+    as (tag, type, to JSON, from JSON)) turned into tagged JSON objects. Returns ``value`` itself when
+    nothing in it needed a tag; leaves other types alone (the Session then refuses them, naming the key)."""
+    kind = type(value)
+    if kind in _SCALARS:
+        return value
+    if kind is list:
+        items = [_tag(item, extra) for item in value]
+        return value if all(a is b for a, b in zip(items, value)) else items
+    if kind is dict:
+        items = {key: _tag(item, extra) for key, item in value.items()}
+        if len(items) == 1 and type(next(iter(items))) is str and next(iter(items)).startswith("~"):
+            return {_TAG_ESCAPE: items}
+        return value if all(items[key] is item for key, item in value.items()) else items
+    for tag, cls, dump, _ in itertools.chain(extra, _codec_types()):
+        if isinstance(value, cls):
+            if cls is tuple:
+                return {tag: [_tag(item, extra) for item in value]}
+            return {tag: dump(value)}
+    return value
+
+
+def _untag(value, extra=()):
+    """The inverse of ``_tag``: ``value`` itself when it holds no tag. A tag that does not decode is
+    left as the JSON object it is."""
+    kind = type(value)
+    if kind is list:
+        items = [_untag(item, extra) for item in value]
+        return value if all(a is b for a, b in zip(items, value)) else items
+    if kind is not dict:
+        return value
+    if len(value) == 1:
+        tag, inner = next(iter(value.items()))
+        if tag == _TAG_ESCAPE and type(inner) is dict:
+            return {key: _untag(item, extra) for key, item in inner.items()}
+        for name, cls, _, load in itertools.chain(extra, _codec_types()):
+            if tag == name:
+                try:
+                    if cls is tuple:
+                        return tuple(_untag(item, extra) for item in inner)
+                    return load(inner)
+                except (TypeError, ValueError, ArithmeticError):
+                    return value
+    items = {key: _untag(item, extra) for key, item in value.items()}
+    return value if all(items[key] is item for key, item in value.items()) else items
+
+
+def _sync_into(session, data, loaded, extra=()):
+    """Bring Session ``session`` to the content of dict ``data``: delete the keys ``data`` lacks and set
+    every value that may differ from ``loaded`` (the dict handed out at load). A value still bound to the
+    very immutable object it was loaded with is skipped; the Session compares the rest as JSON."""
+    for key in [key for key in session if key not in data]:
+        del session[key]
+    for key, value in data.items():
+        if type(value) in _SCALARS and loaded.get(key, _MISSING) is value:
+            continue
+        session[key] = _tag(value, extra)
+
+
+def _open_loaded(sid, container, lock="merge", timeout=None):
+    """A loaded Session of ``sid`` (a new one when ``sid`` is unknown) for a framework adapter."""
+    return open_session(sid, container, lock=lock, timeout=timeout).load()
+
+
+def _django_session_store():
+    """Build ``sesskit.SessionStore``, the Django session engine (``SESSION_ENGINE = "sesskit"``)."""
+    from django.conf import settings
+    from django.contrib.sessions.backends.base import SessionBase, UpdateError
+
+    class SessionStore(SessionBase):
+        """A Django session engine on a sesskit store; concurrent requests of one session lose no key.
+
+        Settings: ``SESSKIT_STORE`` (a store URL; default: the embedded default store) and
+        ``SESSKIT_LOCK`` ("merge", the default, "exclusive" or "read"). A subclass may set the class
+        attributes ``store`` and ``lock`` instead. ``SESSION_COOKIE_AGE`` is the sliding timeout;
+        ``set_expiry(seconds)`` changes it for one session, ``set_expiry(datetime)`` ends the session at
+        that time. ``cycle_key()`` is ``regenerate()``, ``flush()`` deletes the session, ``create()``
+        stores an empty one, ``clear_expired()`` (``manage.py clearsessions``) reaps the store.
+        Session ids are sesskit's (44 characters, checked before any store access).
+        """
+
+        store = None
+        lock = None
+
+        def __init__(self, session_key=None):
+            super().__init__(session_key)
+            self._opened = None     # the sesskit Session loaded for this key
+            self._loaded = {}       # the dict handed to Django at load, to see what changed
+
+        @classmethod
+        def _container(cls):
+            store = cls.store if cls.store is not None else getattr(settings, "SESSKIT_STORE", None)
+            return _shared_store(store)
+
+        def _lock_mode(self):
+            return self.lock or getattr(settings, "SESSKIT_LOCK", None) or "merge"
+
+        def _open(self, sid, lock=None):
+            session = _open_loaded(sid, self._container(), lock or self._lock_mode(),
+                                   settings.SESSION_COOKIE_AGE)
+            if session.mode == "exclusive":
+                from django.core.signals import request_finished
+                request_finished.connect(self._request_finished, weak=False)
+            return session
+
+        def _request_finished(self, **kwargs):
+            from django.core.signals import request_finished
+            request_finished.disconnect(self._request_finished)
+            self._close(discard=True)       # what Django wanted stored was saved; release the lock
+
+        def _close(self, discard=False):
+            opened, self._opened = self._opened, None
+            if opened is not None:
+                opened.close(discard=discard)
+
+        def _get_new_session_key(self):
+            return new_session_id()
+
+        def exists(self, session_key):
+            if not is_valid_session_id(session_key):
+                return False
+            if self._opened is not None and self._opened.id == session_key and not self._opened.is_new:
+                return True
+            session = _open_loaded(session_key, self._container(), "read")
+            try:
+                return not session.is_new
+            finally:
+                session.close()
+
+        def load(self):
+            self._close()
+            session = self._opened = self._open(self.session_key)
+            if session.is_new:
+                self._session_key = None       # unknown or expired: never adopted, nothing stored
+            self._loaded = {key: _untag(value) for key, value in session.items()}
+            return dict(self._loaded)
+
+        def create(self):
+            data = getattr(self, "_session_cache", {})
+            self._close()
+            session = self._opened = self._open(None)
+            self._write(session, data)
+            self.modified = True
+
+        def save(self, must_create=False):
+            if must_create or self.session_key is None:
+                return self.create()
+            data = self._get_session()          # loads first if this request has not yet
+            if self._opened is None or self._opened.is_new:
+                return self.create()
+            self._write(self._opened, data)
+
+        def _write(self, session, data):
+            _sync_into(session, data, self._loaded)
+            expiry = data.get("_session_expiry")
+            if session.mode != "read":
+                # set_expiry(): seconds are a sliding timeout, a datetime an end that reads never
+                # slide past (one that has passed ends the session), 0 only the cookie's business
+                sliding = type(expiry) is int and expiry > 0
+                session.timeout = expiry if sliding else settings.SESSION_COOKIE_AGE
+                if type(expiry) is str:
+                    from datetime import datetime
+                    session.expire_at(datetime.fromisoformat(expiry))   # naive: local time, as Django
+                    if session.deleted:
+                        self._close(discard=True)
+                        self._session_key = None
+                        return
+                else:
+                    session.expire_at(None)
+            session.save()
+            if session.lost:
+                raise UpdateError("the session was deleted or expired by another request meanwhile")
+            self._session_key = session.id
+            self._loaded = dict(data)
+
+        def delete(self, session_key=None):
+            own = session_key is None or session_key == self.session_key
+            if session_key is None:
+                session_key = self.session_key
+            opened = self._opened
+            if own and opened is not None and opened.id == session_key and not opened.is_new:
+                opened.delete()                 # under the lock this session may hold
+                self._close(discard=True)
+                return
+            if not is_valid_session_id(session_key):
+                return
+            session = _open_loaded(session_key, self._container(), "merge")
+            if not session.is_new:
+                session.delete()
+            session.close(discard=True)
+
+        def cycle_key(self):
+            data = self._session
+            opened = self._opened
+            if opened is None or opened.is_new:
+                self.create()
+                self._session_cache = data
+                return
+            _sync_into(opened, data, self._loaded)
+            opened.regenerate()
+            opened.save()
+            if opened.lost:
+                raise UpdateError("the session was deleted or expired by another request meanwhile")
+            self._session_key = opened.id
+            self._loaded = dict(data)
+
+        @classmethod
+        def clear_expired(cls):
+            cls._container().reap()
+
+    SessionStore.__module__ = __name__
+    return SessionStore
+
+
+def _flask_session_interface():
+    """Build ``sesskit.FlaskSessionInterface``."""
+    from flask.sessions import SessionInterface, SessionMixin
+    from markupsafe import Markup
+
+    markup = (("~markup", Markup, str, Markup),)
+
+    class FlaskSession(SessionMixin):
+        """The session of one Flask request: loaded from the store at first use, written back (only the
+        keys that changed) by ``save_session``. ``regenerate(grace=0)`` moves it to a new id (call it
+        after a login); ``clear()`` empties it and deletes it from the store (logout)."""
+
+        def __init__(self, opener, had_cookie):
+            self._opener = opener
+            self._had_cookie = had_cookie
+            self._session = None
+            self._data = None
+            self._loaded = {}
+            self.modified = False
+            self.accessed = False
+            self.new = not had_cookie
+
+        def _live(self):
+            if self._data is None:
+                session = self._session = self._opener()
+                self.new = session.is_new
+                self._loaded = {key: _untag(value, markup) for key, value in session.items()}
+                self._data = dict(self._loaded)
+            return self._data
+
+        def __getitem__(self, key):
+            return self._live()[key]
+
+        def __setitem__(self, key, value):
+            self._live()[key] = value
+            self.modified = True
+
+        def __delitem__(self, key):
+            del self._live()[key]
+            self.modified = True
+
+        def __iter__(self):
+            return iter(self._live())
+
+        def __len__(self):
+            return len(self._live())
+
+        def __contains__(self, key):
+            return key in self._live()
+
+        # Like Flask's own session, every mutating call counts as a change, even one that changed nothing
+        # (pop of a missing key), so that the response then expires the cookie of an empty session.
+        def pop(self, key, *default):
+            self.modified = True
+            return self._live().pop(key, *default)
+
+        def popitem(self):
+            self.modified = True
+            return self._live().popitem()
+
+        def setdefault(self, key, default=None):
+            self.modified = True
+            return self._live().setdefault(key, default)
+
+        def update(self, *args, **kwargs):
+            self.modified = True
+            self._live().update(*args, **kwargs)
+
+        def clear(self):
+            self.modified = True
+            self._live().clear()
+
+        def __repr__(self):
+            return f"<sesskit FlaskSession {self._data if self._data is not None else '(not loaded)'}>"
+
+        def regenerate(self, grace=0.0):
+            self._live()
+            self._session.regenerate(grace)
+            self.modified = True
+
+    class FlaskSessionInterface(SessionInterface):
+        """Server-side Flask sessions on a sesskit store: ``app.session_interface =
+        sesskit.FlaskSessionInterface(store="file:/var/lib/myapp/sessions")``.
+
+        The cookie carries only the session id, signed with the app's ``SECRET_KEY`` (verified with
+        ``SECRET_KEY_FALLBACKS`` too); without a secret key the app gets Flask's null session, as with
+        Flask's own sessions. ``SESSION_COOKIE_*`` settings shape the cookie, ``PERMANENT_SESSION_LIFETIME``
+        is the sliding timeout in the store and the cookie's lifetime for permanent sessions, and
+        ``SESSION_REFRESH_EACH_REQUEST`` re-sends the cookie of a permanent session. Values may be JSON,
+        tuples, bytes, datetimes, dates, UUIDs, Decimals and Markup (the tagged codec). ``lock`` is
+        "merge" (default), "exclusive" (held until the request ends) or "read".
+        """
+
+        session_class = FlaskSession
+
+        def __init__(self, store=None, lock="merge", route=None):
+            if lock not in LOCK_MODES:
+                raise ValueError(f"lock must be one of {', '.join(LOCK_MODES)}, not {lock!r}")
+            self.store, self.lock, self.route = store, lock, route
+            self._cookies = {}
+
+        def _cookie(self, app):
+            secrets = [app.secret_key, *(app.config.get("SECRET_KEY_FALLBACKS") or ())]
+            key = (self.get_cookie_name(app), self.get_cookie_domain(app), self.get_cookie_path(app),
+                   self.get_cookie_secure(app), self.get_cookie_httponly(app), self.get_cookie_samesite(app),
+                   bool(app.config.get("SESSION_COOKIE_PARTITIONED")), tuple(secrets))
+            cookie = self._cookies.get(key)
+            if cookie is None:
+                name, domain, path, secure, httponly, samesite, partitioned, _ = key
+                cookie = _Cookie(name, secret=secrets, route=self.route, secure=bool(secure),
+                                 httponly=httponly, samesite=samesite, path=path, domain=domain or None,
+                                 partitioned=partitioned)
+                if len(self._cookies) > 64:
+                    self._cookies.clear()
+                self._cookies[key] = cookie
+            return cookie
+
+        def open_session(self, app, request):
+            if not app.secret_key:
+                return None
+            cookie = self._cookie(app)
+            sids = cookie.read_all(request.environ)
+            container = _shared_store(self.store)
+            timeout = app.permanent_session_lifetime.total_seconds()
+            if self.lock == "exclusive":
+                self._close_at_teardown(app)
+
+            def opener():
+                for sid in sids[:-1]:           # a stale value (old Path or Domain) may come first
+                    session = _open_loaded(sid, container, self.lock, timeout)
+                    if not session.is_new:
+                        return session
+                    session.close(discard=True)
+                return _open_loaded(sids[-1] if sids else None, container, self.lock, timeout)
+            return FlaskSession(opener, bool(sids))
+
+        def _close_at_teardown(self, app):
+            if app.extensions.get("sesskit.teardown"):
+                return
+            app.extensions["sesskit.teardown"] = True
+
+            @app.teardown_request
+            def close_session(exc=None):
+                from flask.globals import request_ctx
+                session = getattr(request_ctx, "_session", None) if request_ctx else None
+                if isinstance(session, FlaskSession) and session._session is not None:
+                    session._session.close(discard=True)
+
+        def save_session(self, app, session, response):
+            if session.accessed:
+                response.vary.add("Cookie")
+            if session._data is None:
+                # Never used: no store I/O, unless a permanent session's cookie is to be refreshed on
+                # every request (Flask's default), which needs the session to know it is permanent.
+                if not (session._had_cookie and app.config["SESSION_REFRESH_EACH_REQUEST"]):
+                    return
+                if not session.permanent:
+                    session._session.close()
+                    return
+            data = session._live()
+            stored = session._session
+            cookie = self._cookie(app)
+            https = _flask_https()
+            if not data:
+                if session.modified:        # emptied: delete it from the store, expire the cookie
+                    if not stored.is_new:
+                        stored.delete()
+                    stored.close(discard=True)
+                    response.headers.add("Set-Cookie", cookie.header(None, None, https))
+                    response.vary.add("Cookie")
+                else:
+                    stored.close(discard=True)
+                return
+            timeout = app.permanent_session_lifetime.total_seconds()
+            _sync_into(stored, data, session._loaded, markup)
+            if stored.mode != "read":
+                stored.timeout = timeout
+            incoming = stored.id
+            was_new = stored.is_new
+            stored.save()
+            session._loaded = dict(data)
+            if stored.mode == "exclusive":
+                stored.close()
+            if stored.lost:
+                response.headers.add("Set-Cookie", cookie.header(None, None, https))
+                response.vary.add("Cookie")
+                return
+            if was_new or stored.id != incoming or self.should_set_cookie(app, session):
+                max_age = timeout if session.permanent else None
+                response.headers.add("Set-Cookie", cookie.header(stored.id, max_age, https))
+                response.vary.add("Cookie")
+
+    def _flask_https():
+        from flask import request
+        return request.scheme == "https"
+
+    FlaskSession.__module__ = FlaskSessionInterface.__module__ = __name__
+    return FlaskSessionInterface
+
+
+#: Names built on first access by ``__getattr__``, so that ``import sesskit`` imports no framework.
+_LAZY = {"SessionStore": _django_session_store, "FlaskSessionInterface": _flask_session_interface}
+
+
+def __getattr__(name):
+    build = _LAZY.get(name)
+    if build is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = globals()[name] = build()
+    return value
 
 
 # Demo application ------------------------------------------------------------------
@@ -3319,7 +3986,70 @@ def _cli_parse(args):
     show = commands.add_parser("show", help="print one session")
     show.add_argument("store", metavar="STORE")
     show.add_argument("sid", metavar="SID")
+    args = list(args)
+    if len(args) == 3 and args[0] == "show" and args[2].startswith("-") and is_valid_session_id(args[2]):
+        args.insert(2, "--")        # 1 id in 64 starts with "-", which argparse takes for an option
     return parser.parse_args(args)
+
+
+def _store_path(url):
+    """The path a store URL names (None for memory: or an unknown scheme)."""
+    scheme, _, rest = str(url).partition(":")
+    if scheme.lower() not in ("file", "sqlite", "lmdb") or not rest:
+        return None
+    return rest[2:] if rest.startswith("//") else rest
+
+
+def _store_owner(url):
+    """``(uid, gid)`` of an existing store's path, or None when it cannot be known."""
+    path = _store_path(url)
+    try:
+        st = os.stat(path) if path else None
+    except OSError:
+        return None
+    return None if st is None else (st.st_uid, st.st_gid)
+
+
+def _as_user(owner, store, work, out, err):
+    """Run ``work()`` in a child process that has become the user and group ``owner`` (for the store URL
+    ``store``); return its exit status.
+
+    The admin commands run as root act as the store's owner (the web server's user, typically): the
+    store refuses directories it does not own, and files root created in it would lock that user out.
+    """
+    # What the command may import later, imported now: the owner may not be able to read the Python
+    # installation (a pyenv under /root is 0700).
+    import encodings.ascii  # noqa: F401
+    import encodings.latin_1  # noqa: F401
+    import pwd  # noqa: F401
+    import shlex  # noqa: F401
+    import threading  # noqa: F401
+    scheme = str(store).partition(":")[0].lower()
+    if scheme == "sqlite":
+        import sqlite3  # noqa: F401
+    elif scheme == "lmdb":
+        try:
+            import lmdb  # noqa: F401
+        except ImportError:
+            pass
+    for stream in (out, err):
+        stream.flush()
+    pid = os.fork()
+    if pid == 0:                                            # pragma: no cover (the child)
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(owner[1])
+            os.setuid(owner[0])
+            code = work()
+        except BaseException as exc:
+            print(f"sesskit: {exc}", file=err)
+        finally:
+            for stream in (out, err):
+                stream.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1
 
 
 def _open_existing(url):
@@ -3365,9 +4095,21 @@ def _main(argv=None, out=None, err=None) -> int:
         args = _cli_parse(sys.argv[1:] if argv is None else argv)
     except SystemExit as exc:
         return 0 if exc.code in (0, None) else 2
-    try:
-        if args.command == "demo":
+    if args.command == "demo":
+        try:
             return _serve_demo(args.store, args.port, err)
+        except (SesskitError, OSError) as exc:
+            print(f"sesskit: {exc}", file=err)
+            return 1
+    owner = _store_owner(args.store) if os.name == "posix" and os.geteuid() == 0 else None
+    if owner is not None and owner[0] != 0:
+        return _as_user(owner, args.store, lambda: _admin(args, out, err), out, err)
+    return _admin(args, out, err)
+
+
+def _admin(args, out, err):
+    """Run the admin command ``args`` (stats, ls, show, reap); return the exit status."""
+    try:
         container = _open_existing(args.store)
         now = time.time()
         if args.command == "stats":
@@ -3397,6 +4139,16 @@ def _main(argv=None, out=None, err=None) -> int:
         return 0
     except (SesskitError, OSError) as exc:
         print(f"sesskit: {exc}", file=err)
+        owner = _store_owner(args.store)
+        if owner is not None and owner[0] != os.geteuid():
+            import shlex
+            import sys
+            words = [sys.executable, os.path.abspath(__file__), args.command, args.store]
+            if args.command == "show":
+                words += ["--", args.sid]
+            command = " ".join(shlex.quote(word) for word in words)
+            print(f"sesskit: the store belongs to {_user_name(owner[0])}; run the command as that "
+                  f"user: sudo -u {shlex.quote(_user_name(owner[0]))} {command}", file=err)
         return 1
 
 
