@@ -96,8 +96,8 @@ def _run_all(ctx, target, args_list, timeout=120):
 
 # -- container fixtures ------------------------------------------------------------
 
-CONTAINER_KINDS = ["memory", "file", "sqlite", "lmdb"]
-SHARED_KINDS = ["file", "sqlite", "lmdb"]     # containers that several processes can share
+CONTAINER_KINDS = ["memory", "file", "sqlite", "lmdb", "redis"]
+SHARED_KINDS = ["file", "sqlite", "lmdb", "redis"]     # containers that several processes can share
 
 
 def _have_lmdb():
@@ -108,21 +108,122 @@ def _have_lmdb():
     return True
 
 
+def _have_redis():
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_REDIS_SERVER = "/usr/bin/redis-server"
+
+
 def _need_kind(kind):
     """Skip (or, under SESSKIT_REQUIRE_INTEGRATION=1, fail) when ``kind``'s package is missing."""
     if kind == "lmdb":
         _need(_have_lmdb(), "the lmdb package is not installed (pip install lmdb)")
+    if kind == "redis":
+        _need(_have_redis(), "the redis package is not installed (pip install redis)")
+        _need(os.path.exists(_REDIS_SERVER), "Redis (apt install redis-server)")
+
+
+def _wait_redis(port, proc, timeout=20, host="127.0.0.1"):
+    """Wait until the server on ``port`` answers PING (it refuses commands while LOADING)."""
+    import socket
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"redis-server exited with {proc.returncode}")
+        try:
+            with socket.create_connection((host, port), timeout=0.5) as conn:
+                conn.sendall(b"PING\r\n")
+                if conn.recv(64).startswith(b"+PONG"):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"redis-server on port {port} did not answer within {timeout} s")
+
+
+def _start_redis(directory, port=None, *extra):
+    """Start Debian's redis-server on a free loopback port with ``directory`` as its working dir (not
+    daemonised: the caller owns the process). Returns (process, port)."""
+    import socket
+    if port is None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+    os.makedirs(directory, exist_ok=True)
+    args = [_REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
+            "--save", "", "--appendonly", "no", "--daemonize", "no", "--protected-mode", "no",
+            "--logfile", os.path.join(str(directory), "redis.log"), *map(str, extra)]
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        _wait_redis(port, proc)
+    except BaseException:
+        _stop_redis(proc)
+        raise
+    return proc, port
+
+
+def _stop_redis(proc):
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+_redis_shared = {}        # the suite's redis-server: started on first use, stopped at the end
+
+
+def _redis_port():
+    """The port of the test run's own redis-server, started on first use (also by the hypothesis
+    machines, which cannot take fixtures) and stopped by the ``redis_server`` fixture or at exit."""
+    if _redis_shared.get("pid") != os.getpid():
+        import atexit
+        import tempfile
+        directory = tempfile.mkdtemp(prefix="sesskit-redis-")
+        proc, port = _start_redis(directory)
+        _redis_shared.update(pid=os.getpid(), proc=proc, port=port, dir=directory)
+        atexit.register(_stop_shared_redis)
+    return _redis_shared["port"]
+
+
+def _stop_shared_redis():
+    if _redis_shared.get("pid") == os.getpid():
+        import shutil
+        _stop_redis(_redis_shared.pop("proc"))
+        shutil.rmtree(_redis_shared.pop("dir"), ignore_errors=True)
+        _redis_shared.clear()
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """The port of a redis-server of this test run (Debian's, on a free loopback port)."""
+    _need_kind("redis")
+    yield _redis_port()
+    _stop_shared_redis()
 
 
 def _store_url(kind, tmp_path):
     if kind == "memory":
         return "memory:"
+    if kind == "redis":      # one server for the run; a prefix per test keeps the tests apart
+        import zlib
+        return f"redis://127.0.0.1:{_redis_port()}/0?prefix=t{zlib.crc32(str(tmp_path).encode()):08x}:"
     return f"{kind}:{tmp_path / ('store-' + kind)}"
 
 
 @pytest.fixture(params=CONTAINER_KINDS)
 def container(request, tmp_path):
     _need_kind(request.param)
+    if request.param == "redis":
+        request.getfixturevalue("redis_server")
     c = sesskit.open_store(_store_url(request.param, tmp_path))
     yield c
     c.close()
@@ -131,6 +232,8 @@ def container(request, tmp_path):
 @pytest.fixture(params=SHARED_KINDS)
 def shared_url(request, tmp_path):
     _need_kind(request.param)
+    if request.param == "redis":
+        request.getfixturevalue("redis_server")
     return _store_url(request.param, tmp_path)
 
 
@@ -1678,6 +1781,8 @@ class TestFullDisk:
     def test_write_failure_leaves_every_container_intact(self, shared_url):
         """A real kernel write failure (RLIMIT_FSIZE: files may not grow past their size now, as on a
         full disk) in a child process: the write raises ContainerError and the stored data stays."""
+        if shared_url.startswith("redis"):
+            pytest.skip("a full Redis server is TestRedisContainer.test_out_of_memory_refuses_whole")
         store = sesskit.open_store(shared_url)
         sid = _seed(store, {"a": 1})
         store.close()
@@ -1906,12 +2011,20 @@ class LMDBSessionMachine(SessionMachine):
     KIND = "lmdb"
 
 
+class RedisSessionMachine(SessionMachine):
+    KIND = "redis"
+
+
 TestSQLiteModel = SQLiteSessionMachine.TestCase
 TestSQLiteModel.settings = _machine_settings
 TestLMDBModel = LMDBSessionMachine.TestCase
 TestLMDBModel.settings = _machine_settings
 if not _have_lmdb() and not REQUIRE_INTEGRATION:
     TestLMDBModel = pytest.mark.skip(reason="the lmdb package is not installed")(TestLMDBModel)
+TestRedisModel = RedisSessionMachine.TestCase
+TestRedisModel.settings = _machine_settings
+if not (_have_redis() and os.path.exists(_REDIS_SERVER)) and not REQUIRE_INTEGRATION:
+    TestRedisModel = pytest.mark.skip(reason="the redis package or redis-server is missing")(TestRedisModel)
 
 
 ###############################################################################
