@@ -2084,8 +2084,10 @@ class LMDBContainer(Container):
 # A load is one HGETALL; the record's JSON text is the fields joined in order of their sequence number,
 # so keys keep their insertion order, as in SQLite and LMDB. Every write is one Lua script (EVALSHA, then
 # EVAL when the server does not know it: after a restart or failover), and every script checks all its
-# conditions before its first write, so an error leaves nothing half-applied. A script that hits
-# maxmemory is refused at its first write (OOM), before anything changed.
+# conditions before its first write, so an error leaves nothing half-applied. Over maxmemory, Redis
+# refuses a script's first command that may grow memory (OOM) and lets a script finish once it has
+# written; so every script writes its growing commands first (HSET before HDEL) and a write-back that
+# adds or changes a key is refused whole, while one that only deletes keys still goes through.
 #
 # No resurrection: update, touch and rotate check inside the script that the record exists, is no
 # tombstone and is not expired at the caller's ``now``; delete() removes the hash, so a late write-back
@@ -2116,12 +2118,12 @@ local function hset_all(key, argv, first, last)
 end
 local function apply(key, argv, at)
   local nd = tonumber(argv[at])
-  for i = at + 1, at + nd do redis.call('HDEL', key, argv[i]) end
   for i = at + nd + 1, #argv, 2 do
     local old = redis.call('HGET', key, argv[i])
     local seq = old and string.match(old, '^(%d+):') or redis.call('HINCRBY', key, 'n', 1)
     redis.call('HSET', key, argv[i], seq .. ':' .. argv[i + 1])
   end
+  for i = at + 1, at + nd do redis.call('HDEL', key, argv[i]) end
 end
 """
 
@@ -2209,7 +2211,9 @@ return 0
 """,
 }
 
-_REDIS_META = (b"c", b"e", b"t", b"m", b"f", b"n")
+#: redis-py exception -> the Redis error code it stands for, named in StoreUnavailable's message.
+_REDIS_CODES = {"ReadOnlyError": "READONLY", "OutOfMemoryError": "OOM", "BusyLoadingError": "LOADING",
+                "MasterDownError": "MASTERDOWN", "TryAgainError": "TRYAGAIN", "ClusterDownError": "CLUSTERDOWN"}
 
 
 def _redis_record(fields):
@@ -2429,17 +2433,17 @@ class RedisContainer(Container):
     @staticmethod
     def _split_url(url):
         """Take this container's options (prefix, lease) out of a URL's query string."""
-        from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
-        parts = urlsplit(url)
-        if parts.scheme not in ("redis", "rediss", "unix"):
+        from urllib.parse import parse_qsl, urlencode
+        if url.partition(":")[0].lower() not in ("redis", "rediss", "unix"):
             raise ContainerError(f"not a Redis URL: {url!r} (redis://, rediss:// or unix://)")
+        base, _, query_text = url.partition("?")
         query, ours = [], {}
-        for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        for name, value in parse_qsl(query_text, keep_blank_values=True):
             if name in ("prefix", "lease"):
                 ours[name] = value
             else:
                 query.append((name, value))
-        return urlunsplit(parts._replace(query=urlencode(query))), ours
+        return base + ("?" + urlencode(query) if query else ""), ours
 
     def __reduce__(self):
         if self.url is None:
@@ -2514,7 +2518,9 @@ class RedisContainer(Container):
         if isinstance(exc, errors.ReadOnlyError) or type(exc).__name__ == "OutOfMemoryError":
             unavailable = True
         cls = StoreUnavailable if unavailable else ContainerError
-        return cls(f"{self.server}: {type(exc).__name__}: {text}")
+        name = type(exc).__name__
+        code = _REDIS_CODES.get(name)          # redis-py drops the reply's code from the message
+        return cls(f"{self.server}: {name}{f' ({code})' if code else ''}: {text}")
 
     def _run(self, name, keys, args):
         """Run one of _REDIS_SCRIPTS: EVALSHA, then EVAL when the server does not have it yet."""

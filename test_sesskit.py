@@ -1688,6 +1688,356 @@ def _inherited_worker(store, sid, worker, n):
             s[f"w{worker}-{i}"] = i
 
 
+###############################################################################
+# Redis: the container's own rules, faults, failover and several hosts
+###############################################################################
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    """A redis-server of this test alone (faults are done to it): (process, port, directory)."""
+    _need_kind("redis")
+    directory = tmp_path / "redis"
+    proc, port = _start_redis(directory)
+    state = {"proc": proc, "port": port, "dir": directory}
+    yield state
+    for p in (state["proc"],):
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGCONT)
+        _stop_redis(p)
+
+
+def _redis_url(port, prefix="t:", **query):
+    extra = "".join(f"&{name}={value}" for name, value in query.items())
+    return f"redis://127.0.0.1:{port}/0?prefix={prefix}{extra}"
+
+
+def _redis_writer(url, sid, worker, n, mode, out):
+    """A client during a failover: n requests of one session, each ok or failing with StoreUnavailable
+    (or, in exclusive mode, LockTimeout/LockLost); writes the outcome of each to ``out`` as JSON."""
+    store = sesskit.open_store(url)
+    done, failed, odd = [], 0, []
+    for i in range(n):
+        try:
+            with sesskit.open_session(sid, store=store, lock=mode, lock_timeout=3, reap_interval=0) as s:
+                if s.is_new:
+                    odd.append(f"request {i}: the session vanished")
+                    continue
+                if mode == "exclusive":
+                    s["n"] += 1
+                else:
+                    s[f"w{worker}-{i}"] = i
+            if s.lost:
+                odd.append(f"request {i}: lost")
+            else:
+                done.append(i)
+        except (sesskit.StoreUnavailable, sesskit.LockTimeout):
+            failed += 1
+            time.sleep(0.02)
+        except Exception as exc:                               # reported, and fails the test
+            odd.append(f"request {i}: {type(exc).__name__}: {exc}")
+    with open(out, "w") as f:
+        json.dump({"done": done, "failed": failed, "odd": odd}, f)
+
+
+class TestRedisContainer:
+    @pytest.fixture
+    def store(self, redis_server, tmp_path):
+        c = sesskit.open_store(_store_url("redis", tmp_path))
+        yield c
+        c.close()
+
+    def test_without_the_package_says_what_to_install(self, monkeypatch):
+        monkeypatch.setitem(sys.modules, "redis", None)
+        with pytest.raises(ImportError, match=r"pip install 'sesskit\[redis\]'"):
+            sesskit.open_store("redis://127.0.0.1:1/0")
+
+    def test_url_options_and_schemes(self, redis_server):
+        c = sesskit.open_store(_redis_url(redis_server, "app1:", lease=2.5, socket_timeout=3))
+        assert (c.prefix, c.lease) == ("app1:", 2.5)
+        assert f"127.0.0.1:{redis_server}" in c.server
+        assert c._client().connection_pool.connection_kwargs["socket_timeout"] == 3.0
+        sid = _seed(c, {"a": 1})
+        assert c._call("exists", f"app1:{{{sid}}}") == 1
+        with pytest.raises(sesskit.ContainerError, match="Redis URL"):
+            sesskit.RedisContainer("http://127.0.0.1/")
+        assert isinstance(sesskit.open_store(f"rediss://127.0.0.1:{redis_server}/0"),
+                          sesskit.RedisContainer)    # TLS: made, connects on first use
+        c.close()
+
+    def test_unix_socket_url(self, tmp_path):
+        _need_kind("redis")
+        sock = tmp_path / "r.sock"
+        proc, _ = _start_redis(tmp_path / "u", None, "--unixsocket", sock, "--unixsocketperm", "700")
+        try:
+            c = sesskit.open_store(f"unix://{sock}?db=2")
+            sid = _seed(c, {"u": 1})
+            assert _stored(c, sid) == {"u": 1} and "unix:" in c.server
+            c.close()
+        finally:
+            _stop_redis(proc)
+
+    def test_a_client_object_works_and_is_replaced_after_fork(self, redis_server):
+        import redis
+        client = redis.Redis(host="127.0.0.1", port=redis_server, db=0)
+        c = sesskit.RedisContainer(client, prefix="cli:")
+        sid = _seed(c, {"a": 1})
+        assert c._client() is client
+        ctx = multiprocessing.get_context("fork")
+        _run_all(ctx, _inherited_worker, [(c, sid, w, 5) for w in range(2)])
+        assert c._client() is client                      # the parent's client was left alone
+        assert set(_stored(c, sid)) == {"a"} | {f"w{w}-{i}" for w in range(2) for i in range(5)}
+
+    def test_keys_share_the_session_hash_tag(self, store):
+        from redis.crc import key_slot
+        sid = _seed(store, {"a": 1})
+        key, lock_key = store._keys(sid)
+        assert key == f"{store.prefix}{{{sid}}}" and lock_key == key + ":lock"
+        assert key_slot(key.encode()) == key_slot(lock_key.encode()) == key_slot(sid.encode())
+
+    def test_each_key_is_one_field_and_order_is_kept(self, store):
+        sid = sesskit.new_session_id()
+        store.create(sid, _record({"z": 1, "a": 2, "m": {"é": [1, "ü"]}}))
+        meta = sesskit.Record(None, T0, T0 + 100, 100.0)
+        assert store.update(sid, {"a": 5, "b": 6}, ["z"], meta, T0)
+        assert store.load(sid).data == '{"a":5,"m":{"\\u00e9":[1,"\\u00fc"]},"b":6}'
+        fields = store._call("hgetall", store._keys(sid)[0])
+        assert sorted(f for f in fields if f[:1] == b'"') == [b'"a"', b'"b"', b'"m"']
+        assert store.update(sid, {"z": 0}, [], meta, T0)               # a key back: at the end
+        assert list(json.loads(store.load(sid).data)) == ["a", "m", "b", "z"]
+
+    def test_the_ttl_follows_the_callers_clock_plus_the_margin(self, store):
+        margin = sesskit.DEFAULTS["reap_margin"]
+        sid = sesskit.new_session_id()
+        store.create(sid, _record({"a": 1}, timeout=100))           # fake clock: T0, far in the past
+        key = store._keys(sid)[0]
+        assert 0 <= (100 + margin) * 1000 - store._call("pttl", key) < 5000
+        store.touch(sid, T0 + 150, 100.0, T0 + 50)
+        assert 0 <= (100 + margin) * 1000 - store._call("pttl", key) < 5000
+        store.touch(sid, T0 + 650)                                   # no clock: moved by the shift
+        assert 0 <= (600 + margin) * 1000 - store._call("pttl", key) < 5000
+
+    def test_touch_refuses_the_dead_and_a_changed_timeout(self, store):
+        sid = sesskit.new_session_id()
+        store.create(sid, _record({"a": 1}, timeout=100))
+        store.touch(sid, T0 + 500, now=T0 + 101)                   # expired at now: stays dead
+        assert store.load(sid).expires == T0 + 100
+        store.touch(sid, T0 + 500, timeout=50.0, now=T0)            # another timeout stored
+        assert store.load(sid).expires == T0 + 100
+        store.touch(sid, T0 + 50, now=T0)                          # never backwards
+        assert store.load(sid).expires == T0 + 100
+        store.touch(sid, T0 + 500, timeout=100.0, now=T0 + 10)
+        assert store.load(sid).expires == T0 + 500
+
+    def test_rotate_is_one_step(self, store):
+        old, new = sesskit.new_session_id(), sesskit.new_session_id()
+        store.create(old, _record({"a": 1, "b": 2}))
+        meta = sesskit.Record(None, T0 + 5, T0 + 105, 100.0, 7.0)
+        tomb = sesskit.Record.tombstone(new, T0 + 5, 10.0, 60.0)
+        assert store.rotate(old, new, {"c": 3}, ["a"], meta, tomb, T0 + 5)
+        moved, left = store.load(new), store.load(old)
+        assert json.loads(moved.data) == {"b": 2, "c": 3} and moved.forward is None
+        assert (moved.created, moved.expires, moved.timeout, moved.max_age) == (T0 + 5, T0 + 105, 100, 7)
+        assert left.forward == new and left.data == "{}" and left.forwards(T0 + 10)
+        assert not left.forwards(T0 + 16) and left.expires == T0 + 65
+        # A rotated id is written no more: not rotated again, not updated, not touched.
+        other = sesskit.new_session_id()
+        assert not store.rotate(old, other, {"x": 1}, [], meta, None, T0 + 6)
+        assert not store.update(old, {"x": 1}, [], meta, T0 + 6)
+        assert store.load(other) is None and store.load(old).data == "{}"
+        # Without a tombstone the old id is gone; an expired or missing old id rotates nothing.
+        third = sesskit.new_session_id()
+        assert store.rotate(new, third, {}, [], meta, None, T0 + 6)
+        assert store.load(new) is None and json.loads(store.load(third).data) == {"b": 2, "c": 3}
+        assert not store.rotate(third, other, {}, [], meta, None, T0 + 200)
+        assert not store.rotate(sesskit.new_session_id(), other, {}, [], meta, None, T0)
+        assert store.load(other) is None
+
+    def test_rotate_to_an_existing_id_changes_nothing(self, store):
+        old, taken = sesskit.new_session_id(), sesskit.new_session_id()
+        store.create(old, _record({"a": 1}))
+        store.create(taken, _record({"t": 1}))
+        meta = sesskit.Record(None, T0, T0 + 100, 100.0)
+        with pytest.raises(sesskit.ContainerError, match="exists already"):
+            store.rotate(old, taken, {"a": 2}, [], meta, None, T0)
+        assert json.loads(store.load(old).data) == {"a": 1} and store.load(old).forward is None
+        assert json.loads(store.load(taken).data) == {"t": 1}
+
+    def test_rotate_under_a_held_lock_and_a_late_write_back(self, store):
+        old, new = sesskit.new_session_id(), sesskit.new_session_id()
+        store.create(old, _record({"n": 1}))
+        held = store.lock(old, 1)
+        meta = sesskit.Record(None, T0, T0 + 100, 100.0)
+        assert store.rotate(old, new, {"n": 2}, [], meta, None, T0, held=held)
+        held.release()
+        assert not store.update(old, {"late": 1}, [], meta, T0)        # deleted by the rotation
+        assert store.load(old) is None and json.loads(store.load(new).data) == {"n": 2}
+
+    def test_fencing_refuses_a_holder_whose_lease_ended(self, store):
+        sid = sesskit.new_session_id()
+        store.create(sid, _record({"n": 1}))
+        stale = store.lock(sid, 1)
+        store._call("delete", store._keys(sid)[1])        # its lease ran out (the process was paused)
+        fresh = store.lock(sid, 0)                         # and another request took the lock
+        meta = sesskit.Record(None, T0, T0 + 100, 100.0)
+        for write in (lambda: store.update(sid, {"n": 99}, [], meta, T0, held=stale),
+                      lambda: store.rotate(sid, sesskit.new_session_id(), {}, [], meta, None, T0,
+                                           held=stale),
+                      lambda: store.touch(sid, T0 + 500, held=stale),
+                      lambda: store.delete(sid, held=stale)):
+            with pytest.raises(sesskit.LockLost, match="lease"):
+                write()
+        stale.release()                                    # compare-and-delete: not the fresh lock
+        with pytest.raises(sesskit.LockTimeout):
+            store.lock(sid, 0)
+        assert store.update(sid, {"n": 2}, [], meta, T0, held=fresh)
+        fresh.release()
+        record = store.load(sid)
+        assert json.loads(record.data) == {"n": 2} and record.expires == T0 + 100
+
+    def test_the_lease_is_renewed_while_a_block_runs(self, redis_server, tmp_path):
+        url = _redis_url(redis_server, f"lease{os.getpid()}:", lease=0.3)
+        store = sesskit.open_store(url)
+        sid = _seed(store, {"n": 0})
+        with sesskit.open_session(sid, store=store, lock="exclusive") as s:
+            s["n"] += 1
+            for _ in range(4):                      # four leases long in all
+                time.sleep(0.3)
+                with pytest.raises(sesskit.LockTimeout):
+                    store.lock(sid, 0)              # still held: renewed by the lease thread
+        assert s.saved and _stored(store, sid) == {"n": 1}
+        store.lock(sid, 0).release()                # and released at the end
+
+    def test_a_killed_holder_frees_the_lock_after_its_lease(self, redis_server):
+        url = _redis_url(redis_server, f"kill{os.getpid()}:", lease=1)
+        sid = _seed(url, {"a": 1})
+        ctx = multiprocessing.get_context("fork")
+        locked, release = ctx.Event(), ctx.Event()
+        with _processes(ctx, _hold_lock, [(url, sid, locked, release, "crash")]) as procs:
+            assert locked.wait(30), "holder never locked"
+            with pytest.raises(sesskit.LockTimeout):
+                with sesskit.open_session(sid, store=url, lock="exclusive", lock_timeout=0.2):
+                    pass
+            os.kill(procs[0].pid, signal.SIGKILL)
+            procs[0].join(10)
+            with sesskit.open_session(sid, store=url, lock="exclusive", lock_timeout=10) as s:
+                s["after"] = True
+        assert _stored(url, sid) == {"a": 1, "after": True}
+
+    def test_count_sids_and_reap_use_scan_in_batches(self, store, monkeypatch):
+        client = store._client()
+        monkeypatch.setattr(client, "keys", lambda *a, **k: pytest.fail("KEYS blocks the server"))
+        pipe = client.pipeline(transaction=False)
+        live, n = [], 1300
+        for i in range(n):
+            sid = sesskit.new_session_id()
+            fields = store._create_args(_record({"i": i}, timeout=10 if i % 2 else 1000), 600_000)
+            pipe.hset(store._keys(sid)[0], mapping=dict(zip(fields[1::2], fields[2::2])))
+            if not i % 2:
+                live.append(sid)
+        pipe.execute()
+        assert store.count(T0 + 100) == len(live) and sorted(store.sids(T0 + 100)) == sorted(live)
+        got = [store.reap(T0 + 100, budget=0)]
+        assert 0 < got[0] < n // 2                           # one SCAN batch, then it stopped
+        while sum(got) < n // 2 and len(got) < 50:
+            got.append(store.reap(T0 + 100, budget=0))      # resumed where the last one stopped
+        assert sum(got) == n // 2 and store.count(T0) == len(live)
+
+    def test_a_stopped_server_raises_store_unavailable(self, own_redis):
+        url = _redis_url(own_redis["port"], socket_timeout=0.5)
+        store = sesskit.open_store(url)
+        sid = _seed(store, {"a": 1})
+        os.kill(own_redis["proc"].pid, signal.SIGSTOP)            # paused: replies time out
+        try:
+            with pytest.raises(sesskit.StoreUnavailable, match=f"127.0.0.1:{own_redis['port']}"):
+                with sesskit.open_session(sid, store=store) as s:
+                    s["b"] = 2
+        finally:
+            os.kill(own_redis["proc"].pid, signal.SIGCONT)
+        _stop_redis(own_redis["proc"])                             # gone: the connection is refused
+        for call in (lambda: store.load(sid), lambda: store.count(),
+                     lambda: store.update(sid, {"x": 1}, [], _record({}), T0)):
+            with pytest.raises(sesskit.StoreUnavailable, match="ConnectionError") as info:
+                call()
+            assert isinstance(info.value, sesskit.ContainerError)
+        own_redis["proc"], _ = _start_redis(own_redis["dir"], own_redis["port"])
+        store.create(sid, _record({"back": 1}))                    # and it reconnects by itself
+        assert json.loads(store.load(sid).data) == {"back": 1}
+
+    def test_out_of_memory_refuses_whole(self, own_redis):
+        store = sesskit.open_store(_redis_url(own_redis["port"]))
+        sid = _seed(store, {"a": 1})
+        store._call("config_set", "maxmemory-policy", "noeviction")
+        store._call("config_set", "maxmemory", 1)
+        try:
+            with pytest.raises(sesskit.StoreUnavailable, match="OOM"):
+                with sesskit.open_session(sid, store=store) as s:
+                    s["b"] = "x" * 1000
+                    del s["a"]
+            with pytest.raises(sesskit.StoreUnavailable, match="OOM"):
+                store.create(sesskit.new_session_id(), _record({"c": 1}))
+            assert _stored(store, sid) == {"a": 1} and store.count() == 1
+            with sesskit.open_session(sid, store=store) as s:        # freeing memory still works
+                del s["a"]
+            assert s.saved and _stored(store, sid) == {}
+        finally:
+            store._call("config_set", "maxmemory", 0)
+
+    def test_a_replica_refuses_writes_as_unavailable(self, own_redis):
+        store = sesskit.open_store(_redis_url(own_redis["port"]))
+        sid = _seed(store, {"a": 1})
+        store._call("replicaof", "127.0.0.1", "1")          # demoted, as in a failover: READONLY
+        try:
+            with pytest.raises(sesskit.StoreUnavailable, match="ReadOnlyError|READONLY"):
+                store.update(sid, {"b": 2}, [], _record({}, now=time.time()), time.time())
+        finally:
+            store._call("replicaof", "no", "one")
+
+    def test_failover_kill_restart_and_pause_under_load(self, tmp_path):
+        """redis-server (appendonly, appendfsync always) is SIGKILLed and restarted, then paused with
+        SIGSTOP, while 4 processes write one session in merge mode and 2 count in exclusive mode:
+        every request succeeds or raises the documented error, and every success is in the store."""
+        _need_kind("redis")
+        directory = tmp_path / "aof"
+        proc, port = _start_redis(directory, None, "--appendonly", "yes", "--appendfsync", "always")
+        try:
+            url = _redis_url(port, socket_timeout=0.5, socket_connect_timeout=0.5)
+            hot, counter = _seed(url, {"start": 1}), _seed(url, {"n": 0})
+            ctx = multiprocessing.get_context("fork")
+            jobs = [(url, hot, w, 150, "merge", str(tmp_path / f"m{w}.json")) for w in range(4)]
+            jobs += [(url, counter, w, 60, "exclusive", str(tmp_path / f"x{w}.json")) for w in range(2)]
+            with _processes(ctx, _redis_writer, jobs) as procs:
+                time.sleep(0.4)
+                proc.kill()                                        # a crash mid-load
+                proc.wait(10)
+                time.sleep(0.3)
+                proc, _ = _start_redis(directory, port, "--appendonly", "yes", "--appendfsync", "always")
+                time.sleep(0.4)
+                os.kill(proc.pid, signal.SIGSTOP)                  # a stall longer than the timeouts
+                time.sleep(1.2)
+                os.kill(proc.pid, signal.SIGCONT)
+                for p in procs:
+                    p.join(120)
+                assert [p.exitcode for p in procs] == [0] * len(procs)
+            results = [json.load(open(job[-1])) for job in jobs]
+            assert [r["odd"] for r in results] == [[]] * len(jobs)
+            assert sum(r["failed"] for r in results) > 0, "the faults hit no request: proves nothing"
+            stored = _stored(url, hot)
+            for (_, _, w, _, mode, _), result in zip(jobs, results):
+                if mode == "merge":
+                    missing = [i for i in result["done"] if f"w{w}-{i}" not in stored]
+                    assert missing == [], f"worker {w}: acknowledged writes lost: {missing}"
+            acknowledged = sum(len(r["done"]) for r in results[4:])
+            attempted = acknowledged + sum(r["failed"] for r in results[4:])
+            # A request whose reply was lost in the crash may have been applied: at least every
+            # acknowledged increment, and never more than were attempted.
+            assert acknowledged <= _stored(url, counter)["n"] <= attempted
+        finally:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGCONT)
+            _stop_redis(proc)
+
+
 class TestMultiProcess:
     P, N = 8, 50
 
