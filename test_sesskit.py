@@ -1740,6 +1740,136 @@ def _redis_writer(url, sid, worker, n, mode, out):
         json.dump({"done": done, "failed": failed, "odd": odd}, f)
 
 
+# A "host" of the multi-host test: run inside its own network and UTS namespaces, it does one phase of
+# requests against the shared Redis with several worker processes and prints a JSON report.
+_HOST_SCRIPT = r'''
+import json, multiprocessing, os, socket, sys, time
+sys.path.insert(0, sys.argv[1])
+import sesskit
+url, sid, phase, workers, n, sync = sys.argv[2:8]
+workers, n = int(workers), int(n)
+host = socket.gethostname()
+
+
+def wait_for(path):
+    deadline = time.monotonic() + 60
+    while not os.path.exists(path):
+        assert time.monotonic() < deadline, "timed out waiting for " + path
+        time.sleep(0.01)
+
+
+def merge(w):
+    store, done = sesskit.open_store(url), []
+    for i in range(n):
+        with sesskit.open_session(sid, store=store, reap_interval=0) as s:
+            if s.is_new:
+                return ["vanished", done]
+            s["%s-%d-%d" % (host, w, i)] = i
+        if not s.saved:
+            return ["not saved", done]
+        done.append(i)
+    return ["ok", done]
+
+
+def count(w):
+    store = sesskit.open_store(url)
+    for i in range(n):
+        with sesskit.open_session(sid, store=store, lock="exclusive", lock_timeout=60, reap_interval=0) as s:
+            s["n"] += 1
+        assert s.saved
+    return ["ok", n]
+
+
+def late(w):
+    """A slow request: it loaded the session before the logout on another host and ends after it."""
+    store = sesskit.open_store(url)
+    with sesskit.open_session(sid, store=store, reap_interval=0, lock="read" if w == 2 else "merge") as s:
+        assert not s.is_new
+        open(sync + ".loaded-%d" % w, "w").close()
+        wait_for(sync + ".out")
+        if w == 0:
+            s["late"] = host
+        elif w == 1:
+            s["late"] = host
+            s.regenerate(grace=30)
+    return ["ok", {"lost": s.lost, "saved": s.saved, "id": s.id}]
+
+
+def logout(w):
+    for i in range(3):
+        wait_for(sync + ".loaded-%d" % i)
+    with sesskit.open_session(sid, store=sesskit.open_store(url), reap_interval=0) as s:
+        assert not s.is_new
+        s.delete()
+    open(sync + ".out", "w").close()
+    return ["ok", None]
+
+
+def look(w):
+    store = sesskit.open_store(url)
+    record = store.load(sid)
+    return ["ok", None if record is None else [json.loads(record.data), record.forward]]
+
+
+if phase == "seed":
+    with sesskit.open_session(None, store=sesskit.open_store(url), reap_interval=0) as s:
+        s.update({"n": 0, "seeded_on": host})
+    results = [["ok", s.id]]
+elif phase == "peek":
+    store = sesskit.open_store(url)
+    results = [look(0)] + [["ok", store.load(other) is not None] for other in sys.argv[8:]]
+else:
+    work = {"merge": merge, "count": count, "late": late, "logout": logout}[phase]
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        results = pool.map(work, range(workers))
+print(json.dumps({"host": host, "sample_id": sesskit.new_session_id(), "results": results}))
+'''
+
+
+@contextlib.contextmanager
+def _network_hosts(count):
+    """Namespaces for ``count`` hosts and one Redis host, linked by veth pairs created inside them, so
+    no interface or address of this test exists outside the namespaces it made. Host i is 10.249.i.2;
+    the Redis host is 10.249.i.1 on its link to host i. Everything is deleted on the way out."""
+    tag = f"{os.getpid() % 100000}"
+    redis_ns, hosts = f"skr{tag}", [f"skh{i}x{tag}" for i in range(1, count + 1)]
+    made = []
+    try:
+        for ns in [redis_ns] + hosts:
+            _sh(["ip", "netns", "add", ns])
+            made.append(ns)
+            _sh(["ip", "-n", ns, "link", "set", "lo", "up"])
+        for i, ns in enumerate(hosts, 1):
+            _sh(["ip", "link", "add", "name", f"sk{i}h", "netns", ns, "type", "veth",
+                 "peer", "name", f"sk{i}r", "netns", redis_ns])
+            _sh(["ip", "-n", ns, "addr", "add", f"10.249.{i}.2/24", "dev", f"sk{i}h"])
+            _sh(["ip", "-n", redis_ns, "addr", "add", f"10.249.{i}.1/24", "dev", f"sk{i}r"])
+            _sh(["ip", "-n", ns, "link", "set", f"sk{i}h", "up"])
+            _sh(["ip", "-n", redis_ns, "link", "set", f"sk{i}r", "up"])
+        yield redis_ns, hosts
+    finally:
+        for ns in made:
+            _sh(["ip", "netns", "del", ns], check=False)
+
+
+def _on_host(ns, hostname, script, *args, timeout=180):
+    """Run the host script in namespace ``ns`` with its own host name (a new UTS namespace)."""
+    cmd = ["ip", "netns", "exec", ns, "unshare", "--uts", "--", "sh", "-c",
+           'hostname "$0" && exec "$@"', hostname, sys.executable, script, HERE, *map(str, args)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _report(proc, timeout=180):
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _host_tag(sid):
+    import base64
+    return base64.urlsafe_b64decode(sid)[24:27]
+
+
 class TestRedisContainer:
     @pytest.fixture
     def store(self, redis_server, tmp_path):
@@ -1992,6 +2122,67 @@ class TestRedisContainer:
                 store.update(sid, {"b": 2}, [], _record({}, now=time.time()), time.time())
         finally:
             store._call("replicaof", "no", "one")
+
+    def test_several_hosts_share_one_redis(self, tmp_path):
+        """Three hosts (network and UTS namespaces, 3 worker processes each) and a Redis host: one
+        session's requests from all hosts at once lose no key in merge mode and count exactly in
+        exclusive mode, and a logout on one host is not undone by slower requests on another."""
+        _need(os.geteuid() == 0, "root, for network namespaces")
+        _need(shutil.which("ip") and shutil.which("unshare"), "ip (iproute2) and unshare (util-linux)")
+        _need_kind("redis")
+        script = tmp_path / "host.py"
+        script.write_text(_HOST_SCRIPT)
+        names, workers, n = ["host-a", "host-b", "host-c"], 3, 30
+        with _network_hosts(3) as (redis_ns, hosts):
+            rdir = tmp_path / "redis-net"
+            rdir.mkdir()
+            server = subprocess.Popen(
+                ["ip", "netns", "exec", redis_ns, _REDIS_SERVER, "--bind", "10.249.1.1", "10.249.2.1",
+                 "10.249.3.1", "--port", "6379", "--dir", str(rdir), "--save", "", "--appendonly", "no",
+                 "--protected-mode", "no", "--logfile", str(rdir / "log")],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                urls = [f"redis://10.249.{i}.1:6379/0?prefix=mh:" for i in (1, 2, 3)]
+                sync = tmp_path / "sync"
+
+                def run(i, phase, sid="-", *extra, workers=workers, n=n):
+                    return _on_host(hosts[i], names[i], script, urls[i], sid, phase, workers, n, sync,
+                                    *extra)
+
+                for _ in range(100):                              # the server starts
+                    proc = run(0, "seed")
+                    out, err = proc.communicate(timeout=60)
+                    if proc.returncode == 0:
+                        break
+                    assert "StoreUnavailable" in err, err[-3000:]
+                    time.sleep(0.1)
+                hot = json.loads(out.strip().splitlines()[-1])["results"][0][1]
+                counter = _report(run(1, "seed"))["results"][0][1]
+                procs = [run(i, "merge", hot) for i in range(3)] + [run(i, "count", counter) for i in range(3)]
+                reports = [_report(p) for p in procs]
+                assert [r["host"] for r in reports] == names * 2
+                assert len({_host_tag(r["sample_id"]) for r in reports[:3]}) == 3   # ids carry the host
+                for r in reports:
+                    assert [status for status, _ in r["results"]] == ["ok"] * workers, r
+                data, forward = _report(run(2, "peek", hot))["results"][0][1]
+                expected = {f"{h}-{w}-{i}" for h in names for w in range(workers) for i in range(n)}
+                assert forward is None and expected - set(data) == set(), f"lost {len(expected - set(data))}"
+                assert _report(run(2, "peek", counter))["results"][0][1][0]["n"] == 3 * workers * n
+
+                # A logout on host a while three slower requests of host b (a write, a rotation and a
+                # read) that loaded the session before it finish after it.
+                victim = _report(run(0, "seed"))["results"][0][1]
+                slow = run(1, "late", victim, workers=3, n=1)
+                out = run(0, "logout", victim, workers=1, n=1)
+                late, logout = _report(slow)["results"], _report(out)["results"]
+                assert logout == [["ok", None]]
+                assert [(r["lost"], r["saved"]) for _, r in late[:2]] == [(True, False), (True, False)]
+                rotated_to = late[1][1]["id"]
+                looked = _report(run(2, "peek", victim, rotated_to))["results"]
+                assert looked == [["ok", None], ["ok", False]], "the logout was undone"
+            finally:
+                server.terminate()
+                server.wait(20)
 
     def test_failover_kill_restart_and_pause_under_load(self, tmp_path):
         """redis-server (appendonly, appendfsync always) is SIGKILLed and restarted, then paused with
