@@ -2213,7 +2213,8 @@ return 0
 
 #: redis-py exception -> the Redis error code it stands for, named in StoreUnavailable's message.
 _REDIS_CODES = {"ReadOnlyError": "READONLY", "OutOfMemoryError": "OOM", "BusyLoadingError": "LOADING",
-                "MasterDownError": "MASTERDOWN", "TryAgainError": "TRYAGAIN", "ClusterDownError": "CLUSTERDOWN"}
+                "MasterDownError": "MASTERDOWN", "TryAgainError": "TRYAGAIN",
+                "ClusterDownError": "CLUSTERDOWN"}
 
 
 def _redis_record(fields):

@@ -2158,7 +2158,8 @@ class TestRedisContainer:
                     time.sleep(0.1)
                 hot = json.loads(out.strip().splitlines()[-1])["results"][0][1]
                 counter = _report(run(1, "seed"))["results"][0][1]
-                procs = [run(i, "merge", hot) for i in range(3)] + [run(i, "count", counter) for i in range(3)]
+                procs = [run(i, "merge", hot) for i in range(3)]
+                procs += [run(i, "count", counter) for i in range(3)]
                 reports = [_report(p) for p in procs]
                 assert [r["host"] for r in reports] == names * 2
                 assert len({_host_tag(r["sample_id"]) for r in reports[:3]}) == 3   # ids carry the host
