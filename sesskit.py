@@ -2081,8 +2081,8 @@ class LMDBContainer(Container):
 #     "key"           one field per session key, named by the key's JSON text (so it starts with '"' and
 #                     never meets a metadata name); its value is "<seq>:<the value's JSON text>".
 #
-# A load is one HGETALL; the record's JSON text is the fields joined in order of their sequence number,
-# so keys keep their insertion order, as in SQLite and LMDB. Every write is one Lua script (EVALSHA, then
+# A load is one script that returns the metadata and the record's JSON text: the key fields joined in
+# order of their sequence number, so keys keep their insertion order, as in SQLite and LMDB. Every write is one Lua script (EVALSHA, then
 # EVAL when the server does not know it: after a restart or failover), and every script checks all its
 # conditions before its first write, so an error leaves nothing half-applied. Over maxmemory, Redis
 # refuses a script's first command that may grow memory (OOM) and lets a script finish once it has
@@ -2128,6 +2128,30 @@ end
 """
 
 _REDIS_SCRIPTS = {
+    # KEYS: hash -> false, or {c, e, t, m, f, the session's JSON text}. The server joins the key fields
+    # in sequence order: a reply of six strings costs redis-py far less to parse than HGETALL's one
+    # string per field (the parser is pure Python without hiredis). It writes nothing, so replicas run it.
+    "load": """
+local h = redis.call('HGETALL', KEYS[1])
+if #h == 0 then return false end
+local by_seq, meta = {}, {}
+for i = 1, #h, 2 do
+  local f, v = h[i], h[i + 1]
+  if string.byte(f, 1) == 34 then
+    local colon = string.find(v, ':', 1, true)
+    by_seq[tonumber(string.sub(v, 1, colon - 1))] = f .. string.sub(v, colon)
+  else
+    meta[f] = v
+  end
+end
+local parts, k = {}, 0
+for seq = 1, tonumber(meta.n) or 0 do
+  local part = by_seq[seq]
+  if part then k = k + 1; parts[k] = part end
+end
+return {meta.c or '', meta.e or '', meta.t or '', meta.m or '', meta.f or '',
+        '{' .. table.concat(parts, ',') .. '}'}
+""",
     # KEYS: hash. ARGV: ttl_ms, field, value, ... -> 1 stored, 0 exists already
     "create": """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
@@ -2217,23 +2241,16 @@ _REDIS_CODES = {"ReadOnlyError": "READONLY", "OutOfMemoryError": "OOM", "BusyLoa
                 "ClusterDownError": "CLUSTERDOWN"}
 
 
-def _redis_record(fields):
-    """Build a Record from a session hash as HGETALL returns it (bytes -> bytes); None if not one."""
-    if not fields:
+def _redis_record(reply):
+    """Build a Record from the reply of the "load" script; None if there is no session."""
+    if not reply:
         return None
     try:
-        created, expires, timeout, max_age = (float(fields[name]) for name in (b"c", b"e", b"t", b"m"))
-        forward = fields[b"f"].decode("ascii") or None
-        items = []
-        for field, value in fields.items():
-            if field[:1] == b'"':
-                seq, _, text = value.partition(b":")
-                items.append((int(seq), field, text))
-    except (KeyError, ValueError):
+        created, expires, timeout, max_age = map(float, reply[:4])
+        return Record(reply[5].decode("utf-8"), created, expires, timeout, max_age,
+                      reply[4].decode("ascii") or None)
+    except (ValueError, IndexError, UnicodeDecodeError):
         return None                                   # not written by this container: no session
-    items.sort()
-    data = b"{" + b",".join(b"%s:%s" % (field, text) for _, field, text in items) + b"}"
-    return Record(data.decode("utf-8"), created, expires, timeout, max_age, forward)
 
 
 def _redis_fields(data_text):
@@ -2562,7 +2579,7 @@ class RedisContainer(Container):
     # -- reading -----------------------------------------------------------------
 
     def load(self, sid):
-        return _redis_record(self._call("hgetall", self._keys(sid)[0]))
+        return _redis_record(self._run("load", [self._keys(sid)[0]], []))
 
     def lock(self, sid, timeout):
         key, lock_key = self._keys(sid)
