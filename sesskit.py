@@ -2512,8 +2512,9 @@ class RedisContainer(Container):
     * No resurrection: a write-back, touch or rotation of a session that was deleted, rotated away or
       expired by the caller's clock writes nothing and reports it (checked inside the script).
     * Exclusive mode: ``lock`` sets ``PREFIX{sid}:lock`` to a random owner token with ``NX`` and a lease
-      of ``lease`` seconds; a waiter polls (5 ms growing to 50 ms) until ``lock_timeout``, then
-      LockTimeout. Only the owner releases it (compare-and-delete in a script). While held, a thread of
+      of ``lease`` seconds; a waiter polls (0.5 ms growing to ``DEFAULTS["poll_interval"]``: one small
+      script per try, so a lock held for a millisecond is picked up at once) until ``lock_timeout``,
+      then LockTimeout. Only the owner releases it (compare-and-delete in a script). While held, a thread of
       the process renews the lease every ``lease/3`` seconds, so a long block keeps it and a killed
       holder frees it after at most ``lease`` seconds. Fencing: every write made under the lock
       (update, rotate, touch, delete with ``held``) checks inside its script that the lock key still
@@ -2708,7 +2709,7 @@ class RedisContainer(Container):
         token = os.urandom(16).hex()
         lease_ms = int(self.lease * 1000)
         deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
-        delay = 0.005
+        delay = 0.0005
         while True:
             got = self._run("lock", [key, lock_key], [token, lease_ms])
             if got == -1:
@@ -2729,7 +2730,7 @@ class RedisContainer(Container):
                 time.sleep(min(delay, left))
             else:
                 time.sleep(delay)
-            delay = min(delay * 2, 0.05)
+            delay = min(delay * 2, DEFAULTS["poll_interval"])
 
     def _scan(self):
         """Yield batches of session sids with SCAN (never KEYS), resuming from nothing."""
