@@ -184,7 +184,7 @@ _redis_shared = {}        # the suite's redis-server: started on first use, stop
 def _redis_port():
     """The port of the test run's own redis-server, started on first use (also by the hypothesis
     machines, which cannot take fixtures) and stopped by the ``redis_server`` fixture or at exit."""
-    if _redis_shared.get("pid") != os.getpid():
+    if "port" not in _redis_shared:           # a forked child uses its parent's server
         import atexit
         import tempfile
         directory = tempfile.mkdtemp(prefix="sesskit-redis-")
