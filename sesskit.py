@@ -23,9 +23,10 @@ __version__ = "0.1.0"
 __license__ = "MIT"
 __all__ = [
     "DEFAULTS", "SesskitError", "LockTimeout", "InvalidSessionId", "ReadOnlySession",
-    "SessionTooLarge", "ContainerError", "new_session_id", "is_valid_session_id", "Record",
+    "SessionTooLarge", "ContainerError", "StoreUnavailable", "LockLost", "new_session_id",
+    "is_valid_session_id", "Record",
     "Container", "MemoryContainer", "FileContainer", "SQLiteContainer", "LMDBContainer",
-    "open_store", "Session", "open_session", "SessionMiddleware",
+    "RedisContainer", "open_store", "Session", "open_session", "SessionMiddleware",
 ]
 
 ###############################################################################
@@ -66,6 +67,8 @@ DEFAULTS = {
     "sqlite_cache_kib": 16384,  # KiB of page cache per SQLite connection (one per thread)
     "lmdb_map_size": 1 << 30,   # bytes of address space LMDB maps at first; doubled whenever it is full
     "lmdb_max_readers": 1024,   # concurrent LMDB read transactions over all processes (set at creation)
+    "redis_lease": 5.0,         # seconds a Redis session lock outlives a holder that stopped renewing it
+    "redis_socket_timeout": 5.0,  # seconds to connect to Redis, and to wait for one reply
 }
 
 #: The lock modes of ``open_session``.
@@ -2221,6 +2224,699 @@ class LMDBContainer(Container):
         return removed
 
 
+# Redis --------------------------------------------------------------------------------
+# Layout: one hash per session, PREFIX{sid}, and its lock PREFIX{sid}:lock; the braces make the sid the
+# Redis Cluster hash tag, so every script that works on one session touches one slot. Hash fields:
+#
+#     c, e, t, m, f   created, expires, timeout, max_age (repr of the float) and forward ("" for none)
+#     n               the last key sequence number handed out
+#     "key"           one field per session key, named by the key's JSON text (so it starts with '"' and
+#                     never meets a metadata name); its value is "<seq>:<the value's JSON text>".
+#
+# A load is one script that returns the metadata and the record's JSON text: the key fields joined in
+# order of their sequence number, so keys keep their insertion order, as in SQLite and LMDB. Every write is one Lua script (EVALSHA, then
+# EVAL when the server does not know it: after a restart or failover), and every script checks all its
+# conditions before its first write, so an error leaves nothing half-applied. Over maxmemory, Redis
+# refuses a script's first command that may grow memory (OOM) and lets a script finish once it has
+# written; so every script writes its growing commands first (HSET before HDEL) and a write-back that
+# adds or changes a key is refused whole, while one that only deletes keys still goes through.
+#
+# No resurrection: update, touch and rotate check inside the script that the record exists, is no
+# tombstone and is not expired at the caller's ``now``; delete() removes the hash, so a late write-back
+# finds nothing to write to. Expiry is the caller's (the ``e`` field, compared with the ``now`` it
+# passes); Redis' own TTL only collects the garbage: each write sets it to the record's remaining
+# lifetime by the writer's clock plus DEFAULTS["reap_margin"] (PEXPIRE, relative: hosts whose clocks
+# disagree with the server's still agree on durations), so an abandoned session disappears by itself
+# and reap() has only sessions inside that margin left to remove.
+#
+# Exclusive mode: the lock is a string key set with NX and a lease (PX); its value is a random owner
+# token. See RedisContainer for the renewal and the fencing.
+
+_REDIS_CHECKS = """
+local function live(key, now)
+  local m = redis.call('HMGET', key, 'e', 'f')
+  return m[1] and m[2] == '' and tonumber(m[1]) >= tonumber(now)
+end
+local function owned(lock, token)
+  return token == '' or redis.call('GET', lock) == token
+end
+local function hset_all(key, argv, first, last)
+  local i = first
+  while i <= last do
+    local j = math.min(i + 999, last)
+    redis.call('HSET', key, unpack(argv, i, j))
+    i = j + 1
+  end
+end
+local function apply(key, argv, at)
+  local nd = tonumber(argv[at])
+  for i = at + nd + 1, #argv, 2 do
+    local old = redis.call('HGET', key, argv[i])
+    local seq = old and string.match(old, '^(%d+):') or redis.call('HINCRBY', key, 'n', 1)
+    redis.call('HSET', key, argv[i], seq .. ':' .. argv[i + 1])
+  end
+  for i = at + 1, at + nd do redis.call('HDEL', key, argv[i]) end
+end
+"""
+
+_REDIS_SCRIPTS = {
+    # KEYS: hash -> false, or {c, e, t, m, f, the session's JSON text}. The server joins the key fields
+    # in sequence order: a reply of six strings costs redis-py far less to parse than HGETALL's one
+    # string per field (the parser is pure Python without hiredis). It writes nothing, so replicas run it.
+    "load": """
+local h = redis.call('HGETALL', KEYS[1])
+if #h == 0 then return false end
+local by_seq, meta = {}, {}
+for i = 1, #h, 2 do
+  local f, v = h[i], h[i + 1]
+  if string.byte(f, 1) == 34 then
+    local colon = string.find(v, ':', 1, true)
+    by_seq[tonumber(string.sub(v, 1, colon - 1))] = f .. string.sub(v, colon)
+  else
+    meta[f] = v
+  end
+end
+local parts, k = {}, 0
+for seq = 1, tonumber(meta.n) or 0 do
+  local part = by_seq[seq]
+  if part then k = k + 1; parts[k] = part end
+end
+return {meta.c or '', meta.e or '', meta.t or '', meta.m or '', meta.f or '',
+        '{' .. table.concat(parts, ',') .. '}'}
+""",
+    # KEYS: hash. ARGV: ttl_ms, field, value, ... -> 1 stored, 0 exists already
+    "create": """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+hset_all(KEYS[1], ARGV, 2, #ARGV)
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return 1
+""",
+    # KEYS: hash, lock. ARGV: now, token, ttl_ms, c, e, t, m, f, n_deleted, deleted..., field, json, ...
+    # -> 1 written, 0 missing/tombstone/expired, -1 the lock (token) is no longer ours
+    "update": """
+if not owned(KEYS[2], ARGV[2]) then return -1 end
+if not live(KEYS[1], ARGV[1]) then return 0 end
+apply(KEYS[1], ARGV, 9)
+redis.call('HSET', KEYS[1], 'c', ARGV[4], 'e', ARGV[5], 't', ARGV[6], 'm', ARGV[7], 'f', ARGV[8])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+""",
+    # KEYS: old hash, old lock, new hash. ARGV: now, token, new ttl_ms, new c, e, t, m,
+    # tombstone ttl_ms ('' = delete old), its c, e, t, m, f, n_deleted, deleted..., field, json, ...
+    # -> 1 done, 0 old not writable, -1 lock lost, -2 new exists already
+    "rotate": """
+if not owned(KEYS[2], ARGV[2]) then return -1 end
+if not live(KEYS[1], ARGV[1]) then return 0 end
+if redis.call('EXISTS', KEYS[3]) == 1 then return -2 end
+apply(KEYS[1], ARGV, 14)
+redis.call('HSET', KEYS[1], 'c', ARGV[4], 'e', ARGV[5], 't', ARGV[6], 'm', ARGV[7], 'f', '')
+redis.call('RENAME', KEYS[1], KEYS[3])
+redis.call('PEXPIRE', KEYS[3], ARGV[3])
+if ARGV[8] ~= '' then
+  redis.call('HSET', KEYS[1], 'c', ARGV[9], 'e', ARGV[10], 't', ARGV[11], 'm', ARGV[12], 'f', ARGV[13],
+             'n', '0')
+  redis.call('PEXPIRE', KEYS[1], ARGV[8])
+end
+return 1
+""",
+    # KEYS: hash, lock. ARGV: expires, timeout or '', now or '', token, margin_ms or ttl_ms
+    # -> 1 pushed, 0 left alone, -1 lock lost
+    "touch": """
+if not owned(KEYS[2], ARGV[4]) then return -1 end
+local m = redis.call('HMGET', KEYS[1], 'e', 't', 'f')
+if not m[1] or m[3] ~= '' then return 0 end
+local stored = tonumber(m[1])
+if stored >= tonumber(ARGV[1]) then return 0 end
+if ARGV[3] ~= '' and stored < tonumber(ARGV[3]) then return 0 end
+if ARGV[2] ~= '' and tonumber(m[2]) ~= tonumber(ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[1], 'e', ARGV[1])
+if ARGV[3] ~= '' then
+  redis.call('PEXPIRE', KEYS[1], ARGV[5])
+else
+  local left = redis.call('PTTL', KEYS[1])
+  if left > 0 then
+    redis.call('PEXPIRE', KEYS[1], left + math.floor((tonumber(ARGV[1]) - stored) * 1000))
+  end
+end
+return 1
+""",
+    # KEYS: hash, lock[, the hash a tombstone forwards to]. ARGV: token, the forward id read before
+    # ('' = none) -> 1 deleted (or absent), 0 the forward changed meanwhile (read again), -1 lock lost
+    "delete": """
+if not owned(KEYS[2], ARGV[1]) then return -1 end
+local f = redis.call('HGET', KEYS[1], 'f')
+if (f or '') ~= ARGV[2] then return 0 end
+redis.call('DEL', KEYS[1])
+if ARGV[2] ~= '' then redis.call('DEL', KEYS[3]) end
+return 1
+""",
+    # KEYS: hash, lock. ARGV: token, lease_ms -> 1 locked, 0 held by another, -1 no such session
+    "lock": """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return 0
+""",
+    # KEYS: lock. ARGV: token, lease_ms ('' = release) -> 1 done, 0 not ours (any more)
+    "lease": """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] == '' then redis.call('DEL', KEYS[1]) else redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 1
+""",
+    # KEYS: hash, lock. ARGV: now -> 1 removed, 0 not expired, absent, or locked (in use)
+    "reap": """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+local e = redis.call('HGET', KEYS[1], 'e')
+if e and tonumber(e) < tonumber(ARGV[1]) then redis.call('DEL', KEYS[1]) return 1 end
+return 0
+""",
+}
+
+#: redis-py exception -> the Redis error code it stands for, named in StoreUnavailable's message.
+_REDIS_CODES = {"ReadOnlyError": "READONLY", "OutOfMemoryError": "OOM", "BusyLoadingError": "LOADING",
+                "MasterDownError": "MASTERDOWN", "TryAgainError": "TRYAGAIN",
+                "ClusterDownError": "CLUSTERDOWN"}
+
+
+def _redis_record(reply):
+    """Build a Record from the reply of the "load" script; None if there is no session."""
+    if not reply:
+        return None
+    try:
+        created, expires, timeout, max_age = map(float, reply[:4])
+        return Record(reply[5].decode("utf-8"), created, expires, timeout, max_age,
+                      reply[4].decode("ascii") or None)
+    except (ValueError, IndexError, UnicodeDecodeError):
+        return None                                   # not written by this container: no session
+
+
+def _redis_fields(data_text):
+    """The key fields of a session's JSON text: [field, "seq:json", ...] and the last seq."""
+    flat = []
+    seq = 0
+    for seq, (key, value) in enumerate(_decode_fast(data_text).items(), 1):
+        flat += (_encode_str(key), f"{seq}:{_encode_fast(value)}")
+    return flat, seq
+
+
+def _redis_changes(changed, deleted):
+    """Script arguments for a write-back's deleted and changed keys."""
+    args = [len(deleted or ())]
+    args += [_encode_str(key) for key in deleted or ()]
+    for key, value in (changed or {}).items():
+        args += (_encode_str(key), _encode_fast(value))
+    return args
+
+
+class StoreUnavailable(ContainerError):
+    """The session server could not be reached or refused the command (connection refused or lost, a
+    timeout, a failover in progress: READONLY, LOADING; out of memory: OOM). Whether the failed write
+    was applied is unknown only when the connection broke after it was sent; it is then applied
+    completely or not at all."""
+
+
+class LockLost(LockTimeout):
+    """An exclusive block's lock lease ran out (its process was paused, or the server unreachable,
+    longer than the lease) and another request may have taken the lock: the write was refused."""
+
+
+class _RedisLock:
+    """A held session lock of a RedisContainer: its key, owner token and lease."""
+
+    __slots__ = ("container", "sid", "key", "token", "renewed")
+
+    def __init__(self, container, sid, key, token):
+        self.container, self.sid, self.key, self.token = container, sid, key, token
+        self.renewed = time.monotonic()
+
+    def release(self):
+        """Compare-and-delete: only the owner's token frees the lock. Never raises: a lock that
+        cannot be released now frees itself when its lease ends."""
+        token, self.token = self.token, None
+        if token is None:
+            return
+        _lease_keeper.remove(self)
+        try:
+            self.container._run("lease", [self.key], [token, ""])
+        except ContainerError:
+            pass                      # unreachable now: the lock frees itself when its lease ends
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.release()
+
+
+class _LeaseKeeper:
+    """A daemon thread per process that renews the lease of every held Redis lock every third of the
+    lease, so an exclusive block may run longer than the lease. Started on first use, and anew in a
+    forked child (a thread does not survive fork(), and the parent's locks are not the child's)."""
+
+    def __init__(self):
+        self._pid = None
+
+    def _start(self):
+        import threading
+        self._pid = os.getpid()
+        self._held = set()
+        self._wake = threading.Condition()
+        thread = threading.Thread(target=self._run, name="sesskit-redis-leases", daemon=True)
+        thread.start()
+
+    def add(self, handle):
+        if self._pid != os.getpid():
+            self._start()
+        with self._wake:
+            self._held.add(handle)
+            self._wake.notify()
+
+    def remove(self, handle):
+        if self._pid == os.getpid():
+            with self._wake:
+                self._held.discard(handle)
+
+    def _run(self):
+        while True:
+            with self._wake:
+                while not self._held:
+                    self._wake.wait()
+                handles = list(self._held)
+            now = time.monotonic()
+            soonest = 1.0
+            for handle in handles:
+                period = handle.container.lease / 3
+                due = handle.renewed + period - now
+                if due <= 0:
+                    token = handle.token
+                    if token is None:
+                        continue
+                    try:
+                        handle.container._run("lease", [handle.key],
+                                              [token, int(handle.container.lease * 1000)])
+                        handle.renewed = now
+                    except ContainerError:      # the fenced write-back will tell, if it matters
+                        pass
+                    due = period
+                soonest = min(soonest, max(due, 0.01))
+            with self._wake:
+                self._wake.wait(soonest)
+
+
+_lease_keeper = _LeaseKeeper()
+
+
+class RedisContainer(Container):
+    """Sessions in Redis: one store shared by many hosts, with the same guarantees as on one machine.
+
+    :param client_or_url: a ``redis://[:password@]host:port/db``, ``rediss://`` (TLS) or
+        ``unix:///path/to/socket`` URL, or a ``redis.Redis`` client. URL query options go to redis-py,
+        except ``prefix`` and ``lease``, which are this container's. A URL's client gets
+        ``socket_timeout`` and ``socket_connect_timeout`` of ``DEFAULTS["redis_socket_timeout"]`` unless
+        the URL sets them, and no automatic retries (see Faults).
+    :param prefix: put before every key (several stores can share one database).
+    :param lease: seconds an exclusive lock outlives a holder that stops renewing it,
+        ``DEFAULTS["redis_lease"]``.
+
+    Guarantees:
+
+    * Merge mode: a write-back is one Lua script, one round trip, that applies only the block's changed
+      and deleted keys (one hash field each) to the record as it is on the server. No client-side lock,
+      no WATCH: concurrent write-backs of one session from any number of hosts lose no key. As in LMDB,
+      it takes no session lock, so it may land while an exclusive block of the same session runs.
+    * No resurrection: a write-back, touch or rotation of a session that was deleted, rotated away or
+      expired by the caller's clock writes nothing and reports it (checked inside the script).
+    * Exclusive mode: ``lock`` sets ``PREFIX{sid}:lock`` to a random owner token with ``NX`` and a lease
+      of ``lease`` seconds; a waiter polls (0.5 ms growing to ``DEFAULTS["poll_interval"]``: one small
+      script per try, so a lock held for a millisecond is picked up at once) until ``lock_timeout``,
+      then LockTimeout. Only the owner releases it (compare-and-delete in a script). While held, a thread of
+      the process renews the lease every ``lease/3`` seconds, so a long block keeps it and a killed
+      holder frees it after at most ``lease`` seconds. Fencing: every write made under the lock
+      (update, rotate, touch, delete with ``held``) checks inside its script that the lock key still
+      holds the owner's token, and is refused with ``LockLost`` otherwise. What this cannot guarantee: a
+      holder paused (stopped, swapped out, cut off from the server) for longer than its lease loses the
+      lock, and another request may then run its block at the same time; the paused holder's write-back
+      is then refused (its changes are lost and it is told), so no update is silently overwritten, but
+      the two blocks did overlap. With Redis replication, a failover may lose the last writes
+      acknowledged by the old primary (Redis replicates asynchronously), locks included.
+    * Expiry: the caller's clock decides (the record stores ``expires``); Redis TTLs remove abandoned
+      sessions ``DEFAULTS["reap_margin"]`` after their expiry, so ``reap`` finds little. ``reap``,
+      ``count`` and ``sids`` walk the keys with SCAN (never KEYS), in batches.
+    * Faults: a refused or broken connection, a timeout, a failover in progress (READONLY, LOADING,
+      MASTERDOWN), a server out of memory (OOM) raise ``StoreUnavailable`` naming the server, a
+      ContainerError. Each write is one script, applied whole or not at all; after a timeout or a broken
+      connection it is unknown which, so no call is retried by itself (a retried rotation or creation
+      could report a failure for what succeeded).
+    * Processes and threads: the redis-py client and its connection pool are thread-safe; the container
+      makes a new client when it finds itself in another process (after ``fork()``), so no connection is
+      ever shared by parent and child. Pickles as its URL.
+    * Redis Cluster: all keys of one session share the hash tag ``{sid}``, except that ``rotate`` writes
+      two sessions' keys in one script and so needs both on one node (a single server, or Sentinel).
+
+    Run Redis with ``maxmemory-policy noeviction``: every session key has a TTL, so a ``volatile-*``
+    or ``allkeys-*`` policy would evict live sessions under memory pressure; with ``noeviction`` a full
+    server refuses writes (``StoreUnavailable``) and keeps every session. For durability against a
+    server crash, ``appendonly yes`` (``appendfsync always`` keeps every acknowledged write).
+    Needs ``pip install redis`` (imported only when this container is made).
+    """
+
+    def __init__(self, client_or_url, prefix=None, lease=None):
+        self._redis = _require("redis", "redis")
+        import hashlib
+        import redis.exceptions
+        self._errors = redis.exceptions
+        self._client_obj = None
+        self.url = None
+        options = {}
+        if isinstance(client_or_url, str):
+            self.url, options = self._split_url(client_or_url)
+        else:
+            self._client_obj = client_or_url
+        self.prefix = str(options.get("prefix", "sesskit:") if prefix is None else prefix)
+        self.lease = float(options.get("lease", DEFAULTS["redis_lease"]) if lease is None else lease)
+        if not self.lease > 0:
+            raise ValueError("lease must be a positive number of seconds")
+        self._margin = DEFAULTS["reap_margin"]
+        self._shas = {name: hashlib.sha1((_REDIS_CHECKS + src).encode()).hexdigest()
+                      for name, src in _REDIS_SCRIPTS.items()}
+        self._pid = None
+        self._client_ = None
+        self._mutex = _thread.allocate_lock()
+        self._reap_cursor = 0
+        self.last_reap_visited = 0
+        self.server = self._describe(self._client())
+
+    @staticmethod
+    def _split_url(url):
+        """Take this container's options (prefix, lease) out of a URL's query string."""
+        from urllib.parse import parse_qsl, urlencode
+        if url.partition(":")[0].lower() not in ("redis", "rediss", "unix"):
+            raise ContainerError(f"not a Redis URL: {url!r} (redis://, rediss:// or unix://)")
+        base, _, query_text = url.partition("?")
+        query, ours = [], {}
+        for name, value in parse_qsl(query_text, keep_blank_values=True):
+            if name in ("prefix", "lease"):
+                ours[name] = value
+            else:
+                query.append((name, value))
+        return base + ("?" + urlencode(query) if query else ""), ours
+
+    def __reduce__(self):
+        if self.url is None:
+            pool = self._client().connection_pool
+            return (_redis_from_pool, (pool.connection_class, pool.connection_kwargs, self.prefix,
+                                       self.lease))
+        query = f"prefix={__import__('urllib.parse').parse.quote(self.prefix)}&lease={self.lease!r}"
+        return (RedisContainer, (self.url + ("&" if "?" in self.url else "?") + query,))
+
+    def __repr__(self):
+        return f"RedisContainer({self.server!r}, prefix={self.prefix!r})"
+
+    # -- connection --------------------------------------------------------------
+
+    def _client(self):
+        client = self._client_
+        if client is not None and self._pid == os.getpid():
+            return client
+        with self._mutex:
+            if self._client_ is None or self._pid != os.getpid():
+                self._client_ = self._connect()
+                self._pid = os.getpid()
+            return self._client_
+
+    def _connect(self):
+        redis = self._redis
+        if self.url is not None:
+            from urllib.parse import parse_qs, urlsplit
+            given = parse_qs(urlsplit(self.url).query)
+            kwargs = {name: DEFAULTS["redis_socket_timeout"]
+                      for name in ("socket_timeout", "socket_connect_timeout") if name not in given}
+            try:
+                import redis.backoff
+                import redis.retry
+                kwargs["retry"] = redis.retry.Retry(redis.backoff.NoBackoff(), 0)
+            except (ImportError, AttributeError):   # pragma: no cover - redis-py without Retry
+                pass
+            try:
+                return redis.Redis.from_url(self.url, **kwargs)
+            except ValueError as exc:
+                raise ContainerError(f"bad Redis URL {self.url!r}: {exc}") from exc
+        client = self._client_obj
+        if self._pid is not None and self._pid != os.getpid():
+            # The caller's client was made in the parent: a new pool with the same settings.
+            pool = client.connection_pool
+            client = redis.Redis(connection_pool=type(pool)(connection_class=pool.connection_class,
+                                                            **pool.connection_kwargs))
+            self._client_obj = client
+        return client
+
+    @staticmethod
+    def _describe(client):
+        kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", {})
+        if kwargs.get("path"):
+            return f"redis unix:{kwargs['path']} db {kwargs.get('db', 0)}"
+        return f"redis {kwargs.get('host', '?')}:{kwargs.get('port', '?')} db {kwargs.get('db', 0)}"
+
+    def close(self):
+        """Disconnect this process's connections (the container reconnects on demand)."""
+        with self._mutex:
+            client, self._client_ = self._client_, None
+        if client is not None and self._pid == os.getpid() and self._client_obj is None:
+            client.connection_pool.disconnect()
+
+    def _fault(self, exc):
+        errors = self._errors
+        text = str(exc)
+        unavailable = isinstance(exc, (errors.ConnectionError, errors.TimeoutError)) or (
+            isinstance(exc, errors.ResponseError)
+            and any(word in text for word in ("READONLY", "LOADING", "OOM", "MASTERDOWN", "BUSY",
+                                              "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS")))
+        if isinstance(exc, errors.ReadOnlyError) or type(exc).__name__ == "OutOfMemoryError":
+            unavailable = True
+        cls = StoreUnavailable if unavailable else ContainerError
+        name = type(exc).__name__
+        code = _REDIS_CODES.get(name)          # redis-py drops the reply's code from the message
+        return cls(f"{self.server}: {name}{f' ({code})' if code else ''}: {text}")
+
+    def _run(self, name, keys, args):
+        """Run one of _REDIS_SCRIPTS: EVALSHA, then EVAL when the server does not have it yet."""
+        client = self._client()
+        errors = self._errors
+        try:
+            try:
+                return client.evalsha(self._shas[name], len(keys), *keys, *args)
+            except errors.NoScriptError:
+                return client.eval(_REDIS_CHECKS + _REDIS_SCRIPTS[name], len(keys), *keys, *args)
+        except errors.RedisError as exc:
+            raise self._fault(exc) from exc
+
+    def _call(self, method, *args, **kwargs):
+        try:
+            return getattr(self._client(), method)(*args, **kwargs)
+        except self._errors.RedisError as exc:
+            raise self._fault(exc) from exc
+
+    def _keys(self, sid):
+        key = f"{self.prefix}{{{sid}}}"
+        return key, key + ":lock"
+
+    def _ttl_ms(self, expires, now):
+        return max(int((expires - now + self._margin) * 1000), 1000)
+
+    @staticmethod
+    def _token(held):
+        return "" if held is None else held.token or "released"
+
+    def _fenced(self, result, sid):
+        if result == -1:
+            raise LockLost(f"the lock of session {_short(sid)} was lost: its lease of {self.lease:g} s ran "
+                           f"out (the process was paused or cut off from {self.server} that long); "
+                           f"nothing was written")
+        return result
+
+    # -- reading -----------------------------------------------------------------
+
+    def load(self, sid):
+        return _redis_record(self._run("load", [self._keys(sid)[0]], []))
+
+    def lock(self, sid, timeout):
+        key, lock_key = self._keys(sid)
+        token = os.urandom(16).hex()
+        lease_ms = int(self.lease * 1000)
+        deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
+        delay = 0.0005
+        while True:
+            got = self._run("lock", [key, lock_key], [token, lease_ms])
+            if got == -1:
+                return None
+            if got == 1:
+                handle = _RedisLock(self, sid, lock_key, token)
+                _lease_keeper.add(handle)
+                return handle
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    if timeout <= 0:
+                        raise LockTimeout(f"session {_short(sid)} is locked by another request "
+                                          f"(not waiting)")
+                    raise LockTimeout(f"session {_short(sid)} is still locked after {timeout:g} s; the "
+                                      f"request holding it is slow or stuck (raise lock_timeout, or use "
+                                      f"lock='merge')")
+                time.sleep(min(delay, left))
+            else:
+                time.sleep(delay)
+            delay = min(delay * 2, DEFAULTS["poll_interval"])
+
+    def _scan(self):
+        """Yield batches of session sids with SCAN (never KEYS), resuming from nothing."""
+        cursor = 0
+        while True:
+            cursor, batch = self._scan_batch(cursor)
+            if batch:
+                yield batch
+            if cursor == 0:
+                return
+
+    def _scan_batch(self, cursor):
+        pattern = "".join("\\" + ch if ch in "*?[]\\" else ch for ch in self.prefix) + "{*}"
+        cursor, keys = self._call("scan", cursor, pattern, 500)
+        start = len(self.prefix.encode("utf-8")) + 1
+        return int(cursor), [key[start:-1].decode("ascii") for key in keys]
+
+    def _expiries(self, sids):
+        pipe = self._client().pipeline(transaction=False)
+        for sid in sids:
+            pipe.hget(self._keys(sid)[0], "e")
+        try:
+            values = pipe.execute()
+        except self._errors.RedisError as exc:
+            raise self._fault(exc) from exc
+        return [(sid, float(value)) for sid, value in zip(sids, values) if value is not None]
+
+    def sids(self, now=None):
+        now = time.time() if now is None else now
+        return [sid for batch in self._scan() for sid, expires in self._expiries(batch)
+                if expires >= now and is_valid_session_id(sid)]
+
+    # -- writing -----------------------------------------------------------------
+
+    def _create_args(self, record, ttl_ms):
+        fields, seq = _redis_fields(record.data)
+        return [ttl_ms, "c", repr(float(record.created)), "e", repr(float(record.expires)),
+                "t", repr(float(record.timeout)), "m", repr(float(record.max_age)),
+                "f", record.forward or "", "n", seq] + fields
+
+    def create(self, sid, record):
+        ttl_ms = self._ttl_ms(record.expires, record.created)
+        if not self._run("create", [self._keys(sid)[0]], self._create_args(record, ttl_ms)):
+            raise ContainerError(f"session {_short(sid)} exists already")
+
+    def update(self, sid, changed, deleted, meta, now, held=None, base=None):
+        key, lock_key = self._keys(sid)
+        args = [repr(float(now)), self._token(held), self._ttl_ms(meta.expires, now),
+                repr(float(meta.created)), repr(float(meta.expires)), repr(float(meta.timeout)),
+                repr(float(meta.max_age)), meta.forward or ""]
+        result = self._run("update", [key, lock_key], args + _redis_changes(changed, deleted))
+        return self._fenced(result, sid) == 1
+
+    def rotate(self, old, new, changed, deleted, meta, tombstone, now, held=None, base=None):
+        key, lock_key = self._keys(old)
+        args = [repr(float(now)), self._token(held), self._ttl_ms(meta.expires, now),
+                repr(float(meta.created)), repr(float(meta.expires)), repr(float(meta.timeout)),
+                repr(float(meta.max_age))]
+        if tombstone is None:
+            args += ["", "", "", "", "", ""]
+        else:
+            args += [self._ttl_ms(tombstone.expires, now), repr(float(tombstone.created)),
+                     repr(float(tombstone.expires)), repr(float(tombstone.timeout)),
+                     repr(float(tombstone.max_age)), tombstone.forward]
+        result = self._run("rotate", [key, lock_key, self._keys(new)[0]],
+                           args + _redis_changes(changed, deleted))
+        if result == -2:
+            raise ContainerError(f"session {_short(new)} exists already")
+        return self._fenced(result, old) == 1
+
+    def touch(self, sid, expires, timeout=None, now=None, held=None):
+        key, lock_key = self._keys(sid)
+        args = [repr(float(expires)), "" if timeout is None else repr(float(timeout)),
+                "" if now is None else repr(float(now)), self._token(held),
+                self._ttl_ms(expires, expires if now is None else now)]
+        return self._fenced(self._run("touch", [key, lock_key], args), sid) == 1
+
+    def delete(self, sid, held=None):
+        key, lock_key = self._keys(sid)
+        handle = held or self.lock(sid, DEFAULTS["lock_timeout"])
+        if handle is None:
+            return                                    # not stored
+        try:
+            # A tombstone goes with the session it forwards to (the Container contract). The forward is
+            # read first so that the script can name that session's key (Redis Cluster wants every
+            # key declared); the script checks it is still the same, else it is read again.
+            for _ in range(8):
+                record = self.load(sid)
+                forward = "" if record is None or record.forward is None else record.forward
+                keys = [key, lock_key] + ([self._keys(forward)[0]] if forward else [])
+                result = self._run("delete", keys, [self._token(handle), forward])
+                if result != 0:
+                    break
+            self._fenced(result, sid)
+        finally:
+            if held is None:
+                handle.release()
+
+    # -- expiry ------------------------------------------------------------------
+
+    def reap(self, now=None, budget=None, interval=0.0):
+        """Remove sessions expired at ``now`` that Redis has not dropped yet (those within
+        ``DEFAULTS["reap_margin"]`` of their expiry): SCAN in batches of about 500 keys, one pipelined
+        script per candidate that deletes it only if it is still expired and not locked (in use).
+
+        One reaper per store at a time (the key ``PREFIX reap.lock``, set with NX and a lease; the
+        others return 0); ``PREFIX last_reap`` holds when the last reap started, for ``interval``. With
+        ``budget`` seconds the walk stops after the batch that crossed it, and this container's next
+        reap resumes from the SCAN cursor it reached. ``last_reap_visited`` counts the candidates.
+        """
+        now = time.time() if now is None else now
+        reaper_key, last_key = f"{self.prefix}reap.lock", f"{self.prefix}last_reap"
+        token = os.urandom(16).hex()
+        if not self._call("set", reaper_key, token, px=int(max(self.lease, 60) * 1000), nx=True):
+            return 0
+        removed = visited = 0
+        try:
+            if interval:
+                last = self._call("get", last_key)
+                if last is not None and now - float(last) < interval:
+                    return 0
+            self._call("set", last_key, repr(float(now)))
+            deadline = None if budget is None else time.monotonic() + budget
+            cursor = self._reap_cursor
+            while True:
+                cursor, sids = self._scan_batch(cursor)
+                candidates = [sid for sid, expires in self._expiries(sids) if expires < now]
+                visited += len(candidates)
+                if candidates:   # the first with EVALSHA's fallback, so the pipeline finds the script
+                    removed += self._run("reap", list(self._keys(candidates[0])), [repr(float(now))])
+                    pipe = self._client().pipeline(transaction=False)
+                    for sid in candidates[1:]:
+                        pipe.evalsha(self._shas["reap"], 2, *self._keys(sid), repr(float(now)))
+                    try:
+                        removed += sum(pipe.execute())
+                    except self._errors.RedisError as exc:
+                        raise self._fault(exc) from exc
+                self._reap_cursor = cursor
+                if cursor == 0 or (deadline is not None and time.monotonic() > deadline):
+                    return removed
+        finally:
+            self.last_reap_visited = visited
+            self._run("lease", [reaper_key], [token, ""])
+
+
+def _redis_from_pool(connection_class, connection_kwargs, prefix, lease):
+    """Unpickle a RedisContainer that was made from a client: a new client with the same settings."""
+    redis = _require("redis", "redis")
+    pool = redis.ConnectionPool(connection_class=connection_class, **connection_kwargs)
+    return RedisContainer(redis.Redis(connection_pool=pool), prefix, lease)
+
+
 # Store URLs ------------------------------------------------------------------------
 
 #: URL scheme -> container class name (resolved when used, so later sections can add schemes).
@@ -2229,13 +2925,17 @@ _SCHEMES = {
     "file": "FileContainer",
     "sqlite": "SQLiteContainer",
     "lmdb": "LMDBContainer",
+    "redis": "RedisContainer",
+    "rediss": "RedisContainer",
+    "unix": "RedisContainer",
 }
 
 
 def open_store(store, **options):
     """Return a container for ``store``: a Container (returned as is) or a URL.
 
-    URLs: ``file:/path/to/dir``, ``sqlite:/path/to/file.db``, ``lmdb:/path/to/dir``, ``memory:``;
+    URLs: ``file:/path/to/dir``, ``sqlite:/path/to/file.db``, ``lmdb:/path/to/dir``, ``memory:``,
+    ``redis://host:port/db`` (also ``rediss://`` and ``unix:///path/to/socket``: see RedisContainer);
     ``options`` go to the container class.
     Raises ContainerError for an unknown scheme or an unusable store.
     """
@@ -2251,6 +2951,8 @@ def open_store(store, **options):
     cls = globals()[cls_name]
     if cls is MemoryContainer:
         return cls(**options)
+    if cls is RedisContainer:                         # a whole URL, as redis-py reads it
+        return cls(store, **options)
     if rest.startswith("//"):
         rest = rest[2:]
     if not rest:

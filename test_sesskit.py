@@ -96,8 +96,8 @@ def _run_all(ctx, target, args_list, timeout=120):
 
 # -- container fixtures ------------------------------------------------------------
 
-CONTAINER_KINDS = ["memory", "file", "sqlite", "lmdb"]
-SHARED_KINDS = ["file", "sqlite", "lmdb"]     # containers that several processes can share
+CONTAINER_KINDS = ["memory", "file", "sqlite", "lmdb", "redis"]
+SHARED_KINDS = ["file", "sqlite", "lmdb", "redis"]     # containers that several processes can share
 
 
 def _have_lmdb():
@@ -108,21 +108,122 @@ def _have_lmdb():
     return True
 
 
+def _have_redis():
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_REDIS_SERVER = "/usr/bin/redis-server"
+
+
 def _need_kind(kind):
     """Skip (or, under SESSKIT_REQUIRE_INTEGRATION=1, fail) when ``kind``'s package is missing."""
     if kind == "lmdb":
         _need(_have_lmdb(), "the lmdb package is not installed (pip install lmdb)")
+    if kind == "redis":
+        _need(_have_redis(), "the redis package is not installed (pip install redis)")
+        _need(os.path.exists(_REDIS_SERVER), "Redis (apt install redis-server)")
+
+
+def _wait_redis(port, proc, timeout=20, host="127.0.0.1"):
+    """Wait until the server on ``port`` answers PING (it refuses commands while LOADING)."""
+    import socket
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"redis-server exited with {proc.returncode}")
+        try:
+            with socket.create_connection((host, port), timeout=0.5) as conn:
+                conn.sendall(b"PING\r\n")
+                if conn.recv(64).startswith(b"+PONG"):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"redis-server on port {port} did not answer within {timeout} s")
+
+
+def _start_redis(directory, port=None, *extra):
+    """Start Debian's redis-server on a free loopback port with ``directory`` as its working dir (not
+    daemonised: the caller owns the process). Returns (process, port)."""
+    import socket
+    if port is None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+    os.makedirs(directory, exist_ok=True)
+    args = [_REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
+            "--save", "", "--appendonly", "no", "--daemonize", "no", "--protected-mode", "no",
+            "--logfile", os.path.join(str(directory), "redis.log"), *map(str, extra)]
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        _wait_redis(port, proc)
+    except BaseException:
+        _stop_redis(proc)
+        raise
+    return proc, port
+
+
+def _stop_redis(proc):
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+_redis_shared = {}        # the suite's redis-server: started on first use, stopped at the end
+
+
+def _redis_port():
+    """The port of the test run's own redis-server, started on first use (also by the hypothesis
+    machines, which cannot take fixtures) and stopped by the ``redis_server`` fixture or at exit."""
+    if "port" not in _redis_shared:           # a forked child uses its parent's server
+        import atexit
+        import tempfile
+        directory = tempfile.mkdtemp(prefix="sesskit-redis-")
+        proc, port = _start_redis(directory)
+        _redis_shared.update(pid=os.getpid(), proc=proc, port=port, dir=directory)
+        atexit.register(_stop_shared_redis)
+    return _redis_shared["port"]
+
+
+def _stop_shared_redis():
+    if _redis_shared.get("pid") == os.getpid():
+        import shutil
+        _stop_redis(_redis_shared.pop("proc"))
+        shutil.rmtree(_redis_shared.pop("dir"), ignore_errors=True)
+        _redis_shared.clear()
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """The port of a redis-server of this test run (Debian's, on a free loopback port)."""
+    _need_kind("redis")
+    yield _redis_port()
+    _stop_shared_redis()
 
 
 def _store_url(kind, tmp_path):
     if kind == "memory":
         return "memory:"
+    if kind == "redis":      # one server for the run; a prefix per test keeps the tests apart
+        import zlib
+        return f"redis://127.0.0.1:{_redis_port()}/0?prefix=t{zlib.crc32(str(tmp_path).encode()):08x}:"
     return f"{kind}:{tmp_path / ('store-' + kind)}"
 
 
 @pytest.fixture(params=CONTAINER_KINDS)
 def container(request, tmp_path):
     _need_kind(request.param)
+    if request.param == "redis":
+        request.getfixturevalue("redis_server")
     c = sesskit.open_store(_store_url(request.param, tmp_path))
     yield c
     c.close()
@@ -131,6 +232,8 @@ def container(request, tmp_path):
 @pytest.fixture(params=SHARED_KINDS)
 def shared_url(request, tmp_path):
     _need_kind(request.param)
+    if request.param == "redis":
+        request.getfixturevalue("redis_server")
     return _store_url(request.param, tmp_path)
 
 
@@ -1945,6 +2048,548 @@ def _inherited_worker(store, sid, worker, n):
             s[f"w{worker}-{i}"] = i
 
 
+###############################################################################
+# Redis: the container's own rules, faults, failover and several hosts
+###############################################################################
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    """A redis-server of this test alone (faults are done to it): (process, port, directory)."""
+    _need_kind("redis")
+    directory = tmp_path / "redis"
+    proc, port = _start_redis(directory)
+    state = {"proc": proc, "port": port, "dir": directory}
+    yield state
+    for p in (state["proc"],):
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGCONT)
+        _stop_redis(p)
+
+
+def _redis_url(port, prefix="t:", **query):
+    extra = "".join(f"&{name}={value}" for name, value in query.items())
+    return f"redis://127.0.0.1:{port}/0?prefix={prefix}{extra}"
+
+
+def _redis_writer(url, sid, worker, n, mode, out):
+    """A client during a failover: n requests of one session, each ok or failing with StoreUnavailable
+    (or, in exclusive mode, LockTimeout/LockLost); writes the outcome of each to ``out`` as JSON."""
+    store = sesskit.open_store(url)
+    done, failed, odd = [], 0, []
+    for i in range(n):
+        try:
+            with sesskit.open_session(sid, store=store, lock=mode, lock_timeout=3, reap_interval=0) as s:
+                if s.is_new:
+                    odd.append(f"request {i}: the session vanished")
+                    continue
+                if mode == "exclusive":
+                    s["n"] += 1
+                else:
+                    s[f"w{worker}-{i}"] = i
+            if s.lost:
+                odd.append(f"request {i}: lost")
+            else:
+                done.append(i)
+        except (sesskit.StoreUnavailable, sesskit.LockTimeout):
+            failed += 1
+            time.sleep(0.02)
+        except Exception as exc:                               # reported, and fails the test
+            odd.append(f"request {i}: {type(exc).__name__}: {exc}")
+    with open(out, "w") as f:
+        json.dump({"done": done, "failed": failed, "odd": odd}, f)
+
+
+# A "host" of the multi-host test: run inside its own network and UTS namespaces, it does one phase of
+# requests against the shared Redis with several worker processes and prints a JSON report.
+_HOST_SCRIPT = r'''
+import json, multiprocessing, os, socket, sys, time
+sys.path.insert(0, sys.argv[1])
+import sesskit
+url, sid, phase, workers, n, sync = sys.argv[2:8]
+workers, n = int(workers), int(n)
+host = socket.gethostname()
+
+
+def wait_for(path):
+    deadline = time.monotonic() + 60
+    while not os.path.exists(path):
+        assert time.monotonic() < deadline, "timed out waiting for " + path
+        time.sleep(0.01)
+
+
+def merge(w):
+    store, done = sesskit.open_store(url), []
+    for i in range(n):
+        with sesskit.open_session(sid, store=store, reap_interval=0) as s:
+            if s.is_new:
+                return ["vanished", done]
+            s["%s-%d-%d" % (host, w, i)] = i
+        if not s.saved:
+            return ["not saved", done]
+        done.append(i)
+    return ["ok", done]
+
+
+def count(w):
+    store = sesskit.open_store(url)
+    for i in range(n):
+        with sesskit.open_session(sid, store=store, lock="exclusive", lock_timeout=60, reap_interval=0) as s:
+            s["n"] += 1
+        assert s.saved
+    return ["ok", n]
+
+
+def late(w):
+    """A slow request: it loaded the session before the logout on another host and ends after it."""
+    store = sesskit.open_store(url)
+    with sesskit.open_session(sid, store=store, reap_interval=0, lock="read" if w == 2 else "merge") as s:
+        assert not s.is_new
+        open(sync + ".loaded-%d" % w, "w").close()
+        wait_for(sync + ".out")
+        if w == 0:
+            s["late"] = host
+        elif w == 1:
+            s["late"] = host
+            s.regenerate(grace=30)
+    return ["ok", {"lost": s.lost, "saved": s.saved, "id": s.id}]
+
+
+def logout(w):
+    for i in range(3):
+        wait_for(sync + ".loaded-%d" % i)
+    with sesskit.open_session(sid, store=sesskit.open_store(url), reap_interval=0) as s:
+        assert not s.is_new
+        s.delete()
+    open(sync + ".out", "w").close()
+    return ["ok", None]
+
+
+def look(w):
+    store = sesskit.open_store(url)
+    record = store.load(sid)
+    return ["ok", None if record is None else [json.loads(record.data), record.forward]]
+
+
+if phase == "seed":
+    with sesskit.open_session(None, store=sesskit.open_store(url), reap_interval=0) as s:
+        s.update({"n": 0, "seeded_on": host})
+    results = [["ok", s.id]]
+elif phase == "peek":
+    store = sesskit.open_store(url)
+    results = [look(0)] + [["ok", store.load(other) is not None] for other in sys.argv[8:]]
+else:
+    work = {"merge": merge, "count": count, "late": late, "logout": logout}[phase]
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        results = pool.map(work, range(workers))
+print(json.dumps({"host": host, "sample_id": sesskit.new_session_id(), "results": results}))
+'''
+
+
+@contextlib.contextmanager
+def _network_hosts(count):
+    """Namespaces for ``count`` hosts and one Redis host, linked by veth pairs created inside them, so
+    no interface or address of this test exists outside the namespaces it made. Host i is 10.249.i.2;
+    the Redis host is 10.249.i.1 on its link to host i. Everything is deleted on the way out."""
+    tag = f"{os.getpid() % 100000}"
+    redis_ns, hosts = f"skr{tag}", [f"skh{i}x{tag}" for i in range(1, count + 1)]
+    made = []
+    try:
+        for ns in [redis_ns] + hosts:
+            _sh(["ip", "netns", "add", ns])
+            made.append(ns)
+            _sh(["ip", "-n", ns, "link", "set", "lo", "up"])
+        for i, ns in enumerate(hosts, 1):
+            _sh(["ip", "link", "add", "name", f"sk{i}h", "netns", ns, "type", "veth",
+                 "peer", "name", f"sk{i}r", "netns", redis_ns])
+            _sh(["ip", "-n", ns, "addr", "add", f"10.249.{i}.2/24", "dev", f"sk{i}h"])
+            _sh(["ip", "-n", redis_ns, "addr", "add", f"10.249.{i}.1/24", "dev", f"sk{i}r"])
+            _sh(["ip", "-n", ns, "link", "set", f"sk{i}h", "up"])
+            _sh(["ip", "-n", redis_ns, "link", "set", f"sk{i}r", "up"])
+        yield redis_ns, hosts
+    finally:
+        for ns in made:
+            _sh(["ip", "netns", "del", ns], check=False)
+
+
+def _on_host(ns, hostname, script, *args, timeout=180):
+    """Run the host script in namespace ``ns`` with its own host name (a new UTS namespace)."""
+    cmd = ["ip", "netns", "exec", ns, "unshare", "--uts", "--", "sh", "-c",
+           'hostname "$0" && exec "$@"', hostname, sys.executable, script, HERE, *map(str, args)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _report(proc, timeout=180):
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _host_tag(sid):
+    import base64
+    return base64.urlsafe_b64decode(sid)[24:27]
+
+
+class TestRedisContainer:
+    @pytest.fixture
+    def store(self, redis_server, tmp_path):
+        c = sesskit.open_store(_store_url("redis", tmp_path))
+        yield c
+        c.close()
+
+    def test_without_the_package_says_what_to_install(self, monkeypatch):
+        monkeypatch.setitem(sys.modules, "redis", None)
+        with pytest.raises(ImportError, match=r"pip install 'sesskit\[redis\]'"):
+            sesskit.open_store("redis://127.0.0.1:1/0")
+
+    def test_url_options_and_schemes(self, redis_server):
+        c = sesskit.open_store(_redis_url(redis_server, "app1:", lease=2.5, socket_timeout=3))
+        assert (c.prefix, c.lease) == ("app1:", 2.5)
+        assert f"127.0.0.1:{redis_server}" in c.server
+        assert c._client().connection_pool.connection_kwargs["socket_timeout"] == 3.0
+        sid = _seed(c, {"a": 1})
+        assert c._call("exists", f"app1:{{{sid}}}") == 1
+        with pytest.raises(sesskit.ContainerError, match="Redis URL"):
+            sesskit.RedisContainer("http://127.0.0.1/")
+        assert isinstance(sesskit.open_store(f"rediss://127.0.0.1:{redis_server}/0"),
+                          sesskit.RedisContainer)    # TLS: made, connects on first use
+        c.close()
+
+    def test_unix_socket_url(self, tmp_path):
+        _need_kind("redis")
+        sock = tmp_path / "r.sock"
+        proc, _ = _start_redis(tmp_path / "u", None, "--unixsocket", sock, "--unixsocketperm", "700")
+        try:
+            c = sesskit.open_store(f"unix://{sock}?db=2")
+            sid = _seed(c, {"u": 1})
+            assert _stored(c, sid) == {"u": 1} and "unix:" in c.server
+            c.close()
+        finally:
+            _stop_redis(proc)
+
+    def test_a_client_object_works_and_is_replaced_after_fork(self, redis_server):
+        import redis
+        client = redis.Redis(host="127.0.0.1", port=redis_server, db=0)
+        c = sesskit.RedisContainer(client, prefix="cli:")
+        sid = _seed(c, {"a": 1})
+        assert c._client() is client
+        ctx = multiprocessing.get_context("fork")
+        _run_all(ctx, _inherited_worker, [(c, sid, w, 5) for w in range(2)])
+        assert c._client() is client                      # the parent's client was left alone
+        assert set(_stored(c, sid)) == {"a"} | {f"w{w}-{i}" for w in range(2) for i in range(5)}
+
+    def test_keys_share_the_session_hash_tag(self, store):
+        from redis.crc import key_slot
+        sid = _seed(store, {"a": 1})
+        key, lock_key = store._keys(sid)
+        assert key == f"{store.prefix}{{{sid}}}" and lock_key == key + ":lock"
+        assert key_slot(key.encode()) == key_slot(lock_key.encode()) == key_slot(sid.encode())
+
+    def test_each_key_is_one_field_and_order_is_kept(self, store):
+        sid = sesskit.new_session_id()
+        store.create(sid, _record({"z": 1, "a": 2, "m": {"é": [1, "ü"]}}))
+        meta = sesskit.Record(None, T0, T0 + 100, 100.0)
+        assert store.update(sid, {"a": 5, "b": 6}, ["z"], meta, T0)
+        assert store.load(sid).data == '{"a":5,"m":{"\\u00e9":[1,"\\u00fc"]},"b":6}'
+        fields = store._call("hgetall", store._keys(sid)[0])
+        assert sorted(f for f in fields if f[:1] == b'"') == [b'"a"', b'"b"', b'"m"']
+        assert store.update(sid, {"z": 0}, [], meta, T0)               # a key back: at the end
+        assert list(json.loads(store.load(sid).data)) == ["a", "m", "b", "z"]
+
+    def test_the_ttl_follows_the_callers_clock_plus_the_margin(self, store):
+        margin = sesskit.DEFAULTS["reap_margin"]
+        sid = sesskit.new_session_id()
+        store.create(sid, _record({"a": 1}, timeout=100))           # fake clock: T0, far in the past
+        key = store._keys(sid)[0]
+        assert 0 <= (100 + margin) * 1000 - store._call("pttl", key) < 5000
+        store.touch(sid, T0 + 150, 100.0, T0 + 50)
+        assert 0 <= (100 + margin) * 1000 - store._call("pttl", key) < 5000
+        store.touch(sid, T0 + 650)                                   # no clock: moved by the shift
+        assert 0 <= (600 + margin) * 1000 - store._call("pttl", key) < 5000
+
+    def test_touch_refuses_the_dead_and_a_changed_timeout(self, store):
+        sid = sesskit.new_session_id()
+        store.create(sid, _record({"a": 1}, timeout=100))
+        store.touch(sid, T0 + 500, now=T0 + 101)                   # expired at now: stays dead
+        assert store.load(sid).expires == T0 + 100
+        store.touch(sid, T0 + 500, timeout=50.0, now=T0)            # another timeout stored
+        assert store.load(sid).expires == T0 + 100
+        store.touch(sid, T0 + 50, now=T0)                          # never backwards
+        assert store.load(sid).expires == T0 + 100
+        store.touch(sid, T0 + 500, timeout=100.0, now=T0 + 10)
+        assert store.load(sid).expires == T0 + 500
+
+    def test_rotate_is_one_step(self, store):
+        old, new = sesskit.new_session_id(), sesskit.new_session_id()
+        store.create(old, _record({"a": 1, "b": 2}))
+        meta = sesskit.Record(None, T0 + 5, T0 + 105, 100.0, 7.0)
+        tomb = sesskit.Record.tombstone(new, T0 + 5, 10.0, 60.0)
+        assert store.rotate(old, new, {"c": 3}, ["a"], meta, tomb, T0 + 5)
+        moved, left = store.load(new), store.load(old)
+        assert json.loads(moved.data) == {"b": 2, "c": 3} and moved.forward is None
+        assert (moved.created, moved.expires, moved.timeout, moved.max_age) == (T0 + 5, T0 + 105, 100, 7)
+        assert left.forward == new and left.data == "{}" and left.forwards(T0 + 10)
+        assert not left.forwards(T0 + 16) and left.expires == T0 + 65
+        # A rotated id is written no more: not rotated again, not updated, not touched.
+        other = sesskit.new_session_id()
+        assert not store.rotate(old, other, {"x": 1}, [], meta, None, T0 + 6)
+        assert not store.update(old, {"x": 1}, [], meta, T0 + 6)
+        assert store.load(other) is None and store.load(old).data == "{}"
+        # Without a tombstone the old id is gone; an expired or missing old id rotates nothing.
+        third = sesskit.new_session_id()
+        assert store.rotate(new, third, {}, [], meta, None, T0 + 6)
+        assert store.load(new) is None and json.loads(store.load(third).data) == {"b": 2, "c": 3}
+        assert not store.rotate(third, other, {}, [], meta, None, T0 + 200)
+        assert not store.rotate(sesskit.new_session_id(), other, {}, [], meta, None, T0)
+        assert store.load(other) is None
+
+    def test_rotate_to_an_existing_id_changes_nothing(self, store):
+        old, taken = sesskit.new_session_id(), sesskit.new_session_id()
+        store.create(old, _record({"a": 1}))
+        store.create(taken, _record({"t": 1}))
+        meta = sesskit.Record(None, T0, T0 + 100, 100.0)
+        with pytest.raises(sesskit.ContainerError, match="exists already"):
+            store.rotate(old, taken, {"a": 2}, [], meta, None, T0)
+        assert json.loads(store.load(old).data) == {"a": 1} and store.load(old).forward is None
+        assert json.loads(store.load(taken).data) == {"t": 1}
+
+    def test_rotate_under_a_held_lock_and_a_late_write_back(self, store):
+        old, new = sesskit.new_session_id(), sesskit.new_session_id()
+        store.create(old, _record({"n": 1}))
+        held = store.lock(old, 1)
+        meta = sesskit.Record(None, T0, T0 + 100, 100.0)
+        assert store.rotate(old, new, {"n": 2}, [], meta, None, T0, held=held)
+        held.release()
+        assert not store.update(old, {"late": 1}, [], meta, T0)        # deleted by the rotation
+        assert store.load(old) is None and json.loads(store.load(new).data) == {"n": 2}
+
+    def test_fencing_refuses_a_holder_whose_lease_ended(self, store):
+        sid = sesskit.new_session_id()
+        store.create(sid, _record({"n": 1}))
+        stale = store.lock(sid, 1)
+        store._call("delete", store._keys(sid)[1])        # its lease ran out (the process was paused)
+        fresh = store.lock(sid, 0)                         # and another request took the lock
+        meta = sesskit.Record(None, T0, T0 + 100, 100.0)
+        for write in (lambda: store.update(sid, {"n": 99}, [], meta, T0, held=stale),
+                      lambda: store.rotate(sid, sesskit.new_session_id(), {}, [], meta, None, T0,
+                                           held=stale),
+                      lambda: store.touch(sid, T0 + 500, held=stale),
+                      lambda: store.delete(sid, held=stale)):
+            with pytest.raises(sesskit.LockLost, match="lease"):
+                write()
+        stale.release()                                    # compare-and-delete: not the fresh lock
+        with pytest.raises(sesskit.LockTimeout):
+            store.lock(sid, 0)
+        assert store.update(sid, {"n": 2}, [], meta, T0, held=fresh)
+        fresh.release()
+        record = store.load(sid)
+        assert json.loads(record.data) == {"n": 2} and record.expires == T0 + 100
+
+    def test_the_lease_is_renewed_while_a_block_runs(self, redis_server, tmp_path):
+        url = _redis_url(redis_server, f"lease{os.getpid()}:", lease=0.3)
+        store = sesskit.open_store(url)
+        sid = _seed(store, {"n": 0})
+        with sesskit.open_session(sid, store=store, lock="exclusive") as s:
+            s["n"] += 1
+            for _ in range(4):                      # four leases long in all
+                time.sleep(0.3)
+                with pytest.raises(sesskit.LockTimeout):
+                    store.lock(sid, 0)              # still held: renewed by the lease thread
+        assert s.saved and _stored(store, sid) == {"n": 1}
+        store.lock(sid, 0).release()                # and released at the end
+
+    def test_a_killed_holder_frees_the_lock_after_its_lease(self, redis_server):
+        url = _redis_url(redis_server, f"kill{os.getpid()}:", lease=1)
+        sid = _seed(url, {"a": 1})
+        ctx = multiprocessing.get_context("fork")
+        locked, release = ctx.Event(), ctx.Event()
+        with _processes(ctx, _hold_lock, [(url, sid, locked, release, "crash")]) as procs:
+            assert locked.wait(30), "holder never locked"
+            with pytest.raises(sesskit.LockTimeout):
+                with sesskit.open_session(sid, store=url, lock="exclusive", lock_timeout=0.2):
+                    pass
+            os.kill(procs[0].pid, signal.SIGKILL)
+            procs[0].join(10)
+            with sesskit.open_session(sid, store=url, lock="exclusive", lock_timeout=10) as s:
+                s["after"] = True
+        assert _stored(url, sid) == {"a": 1, "after": True}
+
+    def test_count_sids_and_reap_use_scan_in_batches(self, store, monkeypatch):
+        client = store._client()
+        monkeypatch.setattr(client, "keys", lambda *a, **k: pytest.fail("KEYS blocks the server"))
+        pipe = client.pipeline(transaction=False)
+        live, n = [], 1300
+        for i in range(n):
+            sid = sesskit.new_session_id()
+            fields = store._create_args(_record({"i": i}, timeout=10 if i % 2 else 1000), 600_000)
+            pipe.hset(store._keys(sid)[0], mapping=dict(zip(fields[1::2], fields[2::2])))
+            if not i % 2:
+                live.append(sid)
+        pipe.execute()
+        assert store.count(T0 + 100) == len(live) and sorted(store.sids(T0 + 100)) == sorted(live)
+        got = [store.reap(T0 + 100, budget=0)]
+        assert 0 < got[0] < n // 2                           # one SCAN batch, then it stopped
+        while sum(got) < n // 2 and len(got) < 50:
+            got.append(store.reap(T0 + 100, budget=0))      # resumed where the last one stopped
+        assert sum(got) == n // 2 and store.count(T0) == len(live)
+
+    def test_a_stopped_server_raises_store_unavailable(self, own_redis):
+        url = _redis_url(own_redis["port"], socket_timeout=0.5)
+        store = sesskit.open_store(url)
+        sid = _seed(store, {"a": 1})
+        os.kill(own_redis["proc"].pid, signal.SIGSTOP)            # paused: replies time out
+        try:
+            with pytest.raises(sesskit.StoreUnavailable, match=f"127.0.0.1:{own_redis['port']}"):
+                with sesskit.open_session(sid, store=store) as s:
+                    s["b"] = 2
+        finally:
+            os.kill(own_redis["proc"].pid, signal.SIGCONT)
+        _stop_redis(own_redis["proc"])                             # gone: the connection is refused
+        for call in (lambda: store.load(sid), lambda: store.count(),
+                     lambda: store.update(sid, {"x": 1}, [], _record({}), T0)):
+            with pytest.raises(sesskit.StoreUnavailable, match="ConnectionError") as info:
+                call()
+            assert isinstance(info.value, sesskit.ContainerError)
+        own_redis["proc"], _ = _start_redis(own_redis["dir"], own_redis["port"])
+        store.create(sid, _record({"back": 1}))                    # and it reconnects by itself
+        assert json.loads(store.load(sid).data) == {"back": 1}
+
+    def test_out_of_memory_refuses_whole(self, own_redis):
+        store = sesskit.open_store(_redis_url(own_redis["port"]))
+        sid = _seed(store, {"a": 1})
+        store._call("config_set", "maxmemory-policy", "noeviction")
+        store._call("config_set", "maxmemory", 1)
+        try:
+            with pytest.raises(sesskit.StoreUnavailable, match="OOM"):
+                with sesskit.open_session(sid, store=store) as s:
+                    s["b"] = "x" * 1000
+                    del s["a"]
+            with pytest.raises(sesskit.StoreUnavailable, match="OOM"):
+                store.create(sesskit.new_session_id(), _record({"c": 1}))
+            assert _stored(store, sid) == {"a": 1} and store.count() == 1
+            with sesskit.open_session(sid, store=store) as s:        # freeing memory still works
+                del s["a"]
+            assert s.saved and _stored(store, sid) == {}
+        finally:
+            store._call("config_set", "maxmemory", 0)
+
+    def test_a_replica_refuses_writes_as_unavailable(self, own_redis):
+        store = sesskit.open_store(_redis_url(own_redis["port"]))
+        sid = _seed(store, {"a": 1})
+        store._call("replicaof", "127.0.0.1", "1")          # demoted, as in a failover: READONLY
+        try:
+            with pytest.raises(sesskit.StoreUnavailable, match="ReadOnlyError|READONLY"):
+                store.update(sid, {"b": 2}, [], _record({}, now=time.time()), time.time())
+        finally:
+            store._call("replicaof", "no", "one")
+
+    def test_several_hosts_share_one_redis(self, tmp_path):
+        """Three hosts (network and UTS namespaces, 3 worker processes each) and a Redis host: one
+        session's requests from all hosts at once lose no key in merge mode and count exactly in
+        exclusive mode, and a logout on one host is not undone by slower requests on another."""
+        _need(os.geteuid() == 0, "root, for network namespaces")
+        _need(shutil.which("ip") and shutil.which("unshare"), "ip (iproute2) and unshare (util-linux)")
+        _need_kind("redis")
+        script = tmp_path / "host.py"
+        script.write_text(_HOST_SCRIPT)
+        names, workers, n = ["host-a", "host-b", "host-c"], 3, 30
+        with _network_hosts(3) as (redis_ns, hosts):
+            rdir = tmp_path / "redis-net"
+            rdir.mkdir()
+            server = subprocess.Popen(
+                ["ip", "netns", "exec", redis_ns, _REDIS_SERVER, "--bind", "10.249.1.1", "10.249.2.1",
+                 "10.249.3.1", "--port", "6379", "--dir", str(rdir), "--save", "", "--appendonly", "no",
+                 "--protected-mode", "no", "--logfile", str(rdir / "log")],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                urls = [f"redis://10.249.{i}.1:6379/0?prefix=mh:" for i in (1, 2, 3)]
+                sync = tmp_path / "sync"
+
+                def run(i, phase, sid="-", *extra, workers=workers, n=n):
+                    return _on_host(hosts[i], names[i], script, urls[i], sid, phase, workers, n, sync,
+                                    *extra)
+
+                for _ in range(100):                              # the server starts
+                    proc = run(0, "seed")
+                    out, err = proc.communicate(timeout=60)
+                    if proc.returncode == 0:
+                        break
+                    assert "StoreUnavailable" in err, err[-3000:]
+                    time.sleep(0.1)
+                hot = json.loads(out.strip().splitlines()[-1])["results"][0][1]
+                counter = _report(run(1, "seed"))["results"][0][1]
+                procs = [run(i, "merge", hot) for i in range(3)]
+                procs += [run(i, "count", counter) for i in range(3)]
+                reports = [_report(p) for p in procs]
+                assert [r["host"] for r in reports] == names * 2
+                assert len({_host_tag(r["sample_id"]) for r in reports[:3]}) == 3   # ids carry the host
+                for r in reports:
+                    assert [status for status, _ in r["results"]] == ["ok"] * workers, r
+                data, forward = _report(run(2, "peek", hot))["results"][0][1]
+                expected = {f"{h}-{w}-{i}" for h in names for w in range(workers) for i in range(n)}
+                assert forward is None and expected - set(data) == set(), f"lost {len(expected - set(data))}"
+                assert _report(run(2, "peek", counter))["results"][0][1][0]["n"] == 3 * workers * n
+
+                # A logout on host a while three slower requests of host b (a write, a rotation and a
+                # read) that loaded the session before it finish after it.
+                victim = _report(run(0, "seed"))["results"][0][1]
+                slow = run(1, "late", victim, workers=3, n=1)
+                out = run(0, "logout", victim, workers=1, n=1)
+                late, logout = _report(slow)["results"], _report(out)["results"]
+                assert logout == [["ok", None]]
+                assert [(r["lost"], r["saved"]) for _, r in late[:2]] == [(True, False), (True, False)]
+                rotated_to = late[1][1]["id"]
+                looked = _report(run(2, "peek", victim, rotated_to))["results"]
+                assert looked == [["ok", None], ["ok", False]], "the logout was undone"
+            finally:
+                server.terminate()
+                server.wait(20)
+
+    def test_failover_kill_restart_and_pause_under_load(self, tmp_path):
+        """redis-server (appendonly, appendfsync always) is SIGKILLed and restarted, then paused with
+        SIGSTOP, while 4 processes write one session in merge mode and 2 count in exclusive mode:
+        every request succeeds or raises the documented error, and every success is in the store."""
+        _need_kind("redis")
+        directory = tmp_path / "aof"
+        proc, port = _start_redis(directory, None, "--appendonly", "yes", "--appendfsync", "always")
+        try:
+            url = _redis_url(port, socket_timeout=0.5, socket_connect_timeout=0.5)
+            hot, counter = _seed(url, {"start": 1}), _seed(url, {"n": 0})
+            ctx = multiprocessing.get_context("fork")
+            jobs = [(url, hot, w, 150, "merge", str(tmp_path / f"m{w}.json")) for w in range(4)]
+            jobs += [(url, counter, w, 60, "exclusive", str(tmp_path / f"x{w}.json")) for w in range(2)]
+            with _processes(ctx, _redis_writer, jobs) as procs:
+                time.sleep(0.4)
+                proc.kill()                                        # a crash mid-load
+                proc.wait(10)
+                time.sleep(0.3)
+                proc, _ = _start_redis(directory, port, "--appendonly", "yes", "--appendfsync", "always")
+                time.sleep(0.4)
+                os.kill(proc.pid, signal.SIGSTOP)                  # a stall longer than the timeouts
+                time.sleep(1.2)
+                os.kill(proc.pid, signal.SIGCONT)
+                for p in procs:
+                    p.join(120)
+                assert [p.exitcode for p in procs] == [0] * len(procs)
+            results = [json.load(open(job[-1])) for job in jobs]
+            assert [r["odd"] for r in results] == [[]] * len(jobs)
+            assert sum(r["failed"] for r in results) > 0, "the faults hit no request: proves nothing"
+            stored = _stored(url, hot)
+            for (_, _, w, _, mode, _), result in zip(jobs, results):
+                if mode == "merge":
+                    missing = [i for i in result["done"] if f"w{w}-{i}" not in stored]
+                    assert missing == [], f"worker {w}: acknowledged writes lost: {missing}"
+            acknowledged = sum(len(r["done"]) for r in results[4:])
+            attempted = acknowledged + sum(r["failed"] for r in results[4:])
+            # A request whose reply was lost in the crash may have been applied: at least every
+            # acknowledged increment, and never more than were attempted.
+            assert acknowledged <= _stored(url, counter)["n"] <= attempted
+        finally:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGCONT)
+            _stop_redis(proc)
+
+
 class TestMultiProcess:
     P, N = 8, 50
 
@@ -2035,9 +2680,13 @@ def _steady_writer(url, sid, n, started):
 
 
 class TestFullDisk:
-    def test_write_failure_leaves_every_container_intact(self, shared_url):
+    # A full Redis server: TestRedisContainer.test_out_of_memory_refuses_whole.
+    @pytest.mark.parametrize("kind", [k for k in SHARED_KINDS if k != "redis"])
+    def test_write_failure_leaves_every_container_intact(self, kind, tmp_path):
         """A real kernel write failure (RLIMIT_FSIZE: files may not grow past their size now, as on a
         full disk) in a child process: the write raises ContainerError and the stored data stays."""
+        _need_kind(kind)
+        shared_url = _store_url(kind, tmp_path)
         store = sesskit.open_store(shared_url)
         sid = _seed(store, {"a": 1})
         store.close()
@@ -2313,12 +2962,20 @@ class LMDBSessionMachine(SessionMachine):
     KIND = "lmdb"
 
 
+class RedisSessionMachine(SessionMachine):
+    KIND = "redis"
+
+
 TestSQLiteModel = SQLiteSessionMachine.TestCase
 TestSQLiteModel.settings = _machine_settings
 TestLMDBModel = LMDBSessionMachine.TestCase
 TestLMDBModel.settings = _machine_settings
 if not _have_lmdb() and not REQUIRE_INTEGRATION:
     TestLMDBModel = pytest.mark.skip(reason="the lmdb package is not installed")(TestLMDBModel)
+TestRedisModel = RedisSessionMachine.TestCase
+TestRedisModel.settings = _machine_settings
+if not (_have_redis() and os.path.exists(_REDIS_SERVER)) and not REQUIRE_INTEGRATION:
+    TestRedisModel = pytest.mark.skip(reason="the redis package or redis-server is missing")(TestRedisModel)
 
 
 ###############################################################################
