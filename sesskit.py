@@ -3831,11 +3831,18 @@ class _WebSession(Session):
 
     def _load(self, now):
         Session._load(self, now)
-        for sid in self._more:          # a stale value (old Path or Domain) must not shadow the live one
-            if not self.is_new or self.stale:
-                break
+        if not self.is_new or not self._more:
+            return
+        # A value of an old Path or Domain, unknown or rotated away, must not shadow the live one: the
+        # first value that loads a session wins; if none does, the first decides (new, or stale).
+        first = self._incoming
+        for sid in self._more:
             self._incoming = sid
             Session._load(self, now)
+            if not self.is_new:
+                return
+        self._incoming = first
+        Session._load(self, now)
 
     @property
     def timeout(self):
