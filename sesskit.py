@@ -1226,6 +1226,65 @@ class _StripeLocks:
         return None
 
 
+class _TxnGate:
+    """Calls into a database library run freely, except while something needs them all finished: LMDB
+    allows ``set_mapsize`` only when the process has no transaction open, and ``fork()`` must not
+    happen while another thread is inside SQLite or LMDB (see "fork()" below). ``block()`` waits for
+    the calls in flight to end and holds new ones back until ``unblock()``."""
+
+    __slots__ = ("_mutex", "_active", "_blocked")
+
+    def __init__(self):
+        self._mutex = _thread.allocate_lock()
+        self._active = 0
+        self._blocked = False
+
+    def enter(self):
+        while True:
+            with self._mutex:
+                if not self._blocked:
+                    self._active += 1
+                    return
+            time.sleep(0.0005)
+
+    def leave(self):
+        with self._mutex:
+            self._active -= 1
+
+    def block(self, timeout=None):
+        """Hold new calls back and wait until none is in flight (the caller must be in none). Returns
+        False, unblocked again, if that took longer than ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._mutex:
+                if not self._blocked:
+                    self._blocked = True
+                    break
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.0005)
+        while True:
+            with self._mutex:
+                if not self._active:
+                    return True
+            if deadline is not None and time.monotonic() > deadline:
+                self.unblock()
+                return False
+            time.sleep(0.0002)
+
+    def unblock(self):
+        with self._mutex:
+            self._blocked = False
+
+    def alone(self, action):
+        """Run ``action()`` while no call of this gate is in flight (the caller is in none)."""
+        self.block()
+        try:
+            action()
+        finally:
+            self.unblock()
+
+
 def _release_all(handles):
     for handle in handles:
         handle.release()
@@ -1281,6 +1340,86 @@ def _require(module, extra):
                           f"pip install 'sesskit[{extra}]' (or: pip install {module})") from exc
 
 
+# fork() ----------------------------------------------------------------------------------
+# A forked child has one thread but a copy of everything the parent's other threads held at that
+# instant. An SQLite global mutex (its allocator's, its VFS's) taken by another thread stays locked in the
+# child forever, and the child's first connect() hangs on it; py-lmdb's close() of an environment whose
+# write transaction was open in another thread waits, in the child, for that thread to end it. And SQLite
+# keeps the POSIX lock state of every open database file per process: a child that inherits the parent's
+# state and opens a connection of its own believes it holds locks only the parent holds, so when the
+# parent closed its last connection SQLite took itself for the last user, checkpointed and deleted the WAL,
+# and the child went on writing into the deleted file: its writes were lost. (SQLite: "do not open an
+# SQLite database connection, then fork()"; all three reproduced by TestDatabaseHardening.)
+#
+# So the first database container of a process registers fork handlers (os.register_at_fork). Before a
+# fork they hold back new SQLite calls and LMDB transactions of every thread, wait until none is in
+# flight (_TxnGate.block), and close this process's SQLite connections: the child inherits no SQLite
+# handle and no lock state at all, and each thread of the parent reopens its connection on its next call.
+# LMDB environments stay open in the parent; a child finds its copy idle (no transaction, no reader slot:
+# max_spare_txns=0) and closes it before opening its own, which releases nothing of the parent's (py-lmdb
+# refuses to open a path that is open in the process, the inherited copy included). The wait ends when
+# the calls in flight do, which is bounded by SQLite's busy timeout; if it takes longer than that (a fork
+# from inside a database call, by a signal handler), the fork goes ahead and the child refuses to use the
+# store with ContainerError rather than hang. Connections opened by other code are not ours to manage.
+
+_fork_lock = _thread.allocate_lock()     # held across a fork; guards the registration below
+_fork_watched = False
+_sqlite_containers = None                # weakref.WeakSet of this process's SQLite containers
+_sqlite_gate = None                      # every SQLite call of this process runs inside it (a _TxnGate)
+_sqlite_unsafe = False                   # in a child: the parent's SQLite calls had not ended at fork
+_fork_blocked = ([], False)              # what the running fork's "before" handler blocked
+
+
+def _watch_fork(sqlite_container=None):
+    """Register the fork handlers once per process, and an SQLite container to be handled by them."""
+    global _fork_watched, _sqlite_containers, _sqlite_gate
+    with _fork_lock:
+        if sqlite_container is not None:
+            if _sqlite_containers is None:
+                import weakref
+                _sqlite_containers = weakref.WeakSet()
+                _sqlite_gate = _TxnGate()
+            _sqlite_containers.add(sqlite_container)
+        if not _fork_watched and hasattr(os, "register_at_fork"):
+            _fork_watched = True
+            os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                                after_in_child=_after_fork_in_child)
+
+
+def _before_fork():
+    global _fork_blocked
+    _fork_lock.acquire()
+    _lmdb_envs_lock.acquire()
+    wait = DEFAULTS["sqlite_busy_timeout"] + 1.0
+    envs = [shared for shared in _lmdb_envs.values() if shared.gate.block(wait)]
+    for shared in _lmdb_envs.values():
+        shared.busy_at_fork = shared not in envs
+    sqlite = _sqlite_gate is not None and _sqlite_gate.block(wait)
+    if sqlite:
+        for container in list(_sqlite_containers):
+            container._close_connections(gated=False)
+    _fork_blocked = (envs, sqlite)
+
+
+def _after_fork_in_parent():
+    envs, sqlite = _fork_blocked
+    for shared in envs:
+        shared.gate.unblock()
+    if sqlite:
+        _sqlite_gate.unblock()
+    _lmdb_envs_lock.release()
+    _fork_lock.release()
+
+
+def _after_fork_in_child():
+    global _sqlite_gate, _sqlite_unsafe
+    if _sqlite_gate is not None:
+        _sqlite_unsafe = _sqlite_unsafe or not _fork_blocked[1]
+        _sqlite_gate = _TxnGate()          # the old one may have been locked by a thread the child lacks
+    _lmdb_envs_lock.release()
+    _fork_lock.release()
+
+
 # SQLite --------------------------------------------------------------------------------
 # Layout: PATH is the database file (WAL mode, so PATH-wal and PATH-shm sit beside it) and PATH.locks/ the
 # directory of stripe and reaper lock files. One row per session in ``sessions`` (its metadata, expiry
@@ -1319,8 +1458,9 @@ _SQL_EXPIRED = ("SELECT expires, sid FROM sessions WHERE expires < ? AND (expire
 _SQL_REAP_ONE = "DELETE FROM sessions WHERE sid = ? AND expires < ?"
 _SQLITE_RETRIES = 20       # extra attempts after "database is locked" outlasted the busy timeout
 
-#: Connections a forked child inherited. They belong to the parent: closing them in the child (which the
-#: garbage collector would do) runs SQLite's close-time file and lock handling, so they are parked here.
+#: Connections a forked child inherited anyway (a fork that bypassed os.register_at_fork, or came while
+#: they were in use). They belong to the parent: closing them in the child (which the garbage collector
+#: would do) runs SQLite's close-time file and lock handling, so they are parked here.
 _inherited_connections = []
 
 
@@ -1333,13 +1473,21 @@ class _ThreadConnection:
     def __init__(self, con, generation):
         self.con, self.generation, self.pid = con, generation, os.getpid()
 
-    def close(self):
+    def close(self, gated=True):
+        """Close the connection; ``gated=False`` when the caller is inside the SQLite gate already."""
         con, self.con = self.con, None
         if con is None:
             return
         if self.pid != os.getpid():
             # a forked child dropping its parent's thread states: the connection is not ours to close
             _inherited_connections.append(con)
+        elif gated:
+            gate = _sqlite_gate
+            gate.enter()
+            try:
+                con.close()
+            finally:
+                gate.leave()
         else:
             con.close()
 
@@ -1373,8 +1521,10 @@ class SQLiteContainer(Container):
       it atomic, so it takes no session lock and may land while an exclusive block of the same session
       runs. Nothing is lost either way: each write-back applies only its own keys.
     * Crashes: a process killed at any instant leaves the last committed state; its locks die with it.
-    * Processes and threads: one connection per thread and per process (reopened after ``fork()``), WAL
-      so readers never wait for writers, a busy timeout plus a bounded retry on "database is locked".
+    * Processes and threads: one connection per thread and per process, WAL so readers never wait for
+      writers, a busy timeout plus a bounded retry on "database is locked". ``fork()`` waits for the
+      SQLite calls of other threads in flight, and the parent closes its connections first, so the
+      child inherits no handle (see "fork()" above); every thread reopens its connection on demand.
     * Expiry is indexed: ``reap()`` costs O(expired sessions), never a scan of all of them.
 
     Not for NFS or SMB (SQLite's and flock()'s locking are unreliable there).
@@ -1395,6 +1545,7 @@ class SQLiteContainer(Container):
         self._generation = 0                       # bumped by close(): older connections are stale
         self._mutex = threading.Lock()
         self.last_reap_visited = 0
+        _watch_fork(self)
         self._retry(self._init_schema)
 
     def __reduce__(self):
@@ -1447,6 +1598,10 @@ class SQLiteContainer(Container):
         return self._connect()
 
     def _connect(self):
+        if _sqlite_unsafe:
+            raise ContainerError(f"session database {self.path!r}: this process was forked while another "
+                                 f"thread was inside SQLite, so SQLite is unusable here; open the store "
+                                 f"after fork(), or fork outside database calls")
         if self._pid != os.getpid():
             # Forked: the parent's connections and thread state are not ours to use (SQLite: "do not
             # carry an open database connection across a fork()"), nor to close.
@@ -1468,7 +1623,7 @@ class SQLiteContainer(Container):
             raise ContainerError(f"cannot open session database {self.path!r}: {exc}") from exc
         old = getattr(self._local, "holder", None)
         if old is not None:
-            old.close()
+            old.close(gated=False)                     # we are inside the gate (_retry)
         holder = _ThreadConnection(con, self._generation)
         with self._mutex:
             self._holders.add(holder)
@@ -1478,18 +1633,24 @@ class SQLiteContainer(Container):
     def close(self):
         """Close this process's connections, those of other threads included: call it when the store
         is no longer used. The container reopens connections on demand."""
+        self._close_connections()
+
+    def _close_connections(self, gated=True):
         if self._pid != os.getpid():
             return
         with self._mutex:
             self._generation += 1
             holders = list(self._holders)
         for holder in holders:
-            holder.close()
+            holder.close(gated)
 
     def _retry(self, work, *args):
-        """Run ``work`` again while SQLite says "database is locked" past its busy timeout (bounded)."""
+        """Run ``work`` again while SQLite says "database is locked" past its busy timeout (bounded).
+        Each attempt runs inside the SQLite gate, so that no fork() happens in the middle of it."""
         sqlite3 = self._sqlite3
         for attempt in range(_SQLITE_RETRIES + 1):
+            gate = _sqlite_gate
+            gate.enter()
             try:
                 return work(*args)
             except sqlite3.OperationalError as exc:
@@ -1497,6 +1658,8 @@ class SQLiteContainer(Container):
                     raise ContainerError(f"session database {self.path!r}: {exc}") from exc
             except sqlite3.Error as exc:
                 raise ContainerError(f"session database {self.path!r}: {exc}") from exc
+            finally:
+                gate.leave()
             time.sleep(DEFAULTS["poll_interval"])
 
     def _transaction(self, work, *args):
@@ -1662,7 +1825,8 @@ class SQLiteContainer(Container):
 # (py-lmdb: opening a path twice in one process is "a serious error"). It never crosses fork(): a child
 # that finds its parent's environment in the table closes that copy (py-lmdb refuses to open a path that is
 # open in the process, the inherited copy included) and opens its own. The copy holds no reader slot
-# (max_spare_txns=0 and no transaction outlives a call), so closing it releases nothing of the parent's.
+# (max_spare_txns=0 and no transaction outlives a call) and no transaction was in flight at the fork (see
+# "fork()" above), so closing it neither waits nor releases anything of the parent's.
 
 _LMDB_HEADER = struct.Struct("<dddd44s")
 _LMDB_EXPIRES = struct.Struct("<d")           # the header's expires field, at offset 8
@@ -1698,58 +1862,15 @@ def _lmdb_merge(value, changed, deleted, meta, now, base=None):
     return _lmdb_value(meta, data)
 
 
-class _TxnGate:
-    """Transactions of one process run freely, except while the map is resized: LMDB allows
-    ``set_mapsize`` only when the process has no transaction open, so a resize waits for those to end
-    and holds new ones back meanwhile."""
-
-    __slots__ = ("_mutex", "_active", "_resizing")
-
-    def __init__(self):
-        self._mutex = _thread.allocate_lock()
-        self._active = 0
-        self._resizing = False
-
-    def enter(self):
-        while True:
-            with self._mutex:
-                if not self._resizing:
-                    self._active += 1
-                    return
-            time.sleep(0.0005)
-
-    def leave(self):
-        with self._mutex:
-            self._active -= 1
-
-    def alone(self, action):
-        """Run ``action()`` while no transaction of this process is open (the caller holds none)."""
-        while True:
-            with self._mutex:
-                if not self._resizing:
-                    self._resizing = True
-                    break
-            time.sleep(0.0005)
-        try:
-            while True:
-                with self._mutex:
-                    if not self._active:
-                        break
-                time.sleep(0.0002)
-            action()
-        finally:
-            with self._mutex:
-                self._resizing = False
-
-
 class _LMDBEnv:
     """The open environment of one path in this process, and its named databases."""
 
-    __slots__ = ("pid", "env", "sessions", "expiry", "meta", "users", "gate")
+    __slots__ = ("pid", "env", "sessions", "expiry", "meta", "users", "gate", "busy_at_fork")
 
     def __init__(self, env, sessions, expiry, meta):
         self.pid, self.env, self.users, self.gate = os.getpid(), env, 0, _TxnGate()
         self.sessions, self.expiry, self.meta = sessions, expiry, meta
+        self.busy_at_fork = False
 
 
 def _lmdb_attach(lmdb, container):
@@ -1758,6 +1879,10 @@ def _lmdb_attach(lmdb, container):
     with _lmdb_envs_lock:
         shared = _lmdb_envs.get(real)
         if shared is not None and shared.pid != os.getpid():
+            if shared.busy_at_fork:
+                raise ContainerError(f"LMDB store {container.path!r}: this process was forked while another "
+                                     f"thread was inside LMDB, so the environment it inherited cannot be "
+                                     f"closed; open the store after fork(), or fork outside database calls")
             del _lmdb_envs[real]
             try:
                 shared.env.close()      # the inherited copy: see the comment at the top of this part
@@ -1823,7 +1948,8 @@ class LMDBContainer(Container):
     * Crashes: a process killed at any instant leaves the last committed state; its session locks die
       with it and its stale reader slots are cleared (``reader_check``) on open and by ``reap()``.
     * Processes and threads: one environment per process, shared by its threads and reopened after
-      ``fork()``; ``max_spare_txns=0`` so no reader slot crosses a fork.
+      ``fork()``, which waits for the transactions of other threads in flight; ``max_spare_txns=0`` so
+      no reader slot crosses a fork (see "fork()" above).
     * Expiry is indexed: ``reap()`` costs O(expired sessions), and ``touch`` rewrites one record.
 
     Needs ``pip install lmdb`` (imported only when this container is made). Not for NFS or SMB.
@@ -1841,6 +1967,7 @@ class LMDBContainer(Container):
         _check_store_dir(self.path, create)
         self._stripes = _StripeLocks(os.path.join(self.path, "locks"), create)
         self.last_reap_visited = 0
+        _watch_fork()
         self._shared = _lmdb_attach(self._lmdb, self)
 
     def __reduce__(self):
@@ -2018,10 +2145,14 @@ class LMDBContainer(Container):
         stops after the batch that crossed it. ``last_reap_visited`` counts the candidates.
         """
         now = time.time() if now is None else now
+        shared = self._env()
+        shared.gate.enter()
         try:
-            self._env().env.reader_check()
+            shared.env.reader_check()
         except self._lmdb.Error as exc:
             raise ContainerError(f"LMDB store {self.path!r}: {exc}") from exc
+        finally:
+            shared.gate.leave()
 
         def last_reap():
             last = self._txn(lambda txn, env: txn.get(b"last_reap", db=env.meta))
