@@ -1845,21 +1845,53 @@ def _lmdb_value(record, data=None):
     return head + (record.data.encode("utf-8") if data is None else data)
 
 
-def _lmdb_record(value):
+def _lmdb_header(value):
+    """``(created, expires, timeout, max_age, forward id or None)`` of a packed record, or None if the
+    header is damaged (a disk fault, a stray write): too short, a number that is not finite (x - x is NaN
+    for an infinity or NaN) or a forward that is not a session id."""
+    if len(value) < _LMDB_HEADER.size:
+        return None
     created, expires, timeout, max_age, forward = _LMDB_HEADER.unpack_from(value)
-    return Record(value[_LMDB_HEADER.size:].decode("utf-8"), created, expires, timeout, max_age,
-                  None if forward == _NO_FORWARD else forward.decode("ascii"))
+    if (created - created) + (expires - expires) + (timeout - timeout) + (max_age - max_age) != 0.0:
+        return None
+    if forward == _NO_FORWARD:
+        return created, expires, timeout, max_age, None
+    forward = forward.decode("latin-1")
+    return (created, expires, timeout, max_age, forward) if is_valid_session_id(forward) else None
+
+
+def _lmdb_record(value):
+    """The Record of a packed value, or None if it is damaged: a damaged record loads as absent."""
+    header = _lmdb_header(value)
+    if header is None:
+        return None
+    try:
+        data = value[_LMDB_HEADER.size:].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return Record(data, *header)
 
 
 def _lmdb_merge(value, changed, deleted, meta, now, base=None):
-    """The packed record after a write-back, or None if ``value`` is a tombstone or expired at ``now``."""
-    created, expires, timeout, max_age, forward = _LMDB_HEADER.unpack_from(value)
-    if forward != _NO_FORWARD or expires < now:
+    """The packed record after a write-back, or None if ``value`` is damaged, a tombstone or expired at
+    ``now``."""
+    header = _lmdb_header(value)
+    if header is None or header[4] is not None or header[1] < now:
         return None
     data = value[_LMDB_HEADER.size:]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None                      # damaged: absent, so never written over (as if missing)
     if changed or deleted:
-        data = _merge_data(data.decode("utf-8"), changed, deleted, base).encode("utf-8")
+        data = _merge_data(text, changed, deleted, base).encode("utf-8")
     return _lmdb_value(meta, data)
+
+
+def _lmdb_sid(key):
+    """The session id at the end of an expiry-index key, or None if that key is damaged."""
+    sid = key[8:].decode("latin-1")
+    return sid if is_valid_session_id(sid) else None
 
 
 class _LMDBEnv:
@@ -1871,6 +1903,78 @@ class _LMDBEnv:
         self.pid, self.env, self.users, self.gate = os.getpid(), env, 0, _TxnGate()
         self.sessions, self.expiry, self.meta = sessions, expiry, meta
         self.busy_at_fork = False
+
+
+#: LMDB 0.9's data-file meta page (format version 1), after the 16-byte page header: magic, version,
+#: address, map size, then two 48-byte database records (the first one's first field is the page size),
+#: the last page in use and the transaction id.
+_LMDB_META = struct.Struct("<16xIIQQI44x48xQQ")
+_LMDB_MAGIC = 0xBEEFC0DE
+
+
+def _lmdb_check_size(path):
+    """Return the map size recorded in ``path``'s data.mdb (0 if unknown), after checking that the file
+    is not shorter than its last committed page: LMDB maps the file and would die of SIGBUS when it reads
+    the missing pages, so a truncated file raises ContainerError. A missing or new file passes, and so
+    does a format this check does not know (LMDB 1.0's), which LMDB then checks as well as it can."""
+    data = os.path.join(path, "data.mdb")
+    try:
+        with open(data, "rb") as f:
+            head = f.read(_LMDB_META.size)
+            if len(head) < _LMDB_META.size:
+                if not head:
+                    return 0
+                raise ContainerError(f"LMDB store {path!r}: data.mdb is truncated ({len(head)} bytes)")
+            magic, version, _, _, page, _, _ = _LMDB_META.unpack(head)
+            if magic != _LMDB_MAGIC or version != 1 or page < _LMDB_META.size or page & (page - 1):
+                return 0
+            f.seek(page)
+            metas = [head, f.read(_LMDB_META.size)]
+            # The size only after the meta pages: a writer extends the file before it writes a meta
+            # page that names the new pages, so a concurrent commit never looks like a truncation.
+            size = os.fstat(f.fileno()).st_size
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return 0
+        raise ContainerError(f"cannot read LMDB store {path!r}: {exc}") from exc
+    valid = [_LMDB_META.unpack(meta) for meta in metas if len(meta) == _LMDB_META.size]
+    valid = [(txnid, last, map_size) for magic, version, _, map_size, _, last, txnid in valid
+             if magic == _LMDB_MAGIC and version == 1]
+    _, last, map_size = max(valid)
+    needed = (last + 1) * page
+    if size < needed:
+        raise ContainerError(f"LMDB store {path!r}: data.mdb is truncated ({size} bytes, its last committed "
+                             f"page ends at {needed}); restore it from a backup, or remove the store")
+    return map_size
+
+
+def _lmdb_open(lmdb, real, container):
+    """Open the environment at ``real`` and its named databases: ``(env, [sessions, expiry, meta])``.
+
+    The map is at least as large as the one another process recorded in the file: a map sized to the
+    data alone fails the first transaction (MDB_MAP_RESIZED) as soon as another process writes one more
+    page. The file is checked before it is mapped (``_lmdb_check_size``)."""
+    for _ in range(_LMDB_RETRIES):
+        map_size = max(container.map_size, _lmdb_check_size(real))
+        env = None
+        try:
+            env = lmdb.open(real, subdir=True, map_size=map_size, max_dbs=4,
+                            max_readers=container.max_readers, max_spare_txns=0, mode=0o600,
+                            sync=container.sync, metasync=container.metasync, readahead=False, lock=True)
+            env.reader_check()                 # slots of killed processes
+            with env.begin(write=True) as txn:
+                return env, [env.open_db(name, txn=txn) for name in (b"sessions", b"expiry", b"meta")]
+        except BaseException as exc:
+            if env is not None:
+                env.close()                    # else py-lmdb refuses every later open in this process
+            if not isinstance(exc, lmdb.MapResizedError):
+                if isinstance(exc, lmdb.Error):
+                    raise ContainerError(f"cannot open LMDB store {container.path!r}: {exc}") from exc
+                raise
+            # Another process grew the map between our mapping the file and our first transaction
+            # (lmdb.open begins one too): open again, which maps the new size.
+    raise ContainerError(f"cannot open LMDB store {container.path!r}: its map kept growing while it "
+                         f"was being opened")
 
 
 def _lmdb_attach(lmdb, container):
@@ -1890,16 +1994,7 @@ def _lmdb_attach(lmdb, container):
                 pass
             shared = None
         if shared is None:
-            try:
-                env = lmdb.open(real, subdir=True, map_size=container.map_size, max_dbs=4,
-                                max_readers=container.max_readers, max_spare_txns=0, mode=0o600,
-                                sync=container.sync, metasync=container.metasync, readahead=False,
-                                lock=True)
-                env.reader_check()                 # slots of killed processes
-                with env.begin(write=True) as txn:
-                    dbs = [env.open_db(name, txn=txn) for name in (b"sessions", b"expiry", b"meta")]
-            except lmdb.Error as exc:
-                raise ContainerError(f"cannot open LMDB store {container.path!r}: {exc}") from exc
+            env, dbs = _lmdb_open(lmdb, real, container)
             shared = _lmdb_envs[real] = _LMDBEnv(env, *dbs)
         shared.users += 1
         return shared
@@ -2028,7 +2123,7 @@ class LMDBContainer(Container):
 
     def load(self, sid):
         value = self._get(sid.encode("ascii"))
-        return None if value is None else _lmdb_record(value)
+        return None if value is None else _lmdb_record(value)       # damaged: None too
 
     def lock(self, sid, timeout):
         return self._stripes.lock_stored(sid, timeout,
@@ -2041,7 +2136,8 @@ class LMDBContainer(Container):
             cursor = txn.cursor(db=env.expiry)
             if not cursor.set_range(start):
                 return []
-            return [key[8:].decode("ascii") for key in cursor.iternext(keys=True, values=False)]
+            sids = (_lmdb_sid(key) for key in cursor.iternext(keys=True, values=False))
+            return [sid for sid in sids if sid is not None]
         return self._txn(live)
 
     def count(self, now=None):
@@ -2108,10 +2204,11 @@ class LMDBContainer(Container):
 
         def push(txn, env):
             current = txn.get(key, db=env.sessions)
-            if current is None:
-                return
-            _, stored_expires, stored_timeout, _, forward = _LMDB_HEADER.unpack_from(current)
-            if (forward == _NO_FORWARD and stored_expires < expires
+            header = current and _lmdb_header(current)
+            if not header:
+                return                           # missing or damaged
+            _, stored_expires, stored_timeout, _, forward = header
+            if (forward is None and stored_expires < expires
                     and (now is None or stored_expires >= now)
                     and (timeout is None or stored_timeout == timeout)):
                 self._replace(txn, env, key, current, current[:8] + packed + current[16:])
@@ -2120,7 +2217,9 @@ class LMDBContainer(Container):
     def _delete_record(self, txn, env, key):
         current = txn.get(key, db=env.sessions)
         if current is not None:
-            txn.delete(_EXPIRY_KEY.pack(_LMDB_EXPIRES.unpack_from(current, 8)[0]) + key, db=env.expiry)
+            header = _lmdb_header(current)
+            if header is not None:    # (a damaged header's index entry is left to the reaper, which
+                txn.delete(_EXPIRY_KEY.pack(header[1]) + key, db=env.expiry)   # drops dangling ones)
             txn.delete(key, db=env.sessions)
 
     def delete(self, sid, held=None):
@@ -2163,14 +2262,28 @@ class LMDBContainer(Container):
                       write=True)
 
         limit = _EXPIRY_KEY.pack(now)
+        index_keys = {}                      # sid -> its expiry-index key, for the batch at hand
 
         def expired_after(cursor):
             keys = self._txn(lambda txn, env: self._expired_keys(txn, env, cursor or b"", limit))
-            return [key[8:].decode("ascii") for key in keys], (keys[-1] + b"\x00" if keys else cursor)
+            index_keys.clear()
+            damaged = []
+            for key in keys:
+                sid = _lmdb_sid(key)
+                if sid is None:
+                    damaged.append(key)      # names no session, so no lock guards it
+                else:
+                    index_keys[sid] = key
+            if damaged:
+                self._txn(lambda txn, env: [txn.delete(key, db=env.expiry) for key in damaged], write=True)
+            return list(index_keys), (keys[-1] + b"\x00" if keys else cursor)
+
+        def remove(sids):
+            items = [(sid, index_keys[sid]) for sid in sids]
+            return self._txn(lambda txn, env: self._reap_batch(txn, env, items, now), write=True)
 
         removed, self.last_reap_visited = _reap_in_batches(
-            self._stripes, now, budget, interval, last_reap, mark_reap, expired_after,
-            lambda sids: self._txn(lambda txn, env: self._reap_batch(txn, env, sids, now), write=True))
+            self._stripes, now, budget, interval, last_reap, mark_reap, expired_after, remove)
         return removed
 
     @staticmethod
@@ -2185,16 +2298,26 @@ class LMDBContainer(Container):
         return keys
 
     @staticmethod
-    def _reap_batch(txn, env, sids, now):
+    def _reap_batch(txn, env, items, now):
+        """Delete the sessions of ``items`` (sid, the expiry-index key it was found under) that are
+        still expired at ``now``. A record whose header is damaged loads as absent and its index entry
+        says it expired: it goes too. An index entry whose record is missing or says otherwise goes."""
         removed = 0
-        for sid in sids:
+        for sid, index_key in items:
             key = sid.encode("ascii")
             current = txn.get(key, db=env.sessions)
-            if current is None:
+            header = None if current is None else _lmdb_header(current)
+            if header is None:
+                txn.delete(index_key, db=env.expiry)
+                if current is not None:
+                    txn.delete(key, db=env.sessions)
+                    removed += 1
                 continue
-            expires = _LMDB_EXPIRES.unpack_from(current, 8)[0]
-            if expires < now:
-                txn.delete(_EXPIRY_KEY.pack(expires) + key, db=env.expiry)
+            stored_key = _EXPIRY_KEY.pack(header[1]) + key
+            if stored_key != index_key:
+                txn.delete(index_key, db=env.expiry)              # a stale entry
+            if header[1] < now:
+                txn.delete(stored_key, db=env.expiry)
                 txn.delete(key, db=env.sessions)
                 removed += 1
         return removed

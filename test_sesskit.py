@@ -1658,6 +1658,95 @@ class TestDatabaseHardening:
         assert self._wait_children([pid], 60) == {pid: 0}
         assert len(_stored(store, sid)) == 101, "writes of the child were lost"
 
+    # -- 7: LMDB damage --------------------------------------------------------------------------
+
+    @staticmethod
+    def _lmdb_poke(store, sid, edit):
+        """Replace the stored value of ``sid`` by ``edit(value)``, as a disk fault or a stray write would."""
+        key = sid.encode("ascii")
+
+        def work(txn, env):
+            txn.put(key, edit(bytes(txn.get(key, db=env.sessions))), db=env.sessions)
+        store._txn(work, write=True)
+
+    def test_lmdb_damaged_records_load_as_absent_and_reap_goes_past_them(self, tmp_path):
+        _need_kind("lmdb")
+        store = sesskit.LMDBContainer(tmp_path / "s")
+        header = sesskit._LMDB_HEADER.size
+        damage = {
+            "utf8": lambda v: v[:header + 2] + b"\xff" + v[header + 3:],          # one byte of the data
+            "forward": lambda v: v[:header - 10] + b"\xff" + v[header - 9:],      # one byte of the header
+            "short": lambda v: v[:header - 1],                                   # cut inside the header
+        }
+        bad = {}
+        for name, edit in damage.items():
+            sid = sesskit.new_session_id()
+            store.create(sid, _record({"k": "value"}, timeout=10))
+            self._lmdb_poke(store, sid, edit)
+            bad[name] = sid
+        good = [sesskit.new_session_id() for _ in range(3)]
+        for sid in good:
+            store.create(sid, _record({"k": 1}, timeout=10))
+        meta = sesskit.Record(None, T0, T0 + 100, 100.0)
+        for name, sid in bad.items():
+            assert store.load(sid) is None, name
+            assert not store.update(sid, {"k": 2}, [], meta, T0), name      # not written over either
+            store.touch(sid, T0 + 50, now=T0)
+            assert store.load(sid) is None, name
+            with sesskit.open_session(sid, store=store, clock=FakeClock(T0), reap_interval=0) as s:
+                assert s.is_new and s.id != sid
+        later = T0 + 10 + sesskit.DEFAULTS["reap_margin"] + 1
+        for _ in range(2):                                   # every run goes on past them
+            store.reap(later)
+        assert all(store.load(sid) is None for sid in good)   # the others are removed
+        assert store.count(T0) == 0
+        store.close()
+
+    def test_lmdb_truncated_data_file_raises_instead_of_crashing(self, tmp_path):
+        _need_kind("lmdb")
+        path = tmp_path / "s"
+        store = sesskit.LMDBContainer(path)
+        sids = [_seed(store, {"blob": "x" * 3000}) for _ in range(50)]
+        store.close()
+        data = path / "data.mdb"
+        os.truncate(data, os.path.getsize(data) // 2)
+        code = (f"import sesskit\n"
+                f"try:\n"
+                f"    store = sesskit.LMDBContainer({str(path)!r})\n"
+                f"    print('opened', [store.load(sid) is None for sid in {sids!r}].count(False))\n"
+                f"except sesskit.ContainerError as exc:\n"
+                f"    print('ContainerError:', exc)\n")
+        run = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True,
+                             timeout=60)
+        assert run.returncode == 0, f"exit {run.returncode}: {run.stderr[-500:]}"
+        assert run.stdout.startswith("ContainerError:") and "truncated" in run.stdout, run.stdout
+
+    # -- 8: LMDB open while another process grows the map ------------------------------------------
+
+    def test_lmdb_open_while_another_process_grows_the_map(self, tmp_path):
+        _need_kind("lmdb")
+        path = tmp_path / "s"
+        with sesskit.LMDBContainer(path, map_size=64 * 1024) as store:
+            sid = _seed(store, {"a": 1})
+        assert os.path.realpath(path) not in sesskit._lmdb_envs    # every open below maps the file anew
+        ctx = multiprocessing.get_context("spawn")
+        with _processes(ctx, _lmdb_grow_worker, [(f"lmdb:{path}", 1500)]) as procs:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:               # until the grower is at work
+                with sesskit.LMDBContainer(path, map_size=64 * 1024) as store:
+                    if store.count() > 20:
+                        break
+                time.sleep(0.01)
+            opened = 0
+            while procs[0].is_alive() and time.monotonic() < deadline:
+                with sesskit.LMDBContainer(path, map_size=64 * 1024) as store:
+                    assert store.load(sid) is not None
+                opened += 1
+            procs[0].join(60)
+            assert procs[0].exitcode == 0
+        assert opened > 20, f"the grower finished before the test could race it ({opened} opens)"
+
+
 
 ###############################################################################
 # Many processes and threads on one session
