@@ -581,7 +581,7 @@ class TestSession:
         sid = _seed(container, {"a": 1}, clock=clock, timeout=1000)
         touches, updates = [], []
         real_touch = container.touch
-        monkeypatch.setattr(container, "touch", lambda *a: (touches.append(a), real_touch(*a)))
+        monkeypatch.setattr(container, "touch", lambda *a, **k: (touches.append(a), real_touch(*a, **k)))
         monkeypatch.setattr(container, "update", lambda *a, **k: updates.append(a))
         for _ in range(5):                          # 5 reads within the touch interval (60 s)
             clock.advance(10)
@@ -623,10 +623,13 @@ class TestSession:
             s.regenerate()
             s["login"] = True
         assert s.id != sid and s.saved
-        assert container.load(sid) is None
+        assert container.load(sid).forward == s.id              # remembered, not forwarding (grace 0)
         assert _stored(container, s.id) == {"user": "bob", "login": True}
         with sesskit.open_session(sid, store=container) as old:
-            assert old.is_new
+            assert old.is_new and old.stale and len(old) == 0
+            old["late"] = 1                                      # a late request of the old id
+        assert old.lost and not old.saved and container.load(sid).forward == s.id
+        assert _stored(container, s.id) == {"user": "bob", "login": True}
 
     def test_regenerate_with_grace_forwards_in_flight_requests(self, container):
         clock = FakeClock()
@@ -645,7 +648,7 @@ class TestSession:
         assert _stored(container, new, clock) == {"user": "bob", "ajax": 1, "second": 2}
         clock.advance(31)
         with sesskit.open_session(sid, store=container, clock=clock) as t:
-            assert t.is_new and t.id not in (sid, new)
+            assert t.is_new and t.stale and len(t) == 0 and t.id != new
 
     def test_opportunistic_reap_is_throttled(self, container):
         clock = FakeClock()
@@ -678,7 +681,7 @@ class TestSession:
             s.regenerate()
             s.regenerate()
         assert s.saved and not s.lost
-        assert container.load(sid) is None
+        assert container.load(sid).forward == s.id
         assert _stored(container, s.id) == {"user": "alice"}
 
     def test_a_stale_touch_neither_revives_a_tombstone_nor_undoes_a_timeout(self, container):
@@ -2543,9 +2546,10 @@ class TestMiddleware:
         client = _Client(_middleware(store))
         old = client.get("/set?k=a&v=1")["id"]
         new = client.get("/login")["id"]
-        assert new != old and client.cookie == f"sesskit={new}" and store.load(old) is None
+        assert new != old and client.cookie == f"sesskit={new}" and store.load(old).forward == new
         assert client.get("/get")["data"] == {"a": "1", "user": "alice"}
-        assert json.loads(_wsgi_get(_middleware(store), "/get", cookie=f"sesskit={old}")[2])["new"]
+        late = _wsgi_get(_middleware(store), "/get", cookie=f"sesskit={old}")
+        assert json.loads(late[2])["new"] and _set_cookies(late[1]) == []   # no cookie over the new one
 
     def test_rotation_with_grace_keeps_in_flight_requests(self):
         clock = FakeClock()
@@ -2578,7 +2582,7 @@ class TestMiddleware:
                           cookie=client.cookie)
         assert client.get("/incr")["n"] == 2
         new = client.get("/login")["id"]              # rotation in exclusive mode moves the lock along
-        assert new != sid and client.cookie == f"sesskit={new}" and store.load(sid) is None
+        assert new != sid and client.cookie == f"sesskit={new}" and store.load(sid).forward == new
         assert client.get("/incr")["n"] == 3
         with store.lock(new, 1):
             with pytest.raises(sesskit.LockTimeout):
