@@ -1359,45 +1359,73 @@ def _release_all(handles):
         handle.release()
 
 
-def _reap_in_batches(stripes, now, budget, interval, last_reap, mark_reap, expired_after, remove):
-    """The reaper of the database containers: walk the expiry index one batch at a time.
+class _DatabaseContainer(Container):
+    """What the SQLite and LMDB containers share: stripe locks (``self._stripes``) and the reaper, which
+    walks the database's expiry index one batch at a time. A subclass provides ``_is_stored(sid)`` and
+    the reaper's hooks:
 
-    One reaper per store (a non-blocking lock; the others get ``(0, 0)`` at once). ``last_reap()`` is
-    when the previous reap started (None if never), ``mark_reap(now)`` records this one, and with
-    ``interval`` a reap that started less than that long ago makes this call do nothing.
-    ``expired_after(cursor)`` returns ``(sids, cursor)``: the next ``_REAP_BATCH`` sessions expired at
-    ``now`` past ``cursor`` (None: from the start), or no sids when done. Sessions whose stripe is
-    locked (in use) are skipped; ``remove(sids)`` deletes those still expired in one transaction and
-    returns how many it deleted. With ``budget`` seconds the walk stops after the batch that crossed it.
-    Returns ``(removed, visited)``, visited counting the candidates read from the index.
+    * ``_last_reap()``: when the previous reap started (None if never); ``_mark_reap(now)`` records this
+      one. With ``interval``, a reap that started less than that long ago makes ``reap`` do nothing.
+    * ``_expired(cutoff, cursor)``: ``(sids, cursor)``, the next ``_REAP_BATCH`` sessions of the index
+      that expired before ``cutoff``, past ``cursor`` (None: from the start); no sids when done.
+    * ``_remove(sids, cutoff)``: delete those still expired before ``cutoff``, in one transaction;
+      return how many were deleted.
+    * ``_reaped(removed)``: housekeeping after a reap (LMDB clears stale reader slots, SQLite checkpoints).
     """
-    reaper = stripes.try_reaper()
-    if reaper is None:
-        return 0, 0
-    try:
-        if interval:
-            last = last_reap()
-            if last is not None and now - last < interval:
-                return 0, 0
-        mark_reap(now)
-        deadline = None if budget is None else time.monotonic() + budget
-        removed = visited = 0
-        cursor = None
-        while True:
-            sids, cursor = expired_after(cursor)
-            if not sids:
-                return removed, visited
-            visited += len(sids)
-            locks, lockable = stripes.try_many(sids)
-            try:
-                if lockable:
-                    removed += remove(lockable)
-            finally:
-                _release_all(locks)
-            if deadline is not None and time.monotonic() > deadline:
-                return removed, visited
-    finally:
-        reaper.release()
+
+    #: Candidates the last ``reap()`` read from the expiry index (the cost of the reap).
+    last_reap_visited = 0
+
+    def lock(self, sid, timeout):
+        return self._stripes.lock_stored(sid, timeout, self._is_stored)
+
+    def reap(self, now=None, budget=None, interval=0.0):
+        """Remove expired sessions, walking the expiry index: O(expired), not O(all sessions).
+
+        Only sessions that expired more than ``DEFAULTS["reap_margin"]`` seconds before ``now`` go: a
+        reaper whose clock runs ahead by less than that removes no live session. One reaper at a time
+        per store (a non-blocking flock on the stripe directory's ``reap.lock``; the others return 0),
+        the time of the last reap is kept in the database for ``interval``. Candidates come in batches
+        of ``_REAP_BATCH``; a session whose stripe is locked (in use) is skipped, the others are deleted
+        in one transaction per batch, each re-checked inside it. With ``budget`` seconds the call stops
+        after the batch that crossed it; the next call starts again at the earliest expiry, which is
+        where the work left is.
+        """
+        now = time.time() if now is None else now
+        cutoff = now - DEFAULTS["reap_margin"]
+        self.last_reap_visited = 0
+        reaper = self._stripes.try_reaper()
+        if reaper is None:
+            return 0
+        removed = 0
+        try:
+            if interval:
+                last = self._last_reap()
+                if last is not None and now - last < interval:
+                    return 0
+            self._mark_reap(now)
+            deadline = None if budget is None else time.monotonic() + budget
+            cursor = None
+            while True:
+                sids, cursor = self._expired(cutoff, cursor)
+                if not sids:
+                    break
+                self.last_reap_visited += len(sids)
+                locks, lockable = self._stripes.try_many(sids)
+                try:
+                    if lockable:
+                        removed += self._remove(lockable, cutoff)
+                finally:
+                    _release_all(locks)
+                if deadline is not None and time.monotonic() > deadline:
+                    break
+        finally:
+            reaper.release()
+        self._reaped(removed)
+        return removed
+
+    def _reaped(self, removed):
+        pass
 
 
 def _require(module, extra):
@@ -1573,7 +1601,7 @@ def _sqlite_busy(exc):
     return "locked" in str(exc) or "busy" in str(exc)
 
 
-class SQLiteContainer(Container):
+class SQLiteContainer(_DatabaseContainer):
     """Sessions in one SQLite database: many processes and threads, millions of sessions, stdlib only.
 
     :param path: the database file; created 0600 (its directory 0700) if missing. Beside it live the
@@ -1766,9 +1794,6 @@ class SQLiteContainer(Container):
     def _is_stored(self, sid):
         return bool(self._query(_SQL_EXISTS, (sid,)))
 
-    def lock(self, sid, timeout):
-        return self._stripes.lock_stored(sid, timeout, self._is_stored)
-
     def sids(self, now=None):
         now = time.time() if now is None else now
         return [row[0] for row in self._query("SELECT sid FROM sessions WHERE expires >= ?", (now,))]
@@ -1875,43 +1900,29 @@ class SQLiteContainer(Container):
     # -- expiry ------------------------------------------------------------------
 
     @staticmethod
-    def _reap_rows(con, sids, now):
+    def _reap_rows(con, sids, cutoff):
         removed = 0
         for sid in sids:
-            if con.execute(_SQL_REAP_ONE, (sid, now)).rowcount:
+            if con.execute(_SQL_REAP_ONE, (sid, cutoff)).rowcount:
                 con.execute(_SQL_DELETE_KEYS, (sid,))
                 removed += 1
         return removed
 
-    def reap(self, now=None, budget=None, interval=0.0):
-        """Remove expired sessions, walking the expiry index: O(expired), not O(all sessions).
+    def _last_reap(self):
+        rows = self._query("SELECT value FROM meta WHERE name = 'last_reap'", ())
+        return rows[0][0] if rows else None
 
-        One reaper at a time (a non-blocking flock on ``PATH.locks/reap.lock``; the others return 0);
-        the time of the last reap is kept in the ``meta`` table for ``interval``. Candidates come in
-        batches of ``_REAP_BATCH``; a session whose stripe is locked (in use) is skipped, the others are
-        deleted in one transaction per batch, each re-checked as expired inside it. With ``budget``
-        seconds the call stops after the batch that crossed it; the next call starts again at the
-        earliest expiry, which is where the work left is. ``last_reap_visited`` counts the candidates.
-        """
-        now = time.time() if now is None else now
+    def _mark_reap(self, now):
+        self._transaction(lambda con: con.execute("INSERT OR REPLACE INTO meta VALUES ('last_reap', ?)",
+                                                  (now,)))
 
-        def last_reap():
-            rows = self._query("SELECT value FROM meta WHERE name = 'last_reap'", ())
-            return rows[0][0] if rows else None
+    def _expired(self, cutoff, cursor):
+        expires, sid = cursor or (float("-inf"), "")
+        rows = self._query(_SQL_EXPIRED, (cutoff, expires, sid, _REAP_BATCH))
+        return [sid for _, sid in rows], (rows[-1] if rows else cursor)
 
-        def mark_reap(now):
-            self._transaction(lambda con: con.execute(
-                "INSERT OR REPLACE INTO meta VALUES ('last_reap', ?)", (now,)))
-
-        def expired_after(cursor):
-            expires, sid = cursor or (float("-inf"), "")
-            rows = self._query(_SQL_EXPIRED, (now, expires, sid, _REAP_BATCH))
-            return [sid for _, sid in rows], (rows[-1] if rows else cursor)
-
-        removed, self.last_reap_visited = _reap_in_batches(
-            self._stripes, now, budget, interval, last_reap, mark_reap, expired_after,
-            lambda sids: self._transaction(self._reap_rows, sids, now))
-        return removed
+    def _remove(self, sids, cutoff):
+        return self._transaction(self._reap_rows, sids, cutoff)
 
 
 # LMDB ----------------------------------------------------------------------------------
@@ -2117,7 +2128,7 @@ def _lmdb_detach(shared):
             shared.env.close()
 
 
-class LMDBContainer(Container):
+class LMDBContainer(_DatabaseContainer):
     """Sessions in an LMDB environment: the fastest store for many processes and millions of sessions.
 
     :param path: the store directory (created 0700; refused if a symlink, another user's, or writable
@@ -2230,9 +2241,8 @@ class LMDBContainer(Container):
         value = self._get(sid.encode("ascii"))
         return None if value is None else _lmdb_record(value)       # damaged: None too
 
-    def lock(self, sid, timeout):
-        return self._stripes.lock_stored(sid, timeout,
-                                         lambda sid: self._get(sid.encode("ascii")) is not None)
+    def _is_stored(self, sid):
+        return self._get(sid.encode("ascii")) is not None
 
     def sids(self, now=None):
         start = _EXPIRY_KEY.pack(time.time() if now is None else now)
@@ -2326,11 +2336,11 @@ class LMDBContainer(Container):
 
         def push(txn, env):
             current = txn.get(key, db=env.sessions)
-            header = current and _lmdb_header(current)
-            if not header:
-                return                           # missing or damaged
-            _, stored_expires, stored_timeout, _, forward = header
-            if (forward is None and stored_expires < expires
+            record = current and _lmdb_record(current)
+            if not record:
+                return                           # missing or damaged (absent)
+            stored_expires, stored_timeout = record.expires, record.timeout
+            if (record.forward is None and stored_expires < expires
                     and (now is None or stored_expires >= now)
                     and (timeout is None or stored_timeout == timeout)):
                 self._replace(txn, env, key, current, current[:8] + packed + current[16:])
@@ -2355,17 +2365,34 @@ class LMDBContainer(Container):
 
     # -- expiry ------------------------------------------------------------------
 
-    def reap(self, now=None, budget=None, interval=0.0):
-        """Remove expired sessions, walking the expiry index: O(expired), not O(all sessions).
+    def _last_reap(self):
+        last = self._txn(lambda txn, env: txn.get(b"last_reap", db=env.meta))
+        return None if last is None else _LMDB_EXPIRES.unpack(last)[0]
 
-        One reaper at a time (a non-blocking flock on ``locks/reap.lock``; the others return 0); the
-        time of the last reap is kept in the ``meta`` database for ``interval``. Stale reader slots of
-        killed processes are cleared first. Candidates come in batches of ``_REAP_BATCH`` read from the
-        index; a session whose stripe is locked (in use) is skipped, the others are deleted in one write
-        transaction per batch, each re-checked as expired inside it. With ``budget`` seconds the call
-        stops after the batch that crossed it. ``last_reap_visited`` counts the candidates.
-        """
-        now = time.time() if now is None else now
+    def _mark_reap(self, now):
+        self._txn(lambda txn, env: txn.put(b"last_reap", _LMDB_EXPIRES.pack(now), db=env.meta), write=True)
+
+    def _expired(self, cutoff, cursor):
+        limit = _EXPIRY_KEY.pack(cutoff)
+        keys = self._txn(lambda txn, env: self._expired_keys(txn, env, cursor or b"", limit))
+        self._index_keys = {}                # sid -> its expiry-index key, for the batch at hand
+        damaged = []
+        for key in keys:
+            sid = _lmdb_sid(key)
+            if sid is None:
+                damaged.append(key)          # names no session, so no lock guards it
+            else:
+                self._index_keys[sid] = key
+        if damaged:
+            self._txn(lambda txn, env: [txn.delete(key, db=env.expiry) for key in damaged], write=True)
+        return list(self._index_keys), (keys[-1] + b"\x00" if keys else cursor)
+
+    def _remove(self, sids, cutoff):
+        items = [(sid, self._index_keys[sid]) for sid in sids]
+        return self._txn(lambda txn, env: self._reap_batch(txn, env, items, cutoff), write=True)
+
+    def _reaped(self, removed):
+        """Clear the reader slots that killed processes left behind (LMDB cannot tell them by itself)."""
         shared = self._env()
         shared.gate.enter()
         try:
@@ -2374,39 +2401,6 @@ class LMDBContainer(Container):
             raise ContainerError(f"LMDB store {self.path!r}: {exc}") from exc
         finally:
             shared.gate.leave()
-
-        def last_reap():
-            last = self._txn(lambda txn, env: txn.get(b"last_reap", db=env.meta))
-            return None if last is None else _LMDB_EXPIRES.unpack(last)[0]
-
-        def mark_reap(now):
-            self._txn(lambda txn, env: txn.put(b"last_reap", _LMDB_EXPIRES.pack(now), db=env.meta),
-                      write=True)
-
-        limit = _EXPIRY_KEY.pack(now)
-        index_keys = {}                      # sid -> its expiry-index key, for the batch at hand
-
-        def expired_after(cursor):
-            keys = self._txn(lambda txn, env: self._expired_keys(txn, env, cursor or b"", limit))
-            index_keys.clear()
-            damaged = []
-            for key in keys:
-                sid = _lmdb_sid(key)
-                if sid is None:
-                    damaged.append(key)      # names no session, so no lock guards it
-                else:
-                    index_keys[sid] = key
-            if damaged:
-                self._txn(lambda txn, env: [txn.delete(key, db=env.expiry) for key in damaged], write=True)
-            return list(index_keys), (keys[-1] + b"\x00" if keys else cursor)
-
-        def remove(sids):
-            items = [(sid, index_keys[sid]) for sid in sids]
-            return self._txn(lambda txn, env: self._reap_batch(txn, env, items, now), write=True)
-
-        removed, self.last_reap_visited = _reap_in_batches(
-            self._stripes, now, budget, interval, last_reap, mark_reap, expired_after, remove)
-        return removed
 
     @staticmethod
     def _expired_keys(txn, env, after, limit):
@@ -2420,9 +2414,9 @@ class LMDBContainer(Container):
         return keys
 
     @staticmethod
-    def _reap_batch(txn, env, items, now):
+    def _reap_batch(txn, env, items, cutoff):
         """Delete the sessions of ``items`` (sid, the expiry-index key it was found under) that are
-        still expired at ``now``. A record whose header is damaged loads as absent and its index entry
+        still expired before ``cutoff``. A record whose header is damaged loads as absent and its index entry
         says it expired: it goes too. An index entry whose record is missing or says otherwise goes."""
         removed = 0
         for sid, index_key in items:
@@ -2438,7 +2432,7 @@ class LMDBContainer(Container):
             stored_key = _EXPIRY_KEY.pack(header[1]) + key
             if stored_key != index_key:
                 txn.delete(index_key, db=env.expiry)              # a stale entry
-            if header[1] < now:
+            if header[1] < cutoff:
                 txn.delete(stored_key, db=env.expiry)
                 txn.delete(key, db=env.sessions)
                 removed += 1

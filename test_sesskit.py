@@ -26,6 +26,7 @@ import sesskit
 REQUIRE_INTEGRATION = os.environ.get("SESSKIT_REQUIRE_INTEGRATION") == "1"
 HERE = os.path.dirname(os.path.abspath(__file__))
 T0 = 1_700_000_000.0
+MARGIN = sesskit.DEFAULTS["reap_margin"]      # a reaper removes what expired at least this long ago
 
 
 def _need(condition, reason):
@@ -394,8 +395,8 @@ class TestContainerContract:
         now = T0 + 100
         assert container.count(now) == 5
         assert sorted(container.sids(now)) == sorted(live)
-        assert container.reap(now) == 7
-        assert container.reap(now) == 0
+        assert container.reap(now + MARGIN) == 7               # a reaper waits out the clock-skew margin
+        assert container.reap(now + MARGIN) == 0
         assert container.count(T0) == 5
         assert all(container.load(sid) is None for sid in dead)
         assert all(container.load(sid) is not None for sid in live)
@@ -403,19 +404,19 @@ class TestContainerContract:
     def test_reap_interval_skips(self, container):
         sid = sesskit.new_session_id()
         container.create(sid, _record({}, timeout=1))
-        assert container.reap(T0 + 5, interval=60) == 1
+        assert container.reap(T0 + 5 + MARGIN, interval=60) == 1
         other = sesskit.new_session_id()
         container.create(other, _record({}, now=T0 + 5, timeout=1))
-        assert container.reap(T0 + 30, interval=60) == 0             # a reap ran 25 s ago
-        assert container.reap(T0 + 70, interval=60) == 1
+        assert container.reap(T0 + 30 + MARGIN, interval=60) == 0    # a reap ran 25 s ago
+        assert container.reap(T0 + 70 + MARGIN, interval=60) == 1
 
     def test_reap_skips_a_session_in_use(self, container):
         sid = sesskit.new_session_id()
         container.create(sid, _record({}, timeout=1))
         held = container.lock(sid, 1)
-        assert container.reap(T0 + 5) == 0
+        assert container.reap(T0 + 5 + MARGIN) == 0
         held.release()
-        assert container.reap(T0 + 5) == 1
+        assert container.reap(T0 + 5 + MARGIN) == 1
 
     def test_pickles_as_configuration(self, container):
         import pickle
@@ -655,12 +656,12 @@ class TestSession:
         for _ in range(4):
             _seed(container, {"x": 1}, clock=clock, timeout=10)
         keep = _seed(container, {"x": 1}, clock=clock, timeout=10_000)
-        clock.advance(20)
+        clock.advance(20 + MARGIN)
         container._next_reap = 0.0
         with sesskit.open_session(keep, store=container, clock=clock, reap_interval=100):
             pass
         assert container.count(clock.now) == 1 and container.reap(clock.now) == 0
-        _seed(container, {"x": 1}, clock=clock, timeout=10)
+        _seed(container, {"x": 1}, clock=FakeClock(clock.now - MARGIN - 50), timeout=10)  # reapable
         clock.advance(20)
         with sesskit.open_session(keep, store=container, clock=clock, reap_interval=100):
             pass
@@ -1169,11 +1170,11 @@ class TestDatabaseContainers:
         real_try_many = db_container._stripes.try_many
         monkeypatch.setattr(db_container._stripes, "try_many",
                             lambda sids: (tried.extend(sids), real_try_many(sids))[1])
-        assert db_container.reap(T0 + 100) == expired
+        assert db_container.reap(T0 + 100 + MARGIN) == expired
         assert db_container.last_reap_visited == expired      # the index was walked, not the table
         assert len(tried) == expired                          # only expired sessions were locked
         assert db_container.count(T0 + 100) == total - expired
-        assert db_container.reap(T0 + 100) == 0 and db_container.last_reap_visited == 0
+        assert db_container.reap(T0 + 100 + MARGIN) == 0 and db_container.last_reap_visited == 0
         db_container.close()
         import shutil                     # leave no dirty pages behind to slow later tests' fsyncs
         shutil.rmtree(os.path.dirname(db_container.path), ignore_errors=True)
@@ -1181,17 +1182,17 @@ class TestDatabaseContainers:
     def test_reap_budget_works_in_batches_and_resumes(self, db_container):
         n = sesskit._REAP_BATCH * 2 + 10
         db_container._bulk_create([(sesskit.new_session_id(), _record({}, timeout=1)) for _ in range(n)])
-        got = [db_container.reap(T0 + 5, budget=0) for _ in range(4)]
+        got = [db_container.reap(T0 + 5 + MARGIN, budget=0) for _ in range(4)]
         assert got == [sesskit._REAP_BATCH, sesskit._REAP_BATCH, 10, 0]
 
     def test_single_reaper(self, db_container):
         db_container.create(sesskit.new_session_id(), _record({}, timeout=1))
         other = db_container._stripes.try_reaper()          # another process's reaper is at work
         try:
-            assert db_container.reap(T0 + 10) == 0
+            assert db_container.reap(T0 + 10 + MARGIN) == 0
         finally:
             other.release()
-        assert db_container.reap(T0 + 10) == 1
+        assert db_container.reap(T0 + 10 + MARGIN) == 1
 
     @pytest.mark.parametrize("kind", DB_KINDS)
     def test_lock_timeout_and_killed_holder_across_processes(self, kind, tmp_path):
@@ -1661,6 +1662,21 @@ class TestDatabaseHardening:
         assert self._wait_children([pid], 60) == {pid: 0}
         assert len(_stored(store, sid)) == 101, "writes of the child were lost"
 
+    # -- 13: clock skew -----------------------------------------------------------------------------
+
+    def test_reaper_keeps_sessions_expired_less_than_the_margin_ago(self, db_container):
+        """A reaper whose clock is fast (here by just under the margin) removes no live session."""
+        margin = sesskit.DEFAULTS["reap_margin"]
+        assert margin >= 60
+        live = sesskit.new_session_id()
+        db_container.create(live, _record({"a": 1}, timeout=100))            # expires T0 + 100
+        old = sesskit.new_session_id()
+        db_container.create(old, _record({"a": 1}, now=T0 - margin - 10, timeout=5))
+        assert db_container.reap(T0 + 100 + margin - 1) == 1                 # only the one past it
+        assert db_container.load(live) is not None and db_container.load(old) is None
+        assert db_container.reap(T0 + 100 + margin + 1) == 1
+        assert db_container.load(live) is None
+
     # -- 7: LMDB damage --------------------------------------------------------------------------
 
     @staticmethod
@@ -1748,7 +1764,6 @@ class TestDatabaseHardening:
             procs[0].join(60)
             assert procs[0].exitcode == 0
         assert opened > 20, f"the grower finished before the test could race it ({opened} opens)"
-
 
 
 ###############################################################################
@@ -2051,7 +2066,11 @@ class SessionMachine(RuleBasedStateMachine):
 
     @rule()
     def reap(self):
-        removed = self.store.reap(self.clock.now)
+        margin, sesskit.DEFAULTS["reap_margin"] = sesskit.DEFAULTS["reap_margin"], 0.0   # the model
+        try:                                                  # has one clock: no skew to wait out
+            removed = self.store.reap(self.clock.now)
+        finally:
+            sesskit.DEFAULTS["reap_margin"] = margin
         expired = [sid for sid, (_, exp) in self.model.items() if exp < self.clock.now]
         assert removed == len(expired)
         for sid in expired:
