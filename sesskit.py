@@ -1366,8 +1366,10 @@ class _DatabaseContainer(Container):
 
     * ``_last_reap()``: when the previous reap started (None if never); ``_mark_reap(now)`` records this
       one. With ``interval``, a reap that started less than that long ago makes ``reap`` do nothing.
-    * ``_expired(cutoff, cursor)``: ``(sids, cursor)``, the next ``_REAP_BATCH`` sessions of the index
-      that expired before ``cutoff``, past ``cursor`` (None: from the start); no sids when done.
+    * ``_expired(cutoff, cursor)``: ``(sids, cursor, removed)``: the next ``_REAP_BATCH`` entries of
+      the index that expired before ``cutoff``, past ``cursor`` (None: from the start), as the session
+      ids to remove and the cursor after them (None when there are no more); entries that name no
+      valid session id (damaged) are removed at once, and ``removed`` counts those.
     * ``_remove(sids, cutoff)``: delete those still expired before ``cutoff``, in one transaction;
       return how many were deleted.
     * ``_reaped(removed)``: housekeeping after a reap (LMDB clears stale reader slots, SQLite checkpoints).
@@ -1407,9 +1409,10 @@ class _DatabaseContainer(Container):
             deadline = None if budget is None else time.monotonic() + budget
             cursor = None
             while True:
-                sids, cursor = self._expired(cutoff, cursor)
-                if not sids:
+                sids, cursor, damaged = self._expired(cutoff, cursor)
+                if cursor is None:
                     break
+                removed += damaged
                 self.last_reap_visited += len(sids)
                 locks, lockable = self._stripes.try_many(sids)
                 try:
@@ -1555,9 +1558,13 @@ _SQL_DELETE_KEYS = "DELETE FROM session_keys WHERE sid = ?"
 _SQL_DELETE_SESSION = "DELETE FROM sessions WHERE sid = ?"
 _SQL_TOUCH = ("UPDATE sessions SET expires = ? WHERE sid = ? AND expires < ? AND forward IS NULL "
               "AND (? IS NULL OR timeout = ?) AND (? IS NULL OR expires >= ?)")
-_SQL_EXPIRED = ("SELECT expires, sid FROM sessions WHERE expires < ? AND (expires, sid) > (?, ?) "
-                "ORDER BY expires, sid LIMIT ?")
-_SQL_REAP_ONE = "DELETE FROM sessions WHERE sid = ? AND expires < ?"
+# Ids come out as bytes and go back in as CAST(? AS TEXT), so that a damaged one (not UTF-8) can be
+# listed past and removed; a row whose expires is not a number (damaged) is never live.
+_SQL_EXPIRED = ("SELECT expires, CAST(sid AS BLOB) FROM sessions WHERE expires < ? "
+                "AND (expires, sid) > (?, CAST(? AS TEXT)) ORDER BY expires, sid LIMIT ?")
+_SQL_REAP_ONE = "DELETE FROM sessions WHERE sid = CAST(? AS TEXT) AND expires < ?"
+_SQL_DELETE_KEYS_OF = "DELETE FROM session_keys WHERE sid = CAST(? AS TEXT)"
+_SQL_LIVE = "FROM sessions WHERE expires >= ? AND typeof(expires) IN ('real', 'integer')"
 _SQLITE_RETRIES = 20       # extra attempts after "database is locked" outlasted the busy timeout
 
 #: Connections a forked child inherited anyway (a fork that bypassed os.register_at_fork, or came while
@@ -1779,16 +1786,28 @@ class SQLiteContainer(_DatabaseContainer):
             return result
         return self._retry(attempt)
 
-    def _query(self, sql, params):
-        return self._retry(lambda: self._conn().execute(sql, params).fetchall())
+    def _query(self, sql, params, damaged=_MISSING):
+        """The rows of one statement; ``damaged`` (if given) instead of raising for text that is not
+        UTF-8 (a damaged database)."""
+        def attempt():
+            try:
+                return self._conn().execute(sql, params).fetchall()
+            except self._sqlite3.OperationalError as exc:
+                if damaged is _MISSING or "decode" not in str(exc):
+                    raise
+                return damaged
+        return self._retry(attempt)
 
     # -- reading -----------------------------------------------------------------
 
     def load(self, sid):
-        rows = self._query(_SQL_LOAD, (sid,))
+        rows = self._query(_SQL_LOAD, (sid,), damaged=())
         if not rows:
-            return None
+            return None                      # missing, or not UTF-8 (damaged)
         created, expires, timeout, max_age, forward, items = rows[0]
+        if (type(created) is not float or type(expires) is not float or type(timeout) is not float
+                or type(max_age) is not float or not (forward is None or is_valid_session_id(forward))):
+            return None                      # damaged: a damaged record loads as absent
         return Record(f"{{{items or ''}}}", created, expires, timeout, max_age, forward)
 
     def _is_stored(self, sid):
@@ -1796,11 +1815,13 @@ class SQLiteContainer(_DatabaseContainer):
 
     def sids(self, now=None):
         now = time.time() if now is None else now
-        return [row[0] for row in self._query("SELECT sid FROM sessions WHERE expires >= ?", (now,))]
+        sids = (row[0].decode("latin-1") for row in self._query(f"SELECT CAST(sid AS BLOB) {_SQL_LIVE}",
+                                                                (now,)))
+        return [sid for sid in sids if is_valid_session_id(sid)]
 
     def count(self, now=None):
         now = time.time() if now is None else now
-        return self._query("SELECT count(*) FROM sessions WHERE expires >= ?", (now,))[0][0]
+        return self._query(f"SELECT count(*) {_SQL_LIVE}", (now,))[0][0]
 
     # -- writing -----------------------------------------------------------------
 
@@ -1903,8 +1924,9 @@ class SQLiteContainer(_DatabaseContainer):
     def _reap_rows(con, sids, cutoff):
         removed = 0
         for sid in sids:
-            if con.execute(_SQL_REAP_ONE, (sid, cutoff)).rowcount:
-                con.execute(_SQL_DELETE_KEYS, (sid,))
+            key = sid if type(sid) is bytes else sid.encode("ascii")
+            if con.execute(_SQL_REAP_ONE, (key, cutoff)).rowcount:
+                con.execute(_SQL_DELETE_KEYS_OF, (key,))
                 removed += 1
         return removed
 
@@ -1917,9 +1939,17 @@ class SQLiteContainer(_DatabaseContainer):
                                                   (now,)))
 
     def _expired(self, cutoff, cursor):
-        expires, sid = cursor or (float("-inf"), "")
+        expires, sid = cursor or (float("-inf"), b"")
         rows = self._query(_SQL_EXPIRED, (cutoff, expires, sid, _REAP_BATCH))
-        return [sid for _, sid in rows], (rows[-1] if rows else cursor)
+        sids, damaged = [], []
+        for _, key in rows:
+            sid = key.decode("latin-1")
+            if is_valid_session_id(sid):
+                sids.append(sid)
+            else:
+                damaged.append(key)          # no session has that id, so no lock guards it
+        removed = self._transaction(self._reap_rows, damaged, cutoff) if damaged else 0
+        return sids, (rows[-1] if rows else None), removed
 
     def _remove(self, sids, cutoff):
         return self._transaction(self._reap_rows, sids, cutoff)
@@ -2385,7 +2415,7 @@ class LMDBContainer(_DatabaseContainer):
                 self._index_keys[sid] = key
         if damaged:
             self._txn(lambda txn, env: [txn.delete(key, db=env.expiry) for key in damaged], write=True)
-        return list(self._index_keys), (keys[-1] + b"\x00" if keys else cursor)
+        return list(self._index_keys), (keys[-1] + b"\x00" if keys else None), 0
 
     def _remove(self, sids, cutoff):
         items = [(sid, self._index_keys[sid]) for sid in sids]

@@ -1662,6 +1662,33 @@ class TestDatabaseHardening:
         assert self._wait_children([pid], 60) == {pid: 0}
         assert len(_stored(store, sid)) == 101, "writes of the child were lost"
 
+    # -- 12: damaged SQLite rows ----------------------------------------------------------------------
+
+    def test_sqlite_damaged_rows_load_as_absent_and_listing_and_reaping_go_past_them(self, tmp_path):
+        store = sesskit.SQLiteContainer(tmp_path / "s.db")
+        bad_utf8, bad_expires = sesskit.new_session_id(), sesskit.new_session_id()
+        for sid in (bad_utf8, bad_expires):
+            store.create(sid, _record({"k": "v", "n": 1}, timeout=10))
+        good = [sesskit.new_session_id() for _ in range(3)]
+        for sid in good:
+            store.create(sid, _record({"k": 1}, timeout=10))
+        raw = __import__("sqlite3").connect(str(tmp_path / "s.db"), isolation_level=None)
+        raw.execute("UPDATE session_keys SET value = CAST(x'22ff22' AS TEXT) WHERE sid = ? AND key = '\"k\"'",
+                    (bad_utf8,))
+        raw.execute("UPDATE sessions SET expires = 'soon' WHERE sid = ?", (bad_expires,))
+        raw.execute("INSERT INTO sessions VALUES (CAST(x'ff' || ? AS TEXT), ?, ?, 10, 0, NULL)",
+                    (good[0][1:], T0, T0 + 10))                      # a damaged id
+        raw.close()
+        for sid in (bad_utf8, bad_expires):
+            assert store.load(sid) is None, sid
+            with sesskit.open_session(sid, store=store, clock=FakeClock(T0), reap_interval=0) as s:
+                assert s.is_new and s.id != sid
+        assert sorted(store.sids(T0)) == sorted(good + [bad_utf8])   # ids only, and live by a number
+        assert store.count(T0) == 5                                  # rows live by a number
+        assert store.reap(T0 + 11 + MARGIN) == 5                     # all but the text expiry
+        assert store.count(T0) == 0 and store.sids(T0) == []
+        store.close()
+
     # -- 13: clock skew -----------------------------------------------------------------------------
 
     def test_reaper_keeps_sessions_expired_less_than_the_margin_ago(self, db_container):
