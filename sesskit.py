@@ -1566,6 +1566,11 @@ _SQL_REAP_ONE = "DELETE FROM sessions WHERE sid = CAST(? AS TEXT) AND expires < 
 _SQL_DELETE_KEYS_OF = "DELETE FROM session_keys WHERE sid = CAST(? AS TEXT)"
 _SQL_LIVE = "FROM sessions WHERE expires >= ? AND typeof(expires) IN ('real', 'integer')"
 _SQLITE_RETRIES = 20       # extra attempts after "database is locked" outlasted the busy timeout
+# A reader that keeps one snapshot for long (a backup, an sqlite3 shell) stops checkpoints from getting past
+# it, so the WAL grows meanwhile (101 MiB for a 0.3 MiB database, issue 9), and SQLite never shrinks the
+# file by itself. journal_size_limit trims it back to this size whenever it restarts from its beginning,
+# and each reap() ends with a checkpoint that truncates it to nothing when no reader is using it.
+_SQLITE_WAL_LIMIT = 4 << 20
 
 #: Connections a forked child inherited anyway (a fork that bypassed os.register_at_fork, or came while
 #: they were in use). They belong to the parent: closing them in the child (which the garbage collector
@@ -1728,6 +1733,7 @@ class SQLiteContainer(_DatabaseContainer):
                                         cached_statements=64)
             con.execute("PRAGMA synchronous=" + ("FULL" if self.durable else "NORMAL"))
             con.execute(f"PRAGMA cache_size=-{DEFAULTS['sqlite_cache_kib']}")
+            con.execute(f"PRAGMA journal_size_limit={_SQLITE_WAL_LIMIT}")
         except self._sqlite3.Error as exc:
             raise ContainerError(f"cannot open session database {self.path!r}: {exc}") from exc
         old = getattr(self._local, "holder", None)
@@ -1953,6 +1959,21 @@ class SQLiteContainer(_DatabaseContainer):
 
     def _remove(self, sids, cutoff):
         return self._transaction(self._reap_rows, sids, cutoff)
+
+    def _reaped(self, removed):
+        """Checkpoint the WAL and truncate it, if that needs no waiting (see _SQLITE_WAL_LIMIT): with
+        readers or a writer at work it is left to the next reap."""
+        def checkpoint():
+            con = self._conn()
+            con.execute("PRAGMA busy_timeout=0")
+            try:
+                con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            except self._sqlite3.OperationalError as exc:
+                if not _sqlite_busy(exc):
+                    raise
+            finally:
+                con.execute(f"PRAGMA busy_timeout={int(DEFAULTS['sqlite_busy_timeout'] * 1000)}")
+        self._retry(checkpoint)
 
 
 # LMDB ----------------------------------------------------------------------------------

@@ -1689,6 +1689,30 @@ class TestDatabaseHardening:
         assert store.count(T0) == 0 and store.sids(T0) == []
         store.close()
 
+    # -- 14: SQLite WAL growth --------------------------------------------------------------------------
+
+    def test_sqlite_wal_shrinks_after_a_long_reader_goes(self, tmp_path):
+        """A reader that keeps one snapshot (a backup, an sqlite3 shell) stops checkpoints from getting
+        past it, and the WAL grows; once the reader is gone, a reap brings the WAL back."""
+        path = tmp_path / "s.db"
+        store = sesskit.SQLiteContainer(path)
+        sid = _seed(store, {"blob": ""})
+        reader = __import__("sqlite3").connect(str(path), isolation_level=None)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM sessions").fetchall()      # holds its snapshot
+        meta = sesskit.Record(None, T0, time.time() + 1000, 1000.0)
+        for i in range(800):
+            assert store.update(sid, {"blob": f"{i:04d}" + "x" * 8000}, [], meta, T0)
+        wal = str(path) + "-wal"
+        grown = os.path.getsize(wal)
+        assert grown > 4 << 20, grown
+        reader.execute("COMMIT")
+        reader.close()
+        store.reap()
+        assert os.path.getsize(wal) < 1 << 20, (grown, os.path.getsize(wal))
+        assert _stored(store, sid)["blob"].startswith("0799")
+        store.close()
+
     # -- 13: clock skew -----------------------------------------------------------------------------
 
     def test_reaper_keeps_sessions_expired_less_than_the_margin_ago(self, db_container):
