@@ -457,16 +457,20 @@ class Container:
       not ``writable(now)`` (a touch never revives a session, and a rotated id dies when its grace ends)
       and, when ``timeout`` is given, to a record whose stored timeout is another one (a concurrent
       request changed it, and a stale touch must not undo that). ``held`` is the session's lock when
-      the caller holds it (exclusive mode): the touch then happens under it.
-    * ``delete(sid, held=None)`` removes a record, under its lock.
+      the caller holds it (exclusive mode): the touch then happens under it. Returns True when it moved
+      the expiry (the caller then refreshes the client's cookie, and only then).
+    * ``delete(sid, held=None)`` removes a record, under its lock. When the record is a tombstone, the
+      session it forwards to is removed in the same step (one hop): a logout that raced a rotation
+      (it loaded the session just before another request rotated it) still ends the session.
     * ``lock(sid, timeout)`` returns a held lock of a stored session (a context manager releasing it),
       or None when the session is not stored. Raises LockTimeout. Locks are not reentrant.
     * ``reap(now=None, budget=None, interval=0)`` removes expired records; one reaper runs at a time per
       store (others return 0 at once), a ``budget`` in seconds bounds one call (the next resumes), and
       with ``interval`` the call does nothing if a reap of this store started less than that long ago.
       Returns the number of records removed.
-    * ``count(now=None)`` and ``sids(now=None)`` count and list unexpired sessions; ``close()`` frees
-      handles (the container stays usable and reopens them on demand).
+    * ``count(now=None)`` and ``sids(now=None)`` count and list unexpired records (ids remembered
+      after a rotation included, until they expire); ``close()`` frees handles (the container stays
+      usable and reopens them on demand).
     """
 
     #: Set by ``open_session``: the earliest wall time at which this process may reap again.
@@ -616,12 +620,14 @@ class MemoryContainer(Container):
             try:
                 handle = self._acquire(sid, 0)
             except LockTimeout:
-                return
+                return False
         try:
             current = self._records.get(sid)
             if (current is not None and current.writable(now if now is not None else current.expires)
                     and current.expires < expires and (timeout is None or current.timeout == timeout)):
                 self._records[sid] = current.replace(expires=expires)
+                return True
+            return False
         finally:
             if held is None:
                 handle.release()
@@ -629,7 +635,10 @@ class MemoryContainer(Container):
     def delete(self, sid, held=None):
         handle = held or self._acquire(sid, DEFAULTS["lock_timeout"])
         try:
-            self._records.pop(sid, None)
+            record = self._records.pop(sid, None)
+            if record is not None and record.forward is not None:
+                with self._acquire(record.forward, DEFAULTS["lock_timeout"]):
+                    self._records.pop(record.forward, None)
         finally:
             if held is None:
                 handle.release()
@@ -1060,9 +1069,9 @@ class FileContainer(Container):
             try:
                 handle = self.lock(sid, 0)
             except LockTimeout:
-                return
+                return False
             if handle is None:
-                return
+                return False
         else:
             handle = held
         try:
@@ -1070,6 +1079,8 @@ class FileContainer(Container):
             if (record and record.writable(now if now is not None else record.expires)
                     and record.expires < expires and (timeout is None or record.timeout == timeout)):
                 _set_expiry(handle.fd if _UTIME_FD else handle.path, expires)
+                return True
+            return False
         except OSError as exc:
             raise ContainerError(f"cannot touch session {_short(sid)}: {exc}") from exc
         finally:
@@ -1081,6 +1092,14 @@ class FileContainer(Container):
         if handle is None:
             return
         try:
+            record = self._read_locked(sid, handle)[0]
+            if record and record.forward is not None:
+                # the lock order is the rotation's (old id, then new), so this cannot deadlock with it
+                target = self.lock(record.forward, DEFAULTS["lock_timeout"])
+                if target is not None:
+                    with target:
+                        _unlink_quietly(target.path)
+                        self._sync_dir(target.path)
             _unlink_quietly(handle.path)
             self._sync_dir(handle.path)
         finally:
@@ -1908,13 +1927,16 @@ class SQLiteContainer(_DatabaseContainer):
             raise
 
     def touch(self, sid, expires, timeout=None, now=None, held=None):
-        self._retry(lambda: self._conn().execute(
-            _SQL_TOUCH, (expires, sid, expires, timeout, timeout, now, now)))
+        return self._retry(lambda: self._conn().execute(
+            _SQL_TOUCH, (expires, sid, expires, timeout, timeout, now, now)).rowcount == 1)
 
     @staticmethod
     def _delete_rows(con, sid):
-        con.execute(_SQL_DELETE_KEYS, (sid,))
-        con.execute(_SQL_DELETE_SESSION, (sid,))
+        row = con.execute("SELECT CAST(forward AS BLOB) FROM sessions WHERE sid = ?", (sid,)).fetchone()
+        forward = row and row[0] and row[0].decode("latin-1")
+        for victim in (sid, forward) if forward and is_valid_session_id(forward) else (sid,):
+            con.execute(_SQL_DELETE_KEYS, (victim,))
+            con.execute(_SQL_DELETE_SESSION, (victim,))
 
     def delete(self, sid, held=None):
         handle = held or self._stripes.acquire(sid, DEFAULTS["lock_timeout"])
@@ -2389,13 +2411,15 @@ class LMDBContainer(_DatabaseContainer):
             current = txn.get(key, db=env.sessions)
             record = current and _lmdb_record(current)
             if not record:
-                return                           # missing or damaged (absent)
+                return False                     # missing or damaged (absent)
             stored_expires, stored_timeout = record.expires, record.timeout
             if (record.forward is None and stored_expires < expires
                     and (now is None or stored_expires >= now)
                     and (timeout is None or stored_timeout == timeout)):
                 self._replace(txn, env, key, current, current[:8] + packed + current[16:])
-        self._txn(push, write=True)
+                return True
+            return False
+        return self._txn(push, write=True)
 
     def _delete_record(self, txn, env, key):
         current = txn.get(key, db=env.sessions)
@@ -2404,12 +2428,20 @@ class LMDBContainer(_DatabaseContainer):
             if header is not None:    # (a damaged header's index entry is left to the reaper, which
                 txn.delete(_EXPIRY_KEY.pack(header[1]) + key, db=env.expiry)   # drops dangling ones)
             txn.delete(key, db=env.sessions)
+        return current
+
+    def _delete_session(self, txn, env, key):
+        """Delete a record and, if it is a tombstone, the record it forwards to."""
+        current = self._delete_record(txn, env, key)
+        header = current and _lmdb_header(current)
+        if header and header[4] is not None:
+            self._delete_record(txn, env, header[4].encode("ascii"))
 
     def delete(self, sid, held=None):
         key = sid.encode("ascii")
         handle = held or self._stripes.acquire(sid, DEFAULTS["lock_timeout"])
         try:
-            self._txn(lambda txn, env: self._delete_record(txn, env, key), write=True)
+            self._txn(lambda txn, env: self._delete_session(txn, env, key), write=True)
         finally:
             if held is None:
                 handle.release()
@@ -2603,6 +2635,7 @@ class Session(MutableMapping):
         self.lost = False
         self.deleted = False
         self.stale = False
+        self._touched = False         # a touch moved the expiry (the cookie's Max-Age follows it)
 
     # -- mapping -----------------------------------------------------------------
 
@@ -2828,14 +2861,15 @@ class Session(MutableMapping):
         self._close(self._clock(), discard)
 
     def _close(self, now, discard):
+        was_open = self._state is _OPEN
         try:
-            if not discard and self._state is _OPEN and self._data is not None:
+            if not discard and was_open:
                 self._write_back(now)
         finally:
             self._state = _CLOSED
             self._release()
             self._data = None
-        if not discard and self._reap_interval:
+        if was_open and not discard and self._reap_interval:
             self._maybe_reap()
 
     def __exit__(self, exc_type, exc, tb):
@@ -2847,8 +2881,8 @@ class Session(MutableMapping):
         text = _encode_data(self._data)
         wrote = (self._stored is None or self._grace is not None or text != self._loaded
                  or self._timeout != self._stored_timeout)
-        moved = self._expiry(now) - self.expires >= _touch_interval(self._timeout)
         self._write_back(now)
+        moved = self._touched
         if self.lost or self.stale or self._stored is None:
             return
         if self.mode == "exclusive" and self._held_sid != self._stored:
@@ -2870,6 +2904,7 @@ class Session(MutableMapping):
 
     def _write_back(self, now):
         """Store what the session changed: create, update, rotate or touch. Sets ``saved``/``lost``."""
+        self._touched = False
         if self.stale:
             if self._data or self._grace is not None or self._timeout != self._stored_timeout:
                 self.lost = True                       # a late request of a rotated id writes nothing
@@ -2902,7 +2937,8 @@ class Session(MutableMapping):
         elif not changed and not deleted and self._timeout == self._stored_timeout:
             new_expiry = self._expiry(now)
             if new_expiry - self.expires >= _touch_interval(self._timeout):
-                container.touch(self._stored, new_expiry, self._stored_timeout, now, held=self._held)
+                self._touched = container.touch(self._stored, new_expiry, self._stored_timeout, now,
+                                                held=self._held)
             return
         else:
             ok = container.update(self._stored, changed, deleted, self._meta(now), now, held=self._held,
@@ -3054,9 +3090,25 @@ def open_session(sid=None, store=None, *, timeout=None, max_age=None, lock="merg
         return Session(sid, container, **options)
     if sid is not None:
         raise ValueError("give open_session() either sid or environ, not both")
+    _refuse_second_session(environ, cookie_name, lock)
     cookie = _Cookie(cookie_name, secret=secret, route=route, secure=secure, httponly=httponly,
                      samesite=samesite, path=path, domain=domain, persistent=persistent)
     return _web_session(environ, container, cookie, False, **options)
+
+
+def _refuse_second_session(environ, cookie_name, lock):
+    """Refuse to open, in exclusive mode, the session a SessionMiddleware already gives this request
+    (or any mode beside its exclusive one): the request would wait for its own lock until LockTimeout."""
+    if type(environ) is not dict:
+        return                          # os.environ (CGI): no middleware there
+    for value in environ.values():
+        if (isinstance(value, _WebSession) and value._cookie.name == cookie_name
+                and value._state is not _CLOSED and "exclusive" in (lock, value.mode)):
+            raise SesskitError(
+                "this request's session is already open through SessionMiddleware; use "
+                "environ['sesskit.session'] instead of opening it again (a second exclusive opening "
+                "would wait for its own lock), and choose the lock mode per request with "
+                "SessionMiddleware(lock=function_of_environ)")
 
 
 ###############################################################################
@@ -3322,8 +3374,12 @@ class _WebSession(Session):
         if self._stored is None:
             return cookie.header(None, None, self._https) if self.deleted else None
         expires = self._expiry(now)
-        if (self._stored != self._incoming or self._timeout != timeout_before
-                or (cookie.persistent and expires - expires_before >= _touch_interval(self._timeout))):
+        # the expiry moved only if this response's write-back or touch moved it: a record that another
+        # request deleted or rotated meanwhile is not touched, and its id must not be sent again
+        refreshed = (self.saved or self._touched) and expires - expires_before >= _touch_interval(
+            self._timeout)
+        if self._stored != self._incoming or self._timeout != timeout_before or (
+                cookie.persistent and refreshed):
             return cookie.header(self._stored, expires - now if cookie.persistent else None, self._https)
         return None
 
