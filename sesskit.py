@@ -1317,50 +1317,140 @@ class _StripeLocks:
         return None
 
 
+class _TxnGate:
+    """Calls into a database library run freely, except while something needs them all finished: LMDB
+    allows ``set_mapsize`` only when the process has no transaction open, and ``fork()`` must not
+    happen while another thread is inside SQLite or LMDB (see "fork()" below). ``block()`` waits for
+    the calls in flight to end and holds new ones back until ``unblock()``."""
+
+    __slots__ = ("_mutex", "_active", "_blocked")
+
+    def __init__(self):
+        self._mutex = _thread.allocate_lock()
+        self._active = 0
+        self._blocked = False
+
+    def enter(self):
+        while True:
+            with self._mutex:
+                if not self._blocked:
+                    self._active += 1
+                    return
+            time.sleep(0.0005)
+
+    def leave(self):
+        with self._mutex:
+            self._active -= 1
+
+    def block(self, timeout=None):
+        """Hold new calls back and wait until none is in flight (the caller must be in none). Returns
+        False, unblocked again, if that took longer than ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._mutex:
+                if not self._blocked:
+                    self._blocked = True
+                    break
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.0005)
+        while True:
+            with self._mutex:
+                if not self._active:
+                    return True
+            if deadline is not None and time.monotonic() > deadline:
+                self.unblock()
+                return False
+            time.sleep(0.0002)
+
+    def unblock(self):
+        with self._mutex:
+            self._blocked = False
+
+    def alone(self, action):
+        """Run ``action()`` while no call of this gate is in flight (the caller is in none)."""
+        self.block()
+        try:
+            action()
+        finally:
+            self.unblock()
+
+
 def _release_all(handles):
     for handle in handles:
         handle.release()
 
 
-def _reap_in_batches(stripes, now, budget, interval, last_reap, mark_reap, expired_after, remove):
-    """The reaper of the database containers: walk the expiry index one batch at a time.
+class _DatabaseContainer(Container):
+    """What the SQLite and LMDB containers share: stripe locks (``self._stripes``) and the reaper, which
+    walks the database's expiry index one batch at a time. A subclass provides ``_is_stored(sid)`` and
+    the reaper's hooks:
 
-    One reaper per store (a non-blocking lock; the others get ``(0, 0)`` at once). ``last_reap()`` is
-    when the previous reap started (None if never), ``mark_reap(now)`` records this one, and with
-    ``interval`` a reap that started less than that long ago makes this call do nothing.
-    ``expired_after(cursor)`` returns ``(sids, cursor)``: the next ``_REAP_BATCH`` sessions expired at
-    ``now`` past ``cursor`` (None: from the start), or no sids when done. Sessions whose stripe is
-    locked (in use) are skipped; ``remove(sids)`` deletes those still expired in one transaction and
-    returns how many it deleted. With ``budget`` seconds the walk stops after the batch that crossed it.
-    Returns ``(removed, visited)``, visited counting the candidates read from the index.
+    * ``_last_reap()``: when the previous reap started (None if never); ``_mark_reap(now)`` records this
+      one. With ``interval``, a reap that started less than that long ago makes ``reap`` do nothing.
+    * ``_expired(cutoff, cursor)``: ``(sids, cursor, removed)``: the next ``_REAP_BATCH`` entries of
+      the index that expired before ``cutoff``, past ``cursor`` (None: from the start), as the session
+      ids to remove and the cursor after them (None when there are no more); entries that name no
+      valid session id (damaged) are removed at once, and ``removed`` counts those.
+    * ``_remove(sids, cutoff)``: delete those still expired before ``cutoff``, in one transaction;
+      return how many were deleted.
+    * ``_reaped(removed)``: housekeeping after a reap (LMDB clears stale reader slots, SQLite checkpoints).
     """
-    reaper = stripes.try_reaper()
-    if reaper is None:
-        return 0, 0
-    try:
-        if interval:
-            last = last_reap()
-            if last is not None and now - last < interval:
-                return 0, 0
-        mark_reap(now)
-        deadline = None if budget is None else time.monotonic() + budget
-        removed = visited = 0
-        cursor = None
-        while True:
-            sids, cursor = expired_after(cursor)
-            if not sids:
-                return removed, visited
-            visited += len(sids)
-            locks, lockable = stripes.try_many(sids)
-            try:
-                if lockable:
-                    removed += remove(lockable)
-            finally:
-                _release_all(locks)
-            if deadline is not None and time.monotonic() > deadline:
-                return removed, visited
-    finally:
-        reaper.release()
+
+    #: Candidates the last ``reap()`` read from the expiry index (the cost of the reap).
+    last_reap_visited = 0
+
+    def lock(self, sid, timeout):
+        return self._stripes.lock_stored(sid, timeout, self._is_stored)
+
+    def reap(self, now=None, budget=None, interval=0.0):
+        """Remove expired sessions, walking the expiry index: O(expired), not O(all sessions).
+
+        Only sessions that expired more than ``DEFAULTS["reap_margin"]`` seconds before ``now`` go: a
+        reaper whose clock runs ahead by less than that removes no live session. One reaper at a time
+        per store (a non-blocking flock on the stripe directory's ``reap.lock``; the others return 0),
+        the time of the last reap is kept in the database for ``interval``. Candidates come in batches
+        of ``_REAP_BATCH``; a session whose stripe is locked (in use) is skipped, the others are deleted
+        in one transaction per batch, each re-checked inside it. With ``budget`` seconds the call stops
+        after the batch that crossed it; the next call starts again at the earliest expiry, which is
+        where the work left is.
+        """
+        now = time.time() if now is None else now
+        cutoff = now - DEFAULTS["reap_margin"]
+        self.last_reap_visited = 0
+        reaper = self._stripes.try_reaper()
+        if reaper is None:
+            return 0
+        removed = 0
+        try:
+            if interval:
+                last = self._last_reap()
+                if last is not None and now - last < interval:
+                    return 0
+            self._mark_reap(now)
+            deadline = None if budget is None else time.monotonic() + budget
+            cursor = None
+            while True:
+                sids, cursor, damaged = self._expired(cutoff, cursor)
+                if cursor is None:
+                    break
+                removed += damaged
+                self.last_reap_visited += len(sids)
+                locks, lockable = self._stripes.try_many(sids)
+                try:
+                    if lockable:
+                        removed += self._remove(lockable, cutoff)
+                finally:
+                    _release_all(locks)
+                if deadline is not None and time.monotonic() > deadline:
+                    break
+        finally:
+            reaper.release()
+        self._reaped(removed)
+        return removed
+
+    def _reaped(self, removed):
+        pass
 
 
 def _require(module, extra):
@@ -1370,6 +1460,86 @@ def _require(module, extra):
     except ImportError as exc:
         raise ImportError(f"this sesskit container needs the '{module}' package: "
                           f"pip install 'sesskit[{extra}]' (or: pip install {module})") from exc
+
+
+# fork() ----------------------------------------------------------------------------------
+# A forked child has one thread but a copy of everything the parent's other threads held at that
+# instant. An SQLite global mutex (its allocator's, its VFS's) taken by another thread stays locked in the
+# child forever, and the child's first connect() hangs on it; py-lmdb's close() of an environment whose
+# write transaction was open in another thread waits, in the child, for that thread to end it. And SQLite
+# keeps the POSIX lock state of every open database file per process: a child that inherits the parent's
+# state and opens a connection of its own believes it holds locks only the parent holds, so when the
+# parent closed its last connection SQLite took itself for the last user, checkpointed and deleted the WAL,
+# and the child went on writing into the deleted file: its writes were lost. (SQLite: "do not open an
+# SQLite database connection, then fork()"; all three reproduced by TestDatabaseHardening.)
+#
+# So the first database container of a process registers fork handlers (os.register_at_fork). Before a
+# fork they hold back new SQLite calls and LMDB transactions of every thread, wait until none is in
+# flight (_TxnGate.block), and close this process's SQLite connections: the child inherits no SQLite
+# handle and no lock state at all, and each thread of the parent reopens its connection on its next call.
+# LMDB environments stay open in the parent; a child finds its copy idle (no transaction, no reader slot:
+# max_spare_txns=0) and closes it before opening its own, which releases nothing of the parent's (py-lmdb
+# refuses to open a path that is open in the process, the inherited copy included). The wait ends when
+# the calls in flight do, which is bounded by SQLite's busy timeout; if it takes longer than that (a fork
+# from inside a database call, by a signal handler), the fork goes ahead and the child refuses to use the
+# store with ContainerError rather than hang. Connections opened by other code are not ours to manage.
+
+_fork_lock = _thread.allocate_lock()     # held across a fork; guards the registration below
+_fork_watched = False
+_sqlite_containers = None                # weakref.WeakSet of this process's SQLite containers
+_sqlite_gate = None                      # every SQLite call of this process runs inside it (a _TxnGate)
+_sqlite_unsafe = False                   # in a child: the parent's SQLite calls had not ended at fork
+_fork_blocked = ([], False)              # what the running fork's "before" handler blocked
+
+
+def _watch_fork(sqlite_container=None):
+    """Register the fork handlers once per process, and an SQLite container to be handled by them."""
+    global _fork_watched, _sqlite_containers, _sqlite_gate
+    with _fork_lock:
+        if sqlite_container is not None:
+            if _sqlite_containers is None:
+                import weakref
+                _sqlite_containers = weakref.WeakSet()
+                _sqlite_gate = _TxnGate()
+            _sqlite_containers.add(sqlite_container)
+        if not _fork_watched and hasattr(os, "register_at_fork"):
+            _fork_watched = True
+            os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                                after_in_child=_after_fork_in_child)
+
+
+def _before_fork():
+    global _fork_blocked
+    _fork_lock.acquire()
+    _lmdb_envs_lock.acquire()
+    wait = DEFAULTS["sqlite_busy_timeout"] + 1.0
+    envs = [shared for shared in _lmdb_envs.values() if shared.gate.block(wait)]
+    for shared in _lmdb_envs.values():
+        shared.busy_at_fork = shared not in envs
+    sqlite = _sqlite_gate is not None and _sqlite_gate.block(wait)
+    if sqlite:
+        for container in list(_sqlite_containers):
+            container._close_connections(gated=False)
+    _fork_blocked = (envs, sqlite)
+
+
+def _after_fork_in_parent():
+    envs, sqlite = _fork_blocked
+    for shared in envs:
+        shared.gate.unblock()
+    if sqlite:
+        _sqlite_gate.unblock()
+    _lmdb_envs_lock.release()
+    _fork_lock.release()
+
+
+def _after_fork_in_child():
+    global _sqlite_gate, _sqlite_unsafe
+    if _sqlite_gate is not None:
+        _sqlite_unsafe = _sqlite_unsafe or not _fork_blocked[1]
+        _sqlite_gate = _TxnGate()          # the old one may have been locked by a thread the child lacks
+    _lmdb_envs_lock.release()
+    _fork_lock.release()
 
 
 # SQLite --------------------------------------------------------------------------------
@@ -1410,13 +1580,23 @@ _SQL_DELETE_KEYS = "DELETE FROM session_keys WHERE sid = ?"
 _SQL_DELETE_SESSION = "DELETE FROM sessions WHERE sid = ?"
 _SQL_TOUCH = ("UPDATE sessions SET expires = ? WHERE sid = ? AND expires < ? AND forward IS NULL "
               "AND (? IS NULL OR timeout = ?) AND (? IS NULL OR expires >= ?)")
-_SQL_EXPIRED = ("SELECT expires, sid FROM sessions WHERE expires < ? AND (expires, sid) > (?, ?) "
-                "ORDER BY expires, sid LIMIT ?")
-_SQL_REAP_ONE = "DELETE FROM sessions WHERE sid = ? AND expires < ?"
+# Ids come out as bytes and go back in as CAST(? AS TEXT), so that a damaged one (not UTF-8) can be
+# listed past and removed; a row whose expires is not a number (damaged) is never live.
+_SQL_EXPIRED = ("SELECT expires, CAST(sid AS BLOB) FROM sessions WHERE expires < ? "
+                "AND (expires, sid) > (?, CAST(? AS TEXT)) ORDER BY expires, sid LIMIT ?")
+_SQL_REAP_ONE = "DELETE FROM sessions WHERE sid = CAST(? AS TEXT) AND expires < ?"
+_SQL_DELETE_KEYS_OF = "DELETE FROM session_keys WHERE sid = CAST(? AS TEXT)"
+_SQL_LIVE = "FROM sessions WHERE expires >= ? AND typeof(expires) IN ('real', 'integer')"
 _SQLITE_RETRIES = 20       # extra attempts after "database is locked" outlasted the busy timeout
+# A reader that keeps one snapshot for long (a backup, an sqlite3 shell) stops checkpoints from getting past
+# it, so the WAL grows meanwhile (101 MiB for a 0.3 MiB database, issue 9), and SQLite never shrinks the
+# file by itself. journal_size_limit trims it back to this size whenever it restarts from its beginning,
+# and each reap() ends with a checkpoint that truncates it to nothing when no reader is using it.
+_SQLITE_WAL_LIMIT = 4 << 20
 
-#: Connections a forked child inherited. They belong to the parent: closing them in the child (which the
-#: garbage collector would do) runs SQLite's close-time file and lock handling, so they are parked here.
+#: Connections a forked child inherited anyway (a fork that bypassed os.register_at_fork, or came while
+#: they were in use). They belong to the parent: closing them in the child (which the garbage collector
+#: would do) runs SQLite's close-time file and lock handling, so they are parked here.
 _inherited_connections = []
 
 
@@ -1429,13 +1609,21 @@ class _ThreadConnection:
     def __init__(self, con, generation):
         self.con, self.generation, self.pid = con, generation, os.getpid()
 
-    def close(self):
+    def close(self, gated=True):
+        """Close the connection; ``gated=False`` when the caller is inside the SQLite gate already."""
         con, self.con = self.con, None
         if con is None:
             return
         if self.pid != os.getpid():
             # a forked child dropping its parent's thread states: the connection is not ours to close
             _inherited_connections.append(con)
+        elif gated:
+            gate = _sqlite_gate
+            gate.enter()
+            try:
+                con.close()
+            finally:
+                gate.leave()
         else:
             con.close()
 
@@ -1447,7 +1635,7 @@ def _sqlite_busy(exc):
     return "locked" in str(exc) or "busy" in str(exc)
 
 
-class SQLiteContainer(Container):
+class SQLiteContainer(_DatabaseContainer):
     """Sessions in one SQLite database: many processes and threads, millions of sessions, stdlib only.
 
     :param path: the database file; created 0600 (its directory 0700) if missing. Beside it live the
@@ -1469,8 +1657,10 @@ class SQLiteContainer(Container):
       it atomic, so it takes no session lock and may land while an exclusive block of the same session
       runs. Nothing is lost either way: each write-back applies only its own keys.
     * Crashes: a process killed at any instant leaves the last committed state; its locks die with it.
-    * Processes and threads: one connection per thread and per process (reopened after ``fork()``), WAL
-      so readers never wait for writers, a busy timeout plus a bounded retry on "database is locked".
+    * Processes and threads: one connection per thread and per process, WAL so readers never wait for
+      writers, a busy timeout plus a bounded retry on "database is locked". ``fork()`` waits for the
+      SQLite calls of other threads in flight, and the parent closes its connections first, so the
+      child inherits no handle (see "fork()" above); every thread reopens its connection on demand.
     * Expiry is indexed: ``reap()`` costs O(expired sessions), never a scan of all of them.
 
     Not for NFS or SMB (SQLite's and flock()'s locking are unreliable there).
@@ -1491,6 +1681,7 @@ class SQLiteContainer(Container):
         self._generation = 0                       # bumped by close(): older connections are stale
         self._mutex = threading.Lock()
         self.last_reap_visited = 0
+        _watch_fork(self)
         self._retry(self._init_schema)
 
     def __reduce__(self):
@@ -1543,6 +1734,10 @@ class SQLiteContainer(Container):
         return self._connect()
 
     def _connect(self):
+        if _sqlite_unsafe:
+            raise ContainerError(f"session database {self.path!r}: this process was forked while another "
+                                 f"thread was inside SQLite, so SQLite is unusable here; open the store "
+                                 f"after fork(), or fork outside database calls")
         if self._pid != os.getpid():
             # Forked: the parent's connections and thread state are not ours to use (SQLite: "do not
             # carry an open database connection across a fork()"), nor to close.
@@ -1560,11 +1755,12 @@ class SQLiteContainer(Container):
                                         cached_statements=64)
             con.execute("PRAGMA synchronous=" + ("FULL" if self.durable else "NORMAL"))
             con.execute(f"PRAGMA cache_size=-{DEFAULTS['sqlite_cache_kib']}")
+            con.execute(f"PRAGMA journal_size_limit={_SQLITE_WAL_LIMIT}")
         except self._sqlite3.Error as exc:
             raise ContainerError(f"cannot open session database {self.path!r}: {exc}") from exc
         old = getattr(self._local, "holder", None)
         if old is not None:
-            old.close()
+            old.close(gated=False)                     # we are inside the gate (_retry)
         holder = _ThreadConnection(con, self._generation)
         with self._mutex:
             self._holders.add(holder)
@@ -1574,18 +1770,24 @@ class SQLiteContainer(Container):
     def close(self):
         """Close this process's connections, those of other threads included: call it when the store
         is no longer used. The container reopens connections on demand."""
+        self._close_connections()
+
+    def _close_connections(self, gated=True):
         if self._pid != os.getpid():
             return
         with self._mutex:
             self._generation += 1
             holders = list(self._holders)
         for holder in holders:
-            holder.close()
+            holder.close(gated)
 
     def _retry(self, work, *args):
-        """Run ``work`` again while SQLite says "database is locked" past its busy timeout (bounded)."""
+        """Run ``work`` again while SQLite says "database is locked" past its busy timeout (bounded).
+        Each attempt runs inside the SQLite gate, so that no fork() happens in the middle of it."""
         sqlite3 = self._sqlite3
         for attempt in range(_SQLITE_RETRIES + 1):
+            gate = _sqlite_gate
+            gate.enter()
             try:
                 return work(*args)
             except sqlite3.OperationalError as exc:
@@ -1593,6 +1795,8 @@ class SQLiteContainer(Container):
                     raise ContainerError(f"session database {self.path!r}: {exc}") from exc
             except sqlite3.Error as exc:
                 raise ContainerError(f"session database {self.path!r}: {exc}") from exc
+            finally:
+                gate.leave()
             time.sleep(DEFAULTS["poll_interval"])
 
     def _transaction(self, work, *args):
@@ -1610,31 +1814,42 @@ class SQLiteContainer(Container):
             return result
         return self._retry(attempt)
 
-    def _query(self, sql, params):
-        return self._retry(lambda: self._conn().execute(sql, params).fetchall())
+    def _query(self, sql, params, damaged=_MISSING):
+        """The rows of one statement; ``damaged`` (if given) instead of raising for text that is not
+        UTF-8 (a damaged database)."""
+        def attempt():
+            try:
+                return self._conn().execute(sql, params).fetchall()
+            except self._sqlite3.OperationalError as exc:
+                if damaged is _MISSING or "decode" not in str(exc):
+                    raise
+                return damaged
+        return self._retry(attempt)
 
     # -- reading -----------------------------------------------------------------
 
     def load(self, sid):
-        rows = self._query(_SQL_LOAD, (sid,))
+        rows = self._query(_SQL_LOAD, (sid,), damaged=())
         if not rows:
-            return None
+            return None                      # missing, or not UTF-8 (damaged)
         created, expires, timeout, max_age, forward, items = rows[0]
+        if (type(created) is not float or type(expires) is not float or type(timeout) is not float
+                or type(max_age) is not float or not (forward is None or is_valid_session_id(forward))):
+            return None                      # damaged: a damaged record loads as absent
         return Record(f"{{{items or ''}}}", created, expires, timeout, max_age, forward)
 
     def _is_stored(self, sid):
         return bool(self._query(_SQL_EXISTS, (sid,)))
 
-    def lock(self, sid, timeout):
-        return self._stripes.lock_stored(sid, timeout, self._is_stored)
-
     def sids(self, now=None):
         now = time.time() if now is None else now
-        return [row[0] for row in self._query("SELECT sid FROM sessions WHERE expires >= ?", (now,))]
+        sids = (row[0].decode("latin-1") for row in self._query(f"SELECT CAST(sid AS BLOB) {_SQL_LIVE}",
+                                                                (now,)))
+        return [sid for sid in sids if is_valid_session_id(sid)]
 
     def count(self, now=None):
         now = time.time() if now is None else now
-        return self._query("SELECT count(*) FROM sessions WHERE expires >= ?", (now,))[0][0]
+        return self._query(f"SELECT count(*) {_SQL_LIVE}", (now,))[0][0]
 
     # -- writing -----------------------------------------------------------------
 
@@ -1720,8 +1935,9 @@ class SQLiteContainer(Container):
 
     @staticmethod
     def _delete_rows(con, sid):
-        row = con.execute("SELECT forward FROM sessions WHERE sid = ?", (sid,)).fetchone()
-        for victim in (sid,) if row is None or row[0] is None else (sid, row[0]):
+        row = con.execute("SELECT CAST(forward AS BLOB) FROM sessions WHERE sid = ?", (sid,)).fetchone()
+        forward = row and row[0] and row[0].decode("latin-1")
+        for victim in (sid, forward) if forward and is_valid_session_id(forward) else (sid,):
             con.execute(_SQL_DELETE_KEYS, (victim,))
             con.execute(_SQL_DELETE_SESSION, (victim,))
 
@@ -1736,43 +1952,53 @@ class SQLiteContainer(Container):
     # -- expiry ------------------------------------------------------------------
 
     @staticmethod
-    def _reap_rows(con, sids, now):
+    def _reap_rows(con, sids, cutoff):
         removed = 0
         for sid in sids:
-            if con.execute(_SQL_REAP_ONE, (sid, now)).rowcount:
-                con.execute(_SQL_DELETE_KEYS, (sid,))
+            key = sid if type(sid) is bytes else sid.encode("ascii")
+            if con.execute(_SQL_REAP_ONE, (key, cutoff)).rowcount:
+                con.execute(_SQL_DELETE_KEYS_OF, (key,))
                 removed += 1
         return removed
 
-    def reap(self, now=None, budget=None, interval=0.0):
-        """Remove expired sessions, walking the expiry index: O(expired), not O(all sessions).
+    def _last_reap(self):
+        rows = self._query("SELECT value FROM meta WHERE name = 'last_reap'", ())
+        return rows[0][0] if rows else None
 
-        One reaper at a time (a non-blocking flock on ``PATH.locks/reap.lock``; the others return 0);
-        the time of the last reap is kept in the ``meta`` table for ``interval``. Candidates come in
-        batches of ``_REAP_BATCH``; a session whose stripe is locked (in use) is skipped, the others are
-        deleted in one transaction per batch, each re-checked as expired inside it. With ``budget``
-        seconds the call stops after the batch that crossed it; the next call starts again at the
-        earliest expiry, which is where the work left is. ``last_reap_visited`` counts the candidates.
-        """
-        now = time.time() if now is None else now
+    def _mark_reap(self, now):
+        self._transaction(lambda con: con.execute("INSERT OR REPLACE INTO meta VALUES ('last_reap', ?)",
+                                                  (now,)))
 
-        def last_reap():
-            rows = self._query("SELECT value FROM meta WHERE name = 'last_reap'", ())
-            return rows[0][0] if rows else None
+    def _expired(self, cutoff, cursor):
+        expires, sid = cursor or (float("-inf"), b"")
+        rows = self._query(_SQL_EXPIRED, (cutoff, expires, sid, _REAP_BATCH))
+        sids, damaged = [], []
+        for _, key in rows:
+            sid = key.decode("latin-1")
+            if is_valid_session_id(sid):
+                sids.append(sid)
+            else:
+                damaged.append(key)          # no session has that id, so no lock guards it
+        removed = self._transaction(self._reap_rows, damaged, cutoff) if damaged else 0
+        return sids, (rows[-1] if rows else None), removed
 
-        def mark_reap(now):
-            self._transaction(lambda con: con.execute(
-                "INSERT OR REPLACE INTO meta VALUES ('last_reap', ?)", (now,)))
+    def _remove(self, sids, cutoff):
+        return self._transaction(self._reap_rows, sids, cutoff)
 
-        def expired_after(cursor):
-            expires, sid = cursor or (float("-inf"), "")
-            rows = self._query(_SQL_EXPIRED, (now, expires, sid, _REAP_BATCH))
-            return [sid for _, sid in rows], (rows[-1] if rows else cursor)
-
-        removed, self.last_reap_visited = _reap_in_batches(
-            self._stripes, now, budget, interval, last_reap, mark_reap, expired_after,
-            lambda sids: self._transaction(self._reap_rows, sids, now))
-        return removed
+    def _reaped(self, removed):
+        """Checkpoint the WAL and truncate it, if that needs no waiting (see _SQLITE_WAL_LIMIT): with
+        readers or a writer at work it is left to the next reap."""
+        def checkpoint():
+            con = self._conn()
+            con.execute("PRAGMA busy_timeout=0")
+            try:
+                con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            except self._sqlite3.OperationalError as exc:
+                if not _sqlite_busy(exc):
+                    raise
+            finally:
+                con.execute(f"PRAGMA busy_timeout={int(DEFAULTS['sqlite_busy_timeout'] * 1000)}")
+        self._retry(checkpoint)
 
 
 # LMDB ----------------------------------------------------------------------------------
@@ -1791,7 +2017,8 @@ class SQLiteContainer(Container):
 # (py-lmdb: opening a path twice in one process is "a serious error"). It never crosses fork(): a child
 # that finds its parent's environment in the table closes that copy (py-lmdb refuses to open a path that is
 # open in the process, the inherited copy included) and opens its own. The copy holds no reader slot
-# (max_spare_txns=0 and no transaction outlives a call), so closing it releases nothing of the parent's.
+# (max_spare_txns=0 and no transaction outlives a call) and no transaction was in flight at the fork (see
+# "fork()" above), so closing it neither waits nor releases anything of the parent's.
 
 _LMDB_HEADER = struct.Struct("<dddd44s")
 _LMDB_EXPIRES = struct.Struct("<d")           # the header's expires field, at offset 8
@@ -1810,75 +2037,136 @@ def _lmdb_value(record, data=None):
     return head + (record.data.encode("utf-8") if data is None else data)
 
 
-def _lmdb_record(value):
+def _lmdb_header(value):
+    """``(created, expires, timeout, max_age, forward id or None)`` of a packed record, or None if the
+    header is damaged (a disk fault, a stray write): too short, a number that is not finite (x - x is NaN
+    for an infinity or NaN) or a forward that is not a session id."""
+    if len(value) < _LMDB_HEADER.size:
+        return None
     created, expires, timeout, max_age, forward = _LMDB_HEADER.unpack_from(value)
-    return Record(value[_LMDB_HEADER.size:].decode("utf-8"), created, expires, timeout, max_age,
-                  None if forward == _NO_FORWARD else forward.decode("ascii"))
+    if (created - created) + (expires - expires) + (timeout - timeout) + (max_age - max_age) != 0.0:
+        return None
+    if forward == _NO_FORWARD:
+        return created, expires, timeout, max_age, None
+    forward = forward.decode("latin-1")
+    return (created, expires, timeout, max_age, forward) if is_valid_session_id(forward) else None
+
+
+def _lmdb_record(value):
+    """The Record of a packed value, or None if it is damaged: a damaged record loads as absent."""
+    header = _lmdb_header(value)
+    if header is None:
+        return None
+    try:
+        data = value[_LMDB_HEADER.size:].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return Record(data, *header)
 
 
 def _lmdb_merge(value, changed, deleted, meta, now, base=None):
-    """The packed record after a write-back, or None if ``value`` is a tombstone or expired at ``now``."""
-    created, expires, timeout, max_age, forward = _LMDB_HEADER.unpack_from(value)
-    if forward != _NO_FORWARD or expires < now:
+    """The packed record after a write-back, or None if ``value`` is damaged, a tombstone or expired at
+    ``now``."""
+    header = _lmdb_header(value)
+    if header is None or header[4] is not None or header[1] < now:
         return None
     data = value[_LMDB_HEADER.size:]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None                      # damaged: absent, so never written over (as if missing)
     if changed or deleted:
-        data = _merge_data(data.decode("utf-8"), changed, deleted, base).encode("utf-8")
+        data = _merge_data(text, changed, deleted, base).encode("utf-8")
     return _lmdb_value(meta, data)
 
 
-class _TxnGate:
-    """Transactions of one process run freely, except while the map is resized: LMDB allows
-    ``set_mapsize`` only when the process has no transaction open, so a resize waits for those to end
-    and holds new ones back meanwhile."""
-
-    __slots__ = ("_mutex", "_active", "_resizing")
-
-    def __init__(self):
-        self._mutex = _thread.allocate_lock()
-        self._active = 0
-        self._resizing = False
-
-    def enter(self):
-        while True:
-            with self._mutex:
-                if not self._resizing:
-                    self._active += 1
-                    return
-            time.sleep(0.0005)
-
-    def leave(self):
-        with self._mutex:
-            self._active -= 1
-
-    def alone(self, action):
-        """Run ``action()`` while no transaction of this process is open (the caller holds none)."""
-        while True:
-            with self._mutex:
-                if not self._resizing:
-                    self._resizing = True
-                    break
-            time.sleep(0.0005)
-        try:
-            while True:
-                with self._mutex:
-                    if not self._active:
-                        break
-                time.sleep(0.0002)
-            action()
-        finally:
-            with self._mutex:
-                self._resizing = False
+def _lmdb_sid(key):
+    """The session id at the end of an expiry-index key, or None if that key is damaged."""
+    sid = key[8:].decode("latin-1")
+    return sid if is_valid_session_id(sid) else None
 
 
 class _LMDBEnv:
     """The open environment of one path in this process, and its named databases."""
 
-    __slots__ = ("pid", "env", "sessions", "expiry", "meta", "users", "gate")
+    __slots__ = ("pid", "env", "sessions", "expiry", "meta", "users", "gate", "busy_at_fork")
 
     def __init__(self, env, sessions, expiry, meta):
         self.pid, self.env, self.users, self.gate = os.getpid(), env, 0, _TxnGate()
         self.sessions, self.expiry, self.meta = sessions, expiry, meta
+        self.busy_at_fork = False
+
+
+#: LMDB 0.9's data-file meta page (format version 1), after the 16-byte page header: magic, version,
+#: address, map size, then two 48-byte database records (the first one's first field is the page size),
+#: the last page in use and the transaction id.
+_LMDB_META = struct.Struct("<16xIIQQI44x48xQQ")
+_LMDB_MAGIC = 0xBEEFC0DE
+
+
+def _lmdb_check_size(path):
+    """Return the map size recorded in ``path``'s data.mdb (0 if unknown), after checking that the file
+    is not shorter than its last committed page: LMDB maps the file and would die of SIGBUS when it reads
+    the missing pages, so a truncated file raises ContainerError. A missing or new file passes, and so
+    does a format this check does not know (LMDB 1.0's), which LMDB then checks as well as it can."""
+    data = os.path.join(path, "data.mdb")
+    try:
+        with open(data, "rb") as f:
+            head = f.read(_LMDB_META.size)
+            if len(head) < _LMDB_META.size:
+                if not head:
+                    return 0
+                raise ContainerError(f"LMDB store {path!r}: data.mdb is truncated ({len(head)} bytes)")
+            magic, version, _, _, page, _, _ = _LMDB_META.unpack(head)
+            if magic != _LMDB_MAGIC or version != 1 or page < _LMDB_META.size or page & (page - 1):
+                return 0
+            f.seek(page)
+            metas = [head, f.read(_LMDB_META.size)]
+            # The size only after the meta pages: a writer extends the file before it writes a meta
+            # page that names the new pages, so a concurrent commit never looks like a truncation.
+            size = os.fstat(f.fileno()).st_size
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return 0
+        raise ContainerError(f"cannot read LMDB store {path!r}: {exc}") from exc
+    valid = [_LMDB_META.unpack(meta) for meta in metas if len(meta) == _LMDB_META.size]
+    valid = [(txnid, last, map_size) for magic, version, _, map_size, _, last, txnid in valid
+             if magic == _LMDB_MAGIC and version == 1]
+    _, last, map_size = max(valid)
+    needed = (last + 1) * page
+    if size < needed:
+        raise ContainerError(f"LMDB store {path!r}: data.mdb is truncated ({size} bytes, its last committed "
+                             f"page ends at {needed}); restore it from a backup, or remove the store")
+    return map_size
+
+
+def _lmdb_open(lmdb, real, container):
+    """Open the environment at ``real`` and its named databases: ``(env, [sessions, expiry, meta])``.
+
+    The map is at least as large as the one another process recorded in the file: a map sized to the
+    data alone fails the first transaction (MDB_MAP_RESIZED) as soon as another process writes one more
+    page. The file is checked before it is mapped (``_lmdb_check_size``)."""
+    for _ in range(_LMDB_RETRIES):
+        map_size = max(container.map_size, _lmdb_check_size(real))
+        env = None
+        try:
+            env = lmdb.open(real, subdir=True, map_size=map_size, max_dbs=4,
+                            max_readers=container.max_readers, max_spare_txns=0, mode=0o600,
+                            sync=container.sync, metasync=container.metasync, readahead=False, lock=True)
+            env.reader_check()                 # slots of killed processes
+            with env.begin(write=True) as txn:
+                return env, [env.open_db(name, txn=txn) for name in (b"sessions", b"expiry", b"meta")]
+        except BaseException as exc:
+            if env is not None:
+                env.close()                    # else py-lmdb refuses every later open in this process
+            if not isinstance(exc, lmdb.MapResizedError):
+                if isinstance(exc, lmdb.Error):
+                    raise ContainerError(f"cannot open LMDB store {container.path!r}: {exc}") from exc
+                raise
+            # Another process grew the map between our mapping the file and our first transaction
+            # (lmdb.open begins one too): open again, which maps the new size.
+    raise ContainerError(f"cannot open LMDB store {container.path!r}: its map kept growing while it "
+                         f"was being opened")
 
 
 def _lmdb_attach(lmdb, container):
@@ -1887,6 +2175,10 @@ def _lmdb_attach(lmdb, container):
     with _lmdb_envs_lock:
         shared = _lmdb_envs.get(real)
         if shared is not None and shared.pid != os.getpid():
+            if shared.busy_at_fork:
+                raise ContainerError(f"LMDB store {container.path!r}: this process was forked while another "
+                                     f"thread was inside LMDB, so the environment it inherited cannot be "
+                                     f"closed; open the store after fork(), or fork outside database calls")
             del _lmdb_envs[real]
             try:
                 shared.env.close()      # the inherited copy: see the comment at the top of this part
@@ -1894,16 +2186,7 @@ def _lmdb_attach(lmdb, container):
                 pass
             shared = None
         if shared is None:
-            try:
-                env = lmdb.open(real, subdir=True, map_size=container.map_size, max_dbs=4,
-                                max_readers=container.max_readers, max_spare_txns=0, mode=0o600,
-                                sync=container.sync, metasync=container.metasync, readahead=False,
-                                lock=True)
-                env.reader_check()                 # slots of killed processes
-                with env.begin(write=True) as txn:
-                    dbs = [env.open_db(name, txn=txn) for name in (b"sessions", b"expiry", b"meta")]
-            except lmdb.Error as exc:
-                raise ContainerError(f"cannot open LMDB store {container.path!r}: {exc}") from exc
+            env, dbs = _lmdb_open(lmdb, real, container)
             shared = _lmdb_envs[real] = _LMDBEnv(env, *dbs)
         shared.users += 1
         return shared
@@ -1921,7 +2204,7 @@ def _lmdb_detach(shared):
             shared.env.close()
 
 
-class LMDBContainer(Container):
+class LMDBContainer(_DatabaseContainer):
     """Sessions in an LMDB environment: the fastest store for many processes and millions of sessions.
 
     :param path: the store directory (created 0700; refused if a symlink, another user's, or writable
@@ -1952,7 +2235,8 @@ class LMDBContainer(Container):
     * Crashes: a process killed at any instant leaves the last committed state; its session locks die
       with it and its stale reader slots are cleared (``reader_check``) on open and by ``reap()``.
     * Processes and threads: one environment per process, shared by its threads and reopened after
-      ``fork()``; ``max_spare_txns=0`` so no reader slot crosses a fork.
+      ``fork()``, which waits for the transactions of other threads in flight; ``max_spare_txns=0`` so
+      no reader slot crosses a fork (see "fork()" above).
     * Expiry is indexed: ``reap()`` costs O(expired sessions), and ``touch`` rewrites one record.
 
     Needs ``pip install lmdb`` (imported only when this container is made). Not for NFS or SMB.
@@ -1970,6 +2254,7 @@ class LMDBContainer(Container):
         _check_store_dir(self.path, create)
         self._stripes = _StripeLocks(os.path.join(self.path, "locks"), create)
         self.last_reap_visited = 0
+        _watch_fork()
         self._shared = _lmdb_attach(self._lmdb, self)
 
     def __reduce__(self):
@@ -2030,11 +2315,10 @@ class LMDBContainer(Container):
 
     def load(self, sid):
         value = self._get(sid.encode("ascii"))
-        return None if value is None else _lmdb_record(value)
+        return None if value is None else _lmdb_record(value)       # damaged: None too
 
-    def lock(self, sid, timeout):
-        return self._stripes.lock_stored(sid, timeout,
-                                         lambda sid: self._get(sid.encode("ascii")) is not None)
+    def _is_stored(self, sid):
+        return self._get(sid.encode("ascii")) is not None
 
     def sids(self, now=None):
         start = _EXPIRY_KEY.pack(time.time() if now is None else now)
@@ -2043,7 +2327,8 @@ class LMDBContainer(Container):
             cursor = txn.cursor(db=env.expiry)
             if not cursor.set_range(start):
                 return []
-            return [key[8:].decode("ascii") for key in cursor.iternext(keys=True, values=False)]
+            sids = (_lmdb_sid(key) for key in cursor.iternext(keys=True, values=False))
+            return [sid for sid in sids if sid is not None]
         return self._txn(live)
 
     def count(self, now=None):
@@ -2127,10 +2412,11 @@ class LMDBContainer(Container):
 
         def push(txn, env):
             current = txn.get(key, db=env.sessions)
-            if current is None:
-                return False
-            _, stored_expires, stored_timeout, _, forward = _LMDB_HEADER.unpack_from(current)
-            if (forward == _NO_FORWARD and stored_expires < expires
+            record = current and _lmdb_record(current)
+            if not record:
+                return False                     # missing or damaged (absent)
+            stored_expires, stored_timeout = record.expires, record.timeout
+            if (record.forward is None and stored_expires < expires
                     and (now is None or stored_expires >= now)
                     and (timeout is None or stored_timeout == timeout)):
                 self._replace(txn, env, key, current, current[:8] + packed + current[16:])
@@ -2141,15 +2427,18 @@ class LMDBContainer(Container):
     def _delete_record(self, txn, env, key):
         current = txn.get(key, db=env.sessions)
         if current is not None:
-            txn.delete(_EXPIRY_KEY.pack(_LMDB_EXPIRES.unpack_from(current, 8)[0]) + key, db=env.expiry)
+            header = _lmdb_header(current)
+            if header is not None:    # (a damaged header's index entry is left to the reaper, which
+                txn.delete(_EXPIRY_KEY.pack(header[1]) + key, db=env.expiry)   # drops dangling ones)
             txn.delete(key, db=env.sessions)
         return current
 
     def _delete_session(self, txn, env, key):
         """Delete a record and, if it is a tombstone, the record it forwards to."""
         current = self._delete_record(txn, env, key)
-        if current is not None and current[32:76] != _NO_FORWARD:
-            self._delete_record(txn, env, bytes(current[32:76]))
+        header = current and _lmdb_header(current)
+        if header and header[4] is not None:
+            self._delete_record(txn, env, header[4].encode("ascii"))
 
     def delete(self, sid, held=None):
         key = sid.encode("ascii")
@@ -2162,40 +2451,42 @@ class LMDBContainer(Container):
 
     # -- expiry ------------------------------------------------------------------
 
-    def reap(self, now=None, budget=None, interval=0.0):
-        """Remove expired sessions, walking the expiry index: O(expired), not O(all sessions).
+    def _last_reap(self):
+        last = self._txn(lambda txn, env: txn.get(b"last_reap", db=env.meta))
+        return None if last is None else _LMDB_EXPIRES.unpack(last)[0]
 
-        One reaper at a time (a non-blocking flock on ``locks/reap.lock``; the others return 0); the
-        time of the last reap is kept in the ``meta`` database for ``interval``. Stale reader slots of
-        killed processes are cleared first. Candidates come in batches of ``_REAP_BATCH`` read from the
-        index; a session whose stripe is locked (in use) is skipped, the others are deleted in one write
-        transaction per batch, each re-checked as expired inside it. With ``budget`` seconds the call
-        stops after the batch that crossed it. ``last_reap_visited`` counts the candidates.
-        """
-        now = time.time() if now is None else now
+    def _mark_reap(self, now):
+        self._txn(lambda txn, env: txn.put(b"last_reap", _LMDB_EXPIRES.pack(now), db=env.meta), write=True)
+
+    def _expired(self, cutoff, cursor):
+        limit = _EXPIRY_KEY.pack(cutoff)
+        keys = self._txn(lambda txn, env: self._expired_keys(txn, env, cursor or b"", limit))
+        self._index_keys = {}                # sid -> its expiry-index key, for the batch at hand
+        damaged = []
+        for key in keys:
+            sid = _lmdb_sid(key)
+            if sid is None:
+                damaged.append(key)          # names no session, so no lock guards it
+            else:
+                self._index_keys[sid] = key
+        if damaged:
+            self._txn(lambda txn, env: [txn.delete(key, db=env.expiry) for key in damaged], write=True)
+        return list(self._index_keys), (keys[-1] + b"\x00" if keys else None), 0
+
+    def _remove(self, sids, cutoff):
+        items = [(sid, self._index_keys[sid]) for sid in sids]
+        return self._txn(lambda txn, env: self._reap_batch(txn, env, items, cutoff), write=True)
+
+    def _reaped(self, removed):
+        """Clear the reader slots that killed processes left behind (LMDB cannot tell them by itself)."""
+        shared = self._env()
+        shared.gate.enter()
         try:
-            self._env().env.reader_check()
+            shared.env.reader_check()
         except self._lmdb.Error as exc:
             raise ContainerError(f"LMDB store {self.path!r}: {exc}") from exc
-
-        def last_reap():
-            last = self._txn(lambda txn, env: txn.get(b"last_reap", db=env.meta))
-            return None if last is None else _LMDB_EXPIRES.unpack(last)[0]
-
-        def mark_reap(now):
-            self._txn(lambda txn, env: txn.put(b"last_reap", _LMDB_EXPIRES.pack(now), db=env.meta),
-                      write=True)
-
-        limit = _EXPIRY_KEY.pack(now)
-
-        def expired_after(cursor):
-            keys = self._txn(lambda txn, env: self._expired_keys(txn, env, cursor or b"", limit))
-            return [key[8:].decode("ascii") for key in keys], (keys[-1] + b"\x00" if keys else cursor)
-
-        removed, self.last_reap_visited = _reap_in_batches(
-            self._stripes, now, budget, interval, last_reap, mark_reap, expired_after,
-            lambda sids: self._txn(lambda txn, env: self._reap_batch(txn, env, sids, now), write=True))
-        return removed
+        finally:
+            shared.gate.leave()
 
     @staticmethod
     def _expired_keys(txn, env, after, limit):
@@ -2209,16 +2500,26 @@ class LMDBContainer(Container):
         return keys
 
     @staticmethod
-    def _reap_batch(txn, env, sids, now):
+    def _reap_batch(txn, env, items, cutoff):
+        """Delete the sessions of ``items`` (sid, the expiry-index key it was found under) that are
+        still expired before ``cutoff``. A record whose header is damaged loads as absent and its index entry
+        says it expired: it goes too. An index entry whose record is missing or says otherwise goes."""
         removed = 0
-        for sid in sids:
+        for sid, index_key in items:
             key = sid.encode("ascii")
             current = txn.get(key, db=env.sessions)
-            if current is None:
+            header = None if current is None else _lmdb_header(current)
+            if header is None:
+                txn.delete(index_key, db=env.expiry)
+                if current is not None:
+                    txn.delete(key, db=env.sessions)
+                    removed += 1
                 continue
-            expires = _LMDB_EXPIRES.unpack_from(current, 8)[0]
-            if expires < now:
-                txn.delete(_EXPIRY_KEY.pack(expires) + key, db=env.expiry)
+            stored_key = _EXPIRY_KEY.pack(header[1]) + key
+            if stored_key != index_key:
+                txn.delete(index_key, db=env.expiry)              # a stale entry
+            if header[1] < cutoff:
+                txn.delete(stored_key, db=env.expiry)
                 txn.delete(key, db=env.sessions)
                 removed += 1
         return removed
