@@ -1120,6 +1120,56 @@ class TestFileContainer:
         assert len(opened) == 20                      # only expired candidates were opened
 
 
+class TestFileHardening:
+    """Issue 9: the file container under damage, hostile co-tenants, special files and failing disks."""
+
+
+class _ScanCountingText(str):
+    """A str that adds its length to ``scanned`` on every search of it (in, find, index, count)."""
+
+    scanned = 0
+
+    def _scan(self):
+        self.scanned += len(self)
+
+    def __contains__(self, part):
+        self._scan()
+        return str.__contains__(self, part)
+
+    def find(self, *args):
+        self._scan()
+        return str.find(self, *args)
+
+    def index(self, *args):
+        self._scan()
+        return str.index(self, *args)
+
+    def count(self, *args):
+        self._scan()
+        return str.count(self, *args)
+
+
+class TestLimits:
+    """Issue 9: limits that keep every stored session loadable and every merge cheap."""
+
+    def test_merge_of_many_new_keys_passes_over_the_session_a_bounded_number_of_times(self, monkeypatch):
+        stored = {f"key{i}": "v" * 20 for i in range(3000)}
+        text = _ScanCountingText(sesskit._encode(stored))
+        decoded = []
+        real_decode = sesskit._decode_fast
+        monkeypatch.setattr(sesskit, "_decode_fast", lambda t: (decoded.append(len(t)), real_decode(t))[1])
+        changed = {f"new{i}": i for i in range(3000)}
+        merged = sesskit._merge_data(text, changed, [])
+        assert json.loads(merged) == {**stored, **changed}
+        # Work on the stored text: a few passes at most, however many keys are new (it was one per key).
+        assert text.scanned + sum(decoded) <= 10 * len(text), (text.scanned, decoded)
+        # A few new keys still take the text shortcut: no decode.
+        decoded.clear()
+        few = {"new-a": 1, "new-b": [2]}
+        assert json.loads(sesskit._merge_data(text, few, [])) == {**stored, **few}
+        assert decoded == []
+
+
 ###############################################################################
 # Database container specifics (SQLite, LMDB)
 ###############################################################################
