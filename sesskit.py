@@ -153,13 +153,16 @@ def _check_json(key, value):
     try:
         text = _encode_fast(value)
     except (TypeError, ValueError, RecursionError) as exc:
-        raise TypeError(f"session key {key!r}: value {type(value).__name__} is not JSON "
-                        f"serialisable ({exc})") from None
-    if "{" in text:                        # holds a dict (or a brace in a string): check its keys
-        bad = _first_bad_key(value)
-        if bad is not _MISSING:
-            raise TypeError(f"session key {key!r}: a dict inside has the key {bad!r}; JSON keys are "
-                            f"strings only")
+        problem = _nesting_problem(value, DEFAULTS["max_depth"]) if type(exc) is RecursionError else None
+        if problem is None:
+            problem = f"value {type(value).__name__} is not JSON serialisable ({exc})"
+        raise TypeError(f"session key {key!r}: {problem}") from None
+    # Walk the value only when it may hold a dict (or a brace in a string), to check its keys, or enough
+    # brackets to nest too deep: a cheap test of the text spares the walk for most values.
+    if "{" in text or text.count("[") > DEFAULTS["max_depth"]:
+        problem = _nesting_problem(value, DEFAULTS["max_depth"])
+        if problem is not None:
+            raise TypeError(f"session key {key!r}: {problem}")
     return text
 
 
@@ -170,7 +173,7 @@ def _encode_data(data):
         text = _encode(data)
     except (TypeError, ValueError, RecursionError):
         text = None
-    if text is None or "{" in text[1:]:
+    if text is None or "{" in text[1:] or text.count("[") > DEFAULTS["max_depth"]:
         for key, value in data.items():
             if type(key) is not str:
                 raise TypeError(f"session keys must be str, not {type(key).__name__}: {key!r}") from None
@@ -221,21 +224,33 @@ _MISSING = object()
 _SCALARS = frozenset((str, int, float, bool, type(None)))     # JSON values that cannot change in place
 
 
-def _first_bad_key(value):
-    """The first dict key inside ``value`` that is not a str, else _MISSING. json would silently turn
-    it into a string (so {1: "a", "1": "b"} would store one key twice and lose a value on load)."""
-    stack = [value]
+def _nesting_problem(value, limit):
+    """Why the JSON value ``value`` cannot be stored, or None.
+
+    * A dict key inside that is not a str: json would silently turn it into a string (so
+      {1: "a", "1": "b"} would store one key twice and lose a value on load).
+    * Lists and dicts nested more than ``limit`` deep (``value`` itself is level 1). Decoding recurses
+      once per level, on the caller's stack: a value that a shallow stack stored (json manages about
+      990 levels) would raise RecursionError when loaded deeper in an application's stack, and the
+      session could never be loaded again. ``DEFAULTS["max_depth"]`` (64) leaves that stack room.
+
+    Iterative, so a deep value cannot exhaust the stack here either.
+    """
+    stack = [(value, 1)]
     while stack:
-        item = stack.pop()
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list, tuple)) and depth > limit:
+            return (f"the value nests lists and dicts more than {limit} deep "
+                    f"(DEFAULTS['max_depth']); a session must load at any stack depth")
         if isinstance(item, dict):
             for key, inner in item.items():
                 if type(key) is not str:
-                    return key
+                    return f"a dict inside has the key {key!r}; JSON keys are strings only"
                 if type(inner) not in _SCALARS:
-                    stack.append(inner)
+                    stack.append((inner, depth + 1))
         elif isinstance(item, (list, tuple)):
-            stack.extend(inner for inner in item if type(inner) not in _SCALARS)
-    return _MISSING
+            stack.extend((inner, depth + 1) for inner in item if type(inner) not in _SCALARS)
+    return None
 
 
 def _short(sid):

@@ -1169,6 +1169,47 @@ class TestLimits:
         assert json.loads(sesskit._merge_data(text, few, [])) == {**stored, **few}
         assert decoded == []
 
+    @staticmethod
+    def _nested(depth, kind):
+        """A value ``depth`` lists and/or dicts deep (kind: "list", "dict" or "mixed")."""
+        value = 1
+        for level in range(depth):
+            as_list = kind == "list" or (kind == "mixed" and level % 2)
+            value = [value] if as_list else {"d": value}
+        return value
+
+    @pytest.mark.parametrize("kind", ["list", "dict", "mixed"])
+    def test_nesting_is_limited_at_set_time_and_what_is_accepted_loads_on_a_deep_stack(self, container,
+                                                                                          kind):
+        limit = sesskit.DEFAULTS["max_depth"]
+        with pytest.raises(TypeError, match="'grows'.*deep"):
+            with sesskit.open_session(None, store=container, reap_interval=0) as s:
+                for depth in (limit + 1, 990):           # 990: what json itself would still encode
+                    with pytest.raises(TypeError, match="'deep'.*deep"):
+                        s["deep"] = self._nested(depth, kind)
+                s["ok"] = self._nested(limit, kind)
+                s["grows"] = []
+                s["grows"].append(self._nested(limit, kind))    # past the limit by an in-place edit
+        assert container.load(s.id) is None
+        sid = _seed(container, {"ok": self._nested(limit, kind), "grows": []})
+        with pytest.raises(TypeError, match="'grows'.*deep"):
+            with sesskit.open_session(sid, store=container, reap_interval=0) as s:
+                s["grows"].append(self._nested(limit, kind))    # and in a stored session
+        assert _stored(container, sid)["grows"] == []
+
+        def at_stack_depth(frames, work):
+            return work() if frames <= 0 else at_stack_depth(frames - 1, work)
+
+        def load_and_merge():
+            with sesskit.open_session(sid, store=container, reap_interval=0) as t:
+                value = t["ok"]
+                t["more"] = 1
+            return value
+        # A real application loads its session some hundreds of frames deep (frameworks, middleware).
+        free = sys.getrecursionlimit() - len(__import__("traceback").extract_stack())
+        assert at_stack_depth(free - 300, load_and_merge) == self._nested(limit, kind)
+        assert _stored(container, sid)["more"] == 1
+
 
 ###############################################################################
 # Database container specifics (SQLite, LMDB)
