@@ -770,38 +770,108 @@ def _read_fd(fd):
 _UTIME_FD = os.utime in os.supports_fd
 
 
-def _set_expiry(target, expires):
-    """Set a session file's mtime (its expiry) and atime to ``expires``; ``target``: fd or path."""
+def _set_expiry(fd, expires, dir_fd, name):
+    """Set a session file's mtime (its expiry) and atime to ``expires``: through its descriptor ``fd``,
+    or where utime takes none, by ``name`` in the directory ``dir_fd`` (a symlink is not followed)."""
     ns = int(expires * 1e9)
-    if isinstance(target, int):
-        os.utime(target, ns=(ns, ns))
+    if _UTIME_FD:
+        os.utime(fd, ns=(ns, ns))
     else:
-        os.utime(target, ns=(ns, ns), follow_symlinks=os.utime not in os.supports_follow_symlinks)
+        os.utime(name, ns=(ns, ns), dir_fd=dir_fd, follow_symlinks=False)
 
 
-def _check_store_dir(path, create):
-    """Make sure ``path`` is a directory only we control; create it 0700 if asked.
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+_DIR_FLAGS = os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC
+
+
+def _open_dir(name, dir_fd=None, create=None):
+    """Open the directory ``name`` (relative to ``dir_fd`` if given) without following a symlink.
+
+    With ``create`` (a mode) a missing directory is made with exactly that mode, whatever the umask:
+    the umask could otherwise leave it open to others (umask 000) or unusable to us (umask 277).
+    Raises FileNotFoundError, NotADirectoryError (also for a symlink: O_NOFOLLOW with O_DIRECTORY) or
+    another OSError.
+    """
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except FileNotFoundError:
+        if create is None:
+            raise
+    try:
+        os.mkdir(name, create, dir_fd=dir_fd)
+    except FileExistsError:                       # made by another process meanwhile: theirs is as good
+        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    try:
+        os.fchmod(fd, create)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _make_parents(path):
+    """Create the missing directories above a store, each 0755 narrowed by the umask but always with
+    the owner's rwx. The umask can only take bits away, so none is ever writable by group or others:
+    whoever may write a parent may rename the store and put another directory in its place."""
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    for path in reversed(missing):
+        try:
+            os.mkdir(path, 0o755)
+        except FileExistsError:
+            continue
+        fd = _open_dir(path)
+        try:
+            mode = stat.S_IMODE(os.fstat(fd).st_mode)
+            if mode & 0o700 != 0o700:
+                os.fchmod(fd, mode | 0o700)
+        finally:
+            os.close(fd)
+
+
+def _open_store_dir(path, create):
+    """Open the store directory ``path`` and return its descriptor; create it 0700 if missing and asked.
 
     Refuses (ContainerError) a symlink, a directory owned by another user or writable by group or others:
     on shared ground such as /tmp another local user could otherwise plant, read or swap session files.
+    The checks are made on the open descriptor (fstat), so what was checked is what gets used.
     """
     try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        if not create:
-            raise ContainerError(f"session store {path!r} does not exist") from None
-        parent = os.path.dirname(os.path.abspath(path))
-        os.makedirs(parent, exist_ok=True)
         try:
-            os.mkdir(path, 0o700)
-        except FileExistsError:
-            pass
-        st = os.lstat(path)
-    if stat.S_ISLNK(st.st_mode):
-        raise ContainerError(f"session store {path!r} is a symbolic link; refusing it (give the real path)")
-    if not stat.S_ISDIR(st.st_mode):
-        raise ContainerError(f"session store {path!r} is not a directory")
-    _check_private(f"session store {path!r}", st, "chmod 700")
+            fd = _open_dir(path)
+        except FileNotFoundError:
+            if not create:
+                raise ContainerError(f"session store {path!r} does not exist") from None
+            _make_parents(os.path.dirname(os.path.abspath(path)))
+            fd = _open_dir(path, create=0o700)
+    except NotADirectoryError:
+        try:
+            is_link = stat.S_ISLNK(os.lstat(path).st_mode)
+        except OSError:
+            is_link = False
+        if is_link:
+            raise ContainerError(f"session store {path!r} is a symbolic link; refusing it "
+                                 f"(give the real path)") from None
+        raise ContainerError(f"session store {path!r} is not a directory") from None
+    except OSError as exc:
+        raise ContainerError(f"cannot open session store {path!r}: {exc}") from exc
+    try:
+        _check_private(f"session store {path!r}", os.fstat(fd), "chmod 700")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _check_store_dir(path, create):
+    """Make sure ``path`` is a directory only we control (see _open_store_dir); create it if asked."""
+    os.close(_open_store_dir(path, create))
 
 
 def _check_private(what, st, remedy):
@@ -816,12 +886,13 @@ def _check_private(what, st, remedy):
 
 
 class _FileLock:
-    """A held lock of one session file: the open descriptor whose flock we hold."""
+    """A held lock of one file: the open descriptor whose flock we hold. For a session file also the
+    descriptor of its fan-out directory and its name there, to unlink or replace it relative to that."""
 
-    __slots__ = ("fd", "path", "stat")
+    __slots__ = ("fd", "path", "stat", "dir_fd", "name")
 
-    def __init__(self, fd, path, stat):
-        self.fd, self.path, self.stat = fd, path, stat
+    def __init__(self, fd, path, stat, dir_fd=None, name=None):
+        self.fd, self.path, self.stat, self.dir_fd, self.name = fd, path, stat, dir_fd, name
 
     def release(self):
         if self.fd is not None:
@@ -830,6 +901,8 @@ class _FileLock:
                 _unlock(fd)
             finally:
                 os.close(fd)
+                if self.dir_fd is not None:
+                    os.close(self.dir_fd)
 
     def __enter__(self):
         return self
@@ -839,23 +912,34 @@ class _FileLock:
 
 
 class FileContainer(Container):
-    """One file per session in a directory tree: the stdlib-only default.
+    """One file per session in a directory tree: the stdlib-only default. POSIX only.
 
-    :param path: the store directory; created 0700 if missing, refused if it is a symlink, owned by
-        another user or writable by others.
+    :param path: the store directory; created 0700 if missing (missing parents 0755, see
+        ``_make_parents``), refused if it is a symlink, owned by another user or writable by others.
     :param durable: fsync every write (and the directory when a file is created or replaced), so that
         a power loss keeps the last acknowledged write. Off by default: a killed process loses nothing
         either way, only a machine crash can.
 
-    Writes are atomic (see the layout above), session files are created 0600 and never follow symlinks.
-    The container holds no open handles, so it is safe to share between threads and across ``fork()``.
+    Writes are atomic (see the layout above). Every directory and file is created private whatever the
+    umask: fan-out directories 0700, session and bookkeeping files 0600.
+
+    The container holds one descriptor, of the store directory, opened (and checked) at construction;
+    every file is opened relative to it, and relative to its fan-out directory opened without following
+    a symlink, and never through a symlink itself. Renaming the store or planting a symlink in its place
+    or in place of a fan-out directory after that changes nothing: the container keeps using the
+    directory it checked. That descriptor is only ever a ``dir_fd``, never read from, so it is safe to
+    share between threads and across ``fork()``. ``close()`` frees it; the next use reopens the path and
+    checks it again (call it when no other thread is using the container). Pickles as its path.
     Not for NFS or SMB: their flock() emulation is not reliable.
     """
+
+    _dir_fd = None
 
     def __init__(self, path, durable=None, create=True):
         self.path = os.path.abspath(os.fspath(path))
         self.durable = DEFAULTS["durable"] if durable is None else bool(durable)
-        _check_store_dir(self.path, create)
+        self._fd_lock = _thread.allocate_lock()
+        self._dir_fd = _open_store_dir(self.path, create)
         self._prefix = self.path + os.sep
         self.last_reap_visited = 0
 
@@ -865,28 +949,74 @@ class FileContainer(Container):
     def __repr__(self):
         return f"FileContainer({self.path!r})"
 
+    def close(self):
+        with self._fd_lock:
+            fd, self._dir_fd = self._dir_fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self):
+        fd, self._dir_fd = self._dir_fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _root(self):
+        """The descriptor of the store directory, reopened and checked again after close()."""
+        fd = self._dir_fd
+        if fd is None:
+            with self._fd_lock:
+                if self._dir_fd is None:
+                    self._dir_fd = _open_store_dir(self.path, False)
+                fd = self._dir_fd
+        return fd
+
     def _file(self, sid):
+        """The path of ``sid``'s file, for messages (files are opened relative to the store's descriptor)."""
         # Session already checks ids; this guards direct callers (CLI, admin scripts) of the container.
         return f"{self._prefix}{_require_sid(sid)[:2]}{os.sep}{sid}"
 
+    def _subdir(self, name, create=False):
+        """Open the fan-out directory ``name`` (made 0700 if missing and ``create``); None if it is
+        missing or not a directory of its own (a symlink is not followed)."""
+        try:
+            return _open_dir(name, self._root(), 0o700 if create else None)
+        except (FileNotFoundError, NotADirectoryError):
+            if create:
+                raise
+            return None
+
     # -- reading -----------------------------------------------------------------
 
-    @staticmethod
-    def _open_existing(path, flags):
-        """Open the session file ``path``; None if there is none (a symlink counts as none)."""
+    def _open_file(self, sid, flags):
+        """Open the session file of ``sid``; return ``(fd, fan-out directory fd)``, or None if there is
+        none. Neither a symlinked file nor a symlinked fan-out directory counts."""
+        path = self._file(sid)
         try:
-            return os.open(path, flags | _O_NOFOLLOW | _O_CLOEXEC)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
+            dir_fd = self._subdir(sid[:2])
         except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                return None
-            raise ContainerError(f"cannot open session file {path!r}: {exc}") from exc
+            raise ContainerError(f"cannot open the directory of session file {path!r}: {exc}") from exc
+        if dir_fd is None:
+            return None
+        try:
+            return os.open(sid, flags | _O_NOFOLLOW | _O_CLOEXEC, dir_fd=dir_fd), dir_fd
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                os.close(dir_fd)
+                raise ContainerError(f"cannot open session file {path!r}: {exc}") from exc
+        os.close(dir_fd)
+        return None
 
     def load(self, sid):
-        fd = self._open_existing(self._file(sid), os.O_RDONLY)
-        if fd is None:
+        opened = self._open_file(sid, os.O_RDONLY)
+        if opened is None:
             return None
+        fd, dir_fd = opened
+        os.close(dir_fd)
         try:
             blob, st = _read_fd(fd)
         finally:
@@ -899,57 +1029,58 @@ class FileContainer(Container):
     def lock(self, sid, timeout):
         path = self._file(sid)
         while True:
-            fd = self._open_existing(path, os.O_RDWR)
-            if fd is None:
+            opened = self._open_file(sid, os.O_RDWR)
+            if opened is None:
                 return None
+            fd, dir_fd = opened
             try:
                 _wait_lock(fd, timeout, f"session {_short(sid)}")
                 st = os.fstat(fd)
             except BaseException:
                 os.close(fd)
+                os.close(dir_fd)
                 raise
             if st.st_nlink:
-                return _FileLock(fd, path, st)
+                return _FileLock(fd, path, st, dir_fd, sid)
             # The file was deleted or replaced while we waited: try the one that is there now.
             _unlock(fd)
             os.close(fd)
+            os.close(dir_fd)
 
     # -- writing -----------------------------------------------------------------
 
-    def _create_file(self, path, payload, expires, cap=None):
-        """Write a new session file at ``path`` (must not exist) holding ``payload`` in slot 0."""
+    def _create_file(self, dir_fd, name, payload, expires, cap=None):
+        """Write a new session file ``name`` (must not exist) in ``dir_fd`` holding ``payload`` in slot 0;
+        return its descriptor. Mode 0600 whatever the umask."""
         cap = cap or max(_MIN_SLOT, 1 << (len(payload) + _SLOT_HEADER.size - 1).bit_length())
         blob = _FILE_HEADER.pack(_FILE_MAGIC, cap) + _slot_bytes(1, payload)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC
+        fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
         try:
-            fd = os.open(path, flags, 0o600)
-        except FileNotFoundError:
-            os.makedirs(os.path.dirname(path), 0o700, exist_ok=True)
-            fd = os.open(path, flags, 0o600)
-        try:
+            os.fchmod(fd, 0o600)
             _write_all(fd, blob, 0)
-            _set_expiry(fd if _UTIME_FD else path, expires)
+            _set_expiry(fd, expires, dir_fd, name)
             if self.durable:
                 os.fsync(fd)
         except BaseException:
             os.close(fd)
-            _unlink_quietly(path)
+            _unlink_quietly(name, dir_fd)
             raise
         return fd
 
-    def _sync_dir(self, path):
-        if self.durable and os.name != "nt":
-            fd = os.open(os.path.dirname(path), os.O_RDONLY | _O_CLOEXEC)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+    def _sync_dir(self, dir_fd):
+        if self.durable:
+            os.fsync(dir_fd)
 
     def create(self, sid, record):
         path = self._file(sid)
         try:
-            os.close(self._create_file(path, _encode_record(sid, record), record.expires))
-            self._sync_dir(path)
+            dir_fd = self._subdir(sid[:2], create=True)
+            try:
+                os.close(self._create_file(dir_fd, sid, _encode_record(sid, record), record.expires))
+                self._sync_dir(dir_fd)
+            finally:
+                os.close(dir_fd)
         except FileExistsError:
             raise ContainerError(f"session {_short(sid)} exists already") from None
         except OSError as exc:
@@ -971,7 +1102,7 @@ class FileContainer(Container):
                 if len(payload) + _SLOT_HEADER.size <= cap:
                     offset = _FILE_HEADER.size + (1 - index) * cap
                     _write_all(handle.fd, _slot_bytes(seq + 1, payload), offset)
-                    _set_expiry(handle.fd if _UTIME_FD else handle.path, record.expires)
+                    _set_expiry(handle.fd, record.expires, handle.dir_fd, handle.name)
                     if self.durable:
                         os.fsync(handle.fd)
                 else:
@@ -990,17 +1121,17 @@ class FileContainer(Container):
         The new file is locked before it becomes visible and the handle switches to it, so the session
         stays locked throughout; waiters on the old inode find it unlinked and retry on the new one.
         """
-        tmp = f"{handle.path}.{os.getpid()}.tmp"
-        _unlink_quietly(tmp)
-        fd = self._create_file(tmp, payload, expires)
+        tmp = f"{handle.name}.{os.getpid()}.tmp"
+        _unlink_quietly(tmp, handle.dir_fd)
+        fd = self._create_file(handle.dir_fd, tmp, payload, expires)
         try:
             _try_lock(fd)
-            os.replace(tmp, handle.path)
+            os.replace(tmp, handle.name, src_dir_fd=handle.dir_fd, dst_dir_fd=handle.dir_fd)
         except BaseException:
             os.close(fd)
-            _unlink_quietly(tmp)
+            _unlink_quietly(tmp, handle.dir_fd)
             raise
-        self._sync_dir(handle.path)
+        self._sync_dir(handle.dir_fd)
         old = handle.fd
         handle.fd, handle.stat = fd, os.fstat(fd)
         _unlock(old)
@@ -1025,7 +1156,7 @@ class FileContainer(Container):
                 if (record and record.forward is None and record.expires < expires
                         and (now is None or record.expires >= now)
                         and (timeout is None or record.timeout == timeout)):
-                    _set_expiry(handle.fd if _UTIME_FD else handle.path, expires)
+                    _set_expiry(handle.fd, expires, handle.dir_fd, handle.name)
             except OSError as exc:
                 raise ContainerError(f"cannot touch session {_short(sid)}: {exc}") from exc
 
@@ -1034,8 +1165,8 @@ class FileContainer(Container):
         if handle is None:
             return
         try:
-            _unlink_quietly(handle.path)
-            self._sync_dir(handle.path)
+            _unlink_quietly(handle.name, handle.dir_fd)
+            self._sync_dir(handle.dir_fd)
         finally:
             if held is None:
                 handle.release()
@@ -1044,34 +1175,44 @@ class FileContainer(Container):
 
     def _subdirs(self, after=""):
         """The fan-out sub-directories in sorted order, those after ``after`` only."""
+        # A descriptor of our own: listing through the shared one would share its read position.
+        fd = os.open(".", _DIR_FLAGS, dir_fd=self._root())
         try:
-            names = sorted(n for n in os.listdir(self.path) if len(n) == 2 and not n.strip(_SID_ALPHABET))
-        except FileNotFoundError:
-            return []
-        return [n for n in names if n > after]
+            names = os.listdir(fd)
+        finally:
+            os.close(fd)
+        return sorted(n for n in names if len(n) == 2 and not n.strip(_SID_ALPHABET) and n > after)
 
     def _entries(self, subdir):
-        try:
-            with os.scandir(os.path.join(self.path, subdir)) as it:
-                return list(it)
-        except (FileNotFoundError, NotADirectoryError):
+        """``(name, lstat)`` of each entry of the fan-out directory ``subdir`` (none if it is missing or
+        not a directory of its own)."""
+        dir_fd = self._subdir(subdir)
+        if dir_fd is None:
             return []
+        entries = []
+        try:
+            with os.scandir(dir_fd) as it:
+                for entry in it:
+                    try:
+                        entries.append((entry.name, entry.stat(follow_symlinks=False)))
+                    except FileNotFoundError:
+                        pass
+        finally:
+            os.close(dir_fd)
+        return entries
 
     def sids(self, now=None):
         now = time.time() if now is None else now
         for subdir in self._subdirs():
-            for entry in self._entries(subdir):
-                if not is_valid_session_id(entry.name):
+            for name, st in self._entries(subdir):
+                if not is_valid_session_id(name):
                     continue
-                try:
-                    if entry.stat(follow_symlinks=False).st_mtime >= now:
-                        yield entry.name
-                        continue
-                except FileNotFoundError:
+                if st.st_mtime >= now:
+                    yield name
                     continue
-                record = self.load(entry.name)   # mtime says expired; the record may say otherwise
+                record = self.load(name)          # mtime says expired; the record may say otherwise
                 if record is not None and record.expires >= now:
-                    yield entry.name
+                    yield name
 
     def reap(self, now=None, budget=None, interval=0.0):
         """Remove expired sessions (and temporary files left by killed writers).
@@ -1083,25 +1224,35 @@ class FileContainer(Container):
         call resumes where it stopped (the cursor is kept in ``.reap-state``).
         """
         now = time.time() if now is None else now
-        lock_path = os.path.join(self.path, _REAP_LOCK)
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
+        root = self._root()
+        fd = os.open(_REAP_LOCK, os.O_RDWR | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC, 0o600, dir_fd=root)
         try:
+            if stat.S_IMODE(os.fstat(fd).st_mode) != 0o600:       # made under a umask such as 277
+                os.fchmod(fd, 0o600)
             if not _try_lock(fd):
                 return 0
-            state_path = os.path.join(self.path, _STATE_FILE)
             try:
-                with open(state_path, encoding="ascii") as f:
-                    last, cursor = _decode(f.read())
+                state = os.open(_STATE_FILE, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC, dir_fd=root)
+                try:
+                    last, cursor = _decode(os.read(state, 4096).decode("ascii"))
+                finally:
+                    os.close(state)
             except (OSError, ValueError, TypeError):
                 last, cursor = float("-inf"), ""
             if interval and now - last < interval:
                 return 0
             removed, visited, finished = self._reap_walk(now, cursor, budget)
             self.last_reap_visited = visited
-            tmp = f"{state_path}.{os.getpid()}.tmp"
-            with open(tmp, "w", encoding="ascii") as f:
-                f.write(_encode([now, "" if finished is None else finished]))
-            os.replace(tmp, state_path)
+            tmp = f"{_STATE_FILE}.{os.getpid()}.tmp"
+            _unlink_quietly(tmp, root)
+            state = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o600,
+                            dir_fd=root)
+            try:
+                os.fchmod(state, 0o600)
+                _write_all(state, _encode([now, "" if finished is None else finished]).encode("ascii"), 0)
+            finally:
+                os.close(state)
+            os.replace(tmp, _STATE_FILE, src_dir_fd=root, dst_dir_fd=root)
             return removed
         finally:
             _unlock(fd)
@@ -1118,19 +1269,23 @@ class FileContainer(Container):
             if visited and deadline is not None and time.monotonic() > deadline:
                 return removed, visited, cursor       # resume after the last finished sub-directory
             cursor = subdir
-            for entry in self._entries(subdir):
+            for name, st in self._entries(subdir):
                 visited += 1
-                try:
-                    mtime = entry.stat(follow_symlinks=False).st_mtime
-                except FileNotFoundError:
+                if st.st_mtime >= now:
                     continue
-                if mtime >= now:
-                    continue
-                if is_valid_session_id(entry.name):
-                    removed += self._reap_one(entry.name, now)
-                elif entry.name.endswith(".tmp") and mtime < stale_tmp:
-                    _unlink_quietly(entry.path)
+                if is_valid_session_id(name):
+                    removed += self._reap_one(name, now)
+                elif name.endswith(".tmp") and st.st_mtime < stale_tmp:
+                    self._unlink_in(subdir, name)
         return removed, visited, None
+
+    def _unlink_in(self, subdir, name):
+        dir_fd = self._subdir(subdir)
+        if dir_fd is not None:
+            try:
+                _unlink_quietly(name, dir_fd)
+            finally:
+                os.close(dir_fd)
 
     def _reap_one(self, sid, now):
         try:
@@ -1144,9 +1299,9 @@ class FileContainer(Container):
             payload = _parse_session_file(blob)[0]
             record = payload and _decode_record(sid, payload, st.st_mtime)
             if record and record.expires >= now:
-                _set_expiry(handle.fd if _UTIME_FD else handle.path, record.expires)
+                _set_expiry(handle.fd, record.expires, handle.dir_fd, handle.name)
                 return 0                              # a write was caught between data and mtime
-            _unlink_quietly(handle.path)
+            _unlink_quietly(handle.name, handle.dir_fd)
             return 1
 
 
@@ -1156,9 +1311,9 @@ def _write_all(fd, data, offset):
         data, offset = data[written:], offset + written
 
 
-def _unlink_quietly(path):
+def _unlink_quietly(name, dir_fd=None):
     try:
-        os.unlink(path)
+        os.unlink(name, dir_fd=dir_fd)
     except FileNotFoundError:
         pass
 

@@ -1123,6 +1123,97 @@ class TestFileContainer:
 class TestFileHardening:
     """Issue 9: the file container under damage, hostile co-tenants, special files and failing disks."""
 
+    @pytest.mark.parametrize("umask", [0o000, 0o277])
+    def test_everything_created_is_private_whatever_the_umask(self, tmp_path, umask):
+        previous = os.umask(umask)
+        try:
+            store = sesskit.FileContainer(tmp_path / "a" / "b" / "s")       # with missing parents
+            clock = FakeClock()
+            sid = _seed(store, {"a": 1}, clock=clock, timeout=100_000)
+            with sesskit.open_session(sid, store=store, clock=clock, reap_interval=0) as s:
+                s["big"] = "x" * 5000       # outgrows its slots: a new file, written aside and renamed
+            _seed(store, {"b": 1}, clock=clock, timeout=10)
+            assert store.reap(T0 + 10_000) == 1                # makes .reap-lock and .reap-state
+        finally:
+            os.umask(previous)
+        for parent in (tmp_path / "a", tmp_path / "a" / "b"):
+            mode = stat.S_IMODE(os.stat(parent).st_mode)
+            assert mode & 0o022 == 0 and mode & 0o700 == 0o700, f"{parent}: {mode:o}"
+        modes = {os.path.join(d, n): stat.S_IMODE(os.lstat(os.path.join(d, n)).st_mode)
+                 for d, dirs, files in os.walk(store.path) for n in dirs + files}
+        assert {".reap-lock", ".reap-state", sid} <= {os.path.basename(p) for p in modes}
+        expected = {p: 0o700 if os.path.isdir(p) else 0o600 for p in modes}
+        assert {p: f"{m:o}" for p, m in modes.items()} == {p: f"{m:o}" for p, m in expected.items()}
+        assert stat.S_IMODE(os.stat(store.path).st_mode) == 0o700
+        assert _stored(store, sid, clock) == {"a": 1, "big": "x" * 5000}
+
+    def test_a_store_swapped_for_a_symlink_after_open_is_not_followed(self, tmp_path):
+        """A co-tenant who may write the store's parent renames the store and plants a symlink to a
+        directory of theirs holding a valid session file, for the same id, of {"user": "admin"}."""
+        store = sesskit.FileContainer(tmp_path / "s")
+        sid = _seed(store, {"user": "alice"})
+        evil = sesskit.FileContainer(tmp_path / "evil")
+        evil.create(sid, _record({"user": "admin"}, now=time.time(), timeout=1000))
+        os.rename(tmp_path / "s", tmp_path / "moved")
+        os.symlink(tmp_path / "evil", tmp_path / "s")
+        assert json.loads(store.load(sid).data) == {"user": "alice"}
+        with sesskit.open_session(sid, store=store, reap_interval=0) as s:
+            assert not s.is_new and s["user"] == "alice"
+            s["seen"] = 1
+        other = _seed(store, {"user": "bob"})
+        assert _stored(f"file:{tmp_path / 'moved'}", sid) == {"user": "alice", "seen": 1}
+        assert _stored(f"file:{tmp_path / 'moved'}", other) == {"user": "bob"}
+        assert _stored(evil, sid) == {"user": "admin"} and evil.count() == 1
+        assert store.count() == 2 and store.reap(time.time() + 10**6) == 2 and evil.count() == 1
+
+    def test_a_symlinked_fan_out_directory_is_not_followed(self, tmp_path):
+        import shutil
+        store = sesskit.FileContainer(tmp_path / "s")
+        sid = _seed(store, {"user": "alice"})
+        evil = sesskit.FileContainer(tmp_path / "evil")
+        evil.create(sid, _record({"user": "admin"}, now=time.time(), timeout=1000))
+        subdir = os.path.join(store.path, sid[:2])
+        shutil.rmtree(subdir)
+        os.symlink(os.path.join(evil.path, sid[:2]), subdir)
+        assert store.load(sid) is None and store.lock(sid, 0) is None
+        with sesskit.open_session(sid, store=store, reap_interval=0) as s:
+            assert s.is_new and s.id != sid
+        with pytest.raises(sesskit.ContainerError):
+            store.create(sid[:2] + sesskit.new_session_id()[2:], _record({"user": "x"}))
+        assert store.count() == 0 and list(store.sids()) == []
+        assert store.reap(time.time() + 10**6) == 0
+        assert _files_under(evil.path) == [os.path.join(evil.path, sid[:2], sid)]
+        assert _stored(evil, sid) == {"user": "admin"}
+
+    def test_close_frees_the_store_descriptor_and_a_reopen_checks_again(self, tmp_path):
+        store = sesskit.FileContainer(tmp_path / "s")
+        sid = _seed(store, {"user": "alice"})
+        fd = store._dir_fd
+        assert os.path.samestat(os.fstat(fd), os.stat(store.path))
+        pid = os.fork()
+        if pid == 0:                                  # the child shares the descriptor, then closes it
+            code = 1
+            try:
+                if _stored(store, sid) == {"user": "alice"}:
+                    store.close()
+                    code = 0 if _stored(store, sid) == {"user": "alice"} else 2
+            finally:
+                os._exit(code)
+        assert os.waitpid(pid, 0)[1] == 0
+        assert store._dir_fd == fd and _stored(store, sid) == {"user": "alice"}
+        store.close()
+        assert store._dir_fd is None
+        with pytest.raises(OSError):
+            os.fstat(fd)
+        assert _stored(store, sid) == {"user": "alice"}             # reopened on demand
+        store.close()
+        evil = sesskit.FileContainer(tmp_path / "evil")
+        evil.create(sid, _record({"user": "admin"}, now=time.time(), timeout=1000))
+        os.rename(tmp_path / "s", tmp_path / "moved")
+        os.symlink(tmp_path / "evil", tmp_path / "s")
+        with pytest.raises(sesskit.ContainerError, match="symbolic link"):
+            store.load(sid)                           # the reopen checks the path again
+
 
 class _ScanCountingText(str):
     """A str that adds its length to ``scanned`` on every search of it (in, find, index, count)."""
