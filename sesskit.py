@@ -754,8 +754,14 @@ def _decode_record(sid, payload, mtime):
 
 
 def _read_fd(fd):
-    """Return ``(contents, stat)`` of an open file: one fstat and, for a few KB, one pread."""
+    """Return ``(contents, stat)`` of an open file: one fstat and, for a few KB, one pread.
+
+    Anything but a regular file (a FIFO, a device, a directory planted in the store) reads as empty
+    without a read, so it parses as no session.
+    """
     st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        return b"", st
     want = st.st_size + 4096
     blob = os.pread(fd, want, 0)
     while len(blob) == want:                      # grew while we read: read the rest
@@ -781,7 +787,13 @@ def _set_expiry(fd, expires, dir_fd, name):
 
 
 _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
-_DIR_FLAGS = os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC
+# Whatever sits in the store is opened without blocking and without becoming our terminal: a FIFO opened
+# for reading would otherwise wait forever for a writer. Only a regular file is then read (fstat).
+_O_SPECIAL_SAFE = getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+_DIR_FLAGS = os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC | _O_SPECIAL_SAFE
+# open() errors that mean "no session file here": a symlink (ELOOP), a directory opened for writing
+# (EISDIR), a socket or a FIFO without reader (ENXIO), a path through something that is not a directory.
+_NOT_A_SESSION_FILE = (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.ENOTDIR, errno.ENOENT)
 
 
 def _open_dir(name, dir_fd=None, create=None):
@@ -992,7 +1004,8 @@ class FileContainer(Container):
 
     def _open_file(self, sid, flags):
         """Open the session file of ``sid``; return ``(fd, fan-out directory fd)``, or None if there is
-        none. Neither a symlinked file nor a symlinked fan-out directory counts."""
+        none. Neither a symlinked file nor a symlinked fan-out directory counts, nor a socket or a
+        directory in its place; a FIFO or a device opens without blocking and reads as empty."""
         path = self._file(sid)
         try:
             dir_fd = self._subdir(sid[:2])
@@ -1001,11 +1014,9 @@ class FileContainer(Container):
         if dir_fd is None:
             return None
         try:
-            return os.open(sid, flags | _O_NOFOLLOW | _O_CLOEXEC, dir_fd=dir_fd), dir_fd
-        except (FileNotFoundError, NotADirectoryError):
-            pass
+            return os.open(sid, flags | _O_NOFOLLOW | _O_CLOEXEC | _O_SPECIAL_SAFE, dir_fd=dir_fd), dir_fd
         except OSError as exc:
-            if exc.errno != errno.ELOOP:
+            if exc.errno not in _NOT_A_SESSION_FILE:
                 os.close(dir_fd)
                 raise ContainerError(f"cannot open session file {path!r}: {exc}") from exc
         os.close(dir_fd)
@@ -1040,12 +1051,14 @@ class FileContainer(Container):
                 os.close(fd)
                 os.close(dir_fd)
                 raise
-            if st.st_nlink:
+            if st.st_nlink and stat.S_ISREG(st.st_mode):
                 return _FileLock(fd, path, st, dir_fd, sid)
-            # The file was deleted or replaced while we waited: try the one that is there now.
             _unlock(fd)
             os.close(fd)
             os.close(dir_fd)
+            if st.st_nlink:
+                return None                           # a FIFO or a device in its place: no session
+            # The file was deleted or replaced while we waited: try the one that is there now.
 
     # -- writing -----------------------------------------------------------------
 
@@ -1205,7 +1218,7 @@ class FileContainer(Container):
         now = time.time() if now is None else now
         for subdir in self._subdirs():
             for name, st in self._entries(subdir):
-                if not is_valid_session_id(name):
+                if not is_valid_session_id(name) or not stat.S_ISREG(st.st_mode):
                     continue
                 if st.st_mtime >= now:
                     yield name
@@ -1225,9 +1238,13 @@ class FileContainer(Container):
         """
         now = time.time() if now is None else now
         root = self._root()
-        fd = os.open(_REAP_LOCK, os.O_RDWR | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC, 0o600, dir_fd=root)
+        flags = os.O_RDWR | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC | _O_SPECIAL_SAFE
+        fd = os.open(_REAP_LOCK, flags, 0o600, dir_fd=root)
         try:
-            if stat.S_IMODE(os.fstat(fd).st_mode) != 0o600:       # made under a umask such as 277
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ContainerError(f"{self._prefix}{_REAP_LOCK} is not a regular file; remove it")
+            if stat.S_IMODE(st.st_mode) != 0o600:                # made under a umask such as 277
                 os.fchmod(fd, 0o600)
             if not _try_lock(fd):
                 return 0
@@ -1271,12 +1288,15 @@ class FileContainer(Container):
             cursor = subdir
             for name, st in self._entries(subdir):
                 visited += 1
-                if st.st_mtime >= now:
-                    continue
-                if is_valid_session_id(name):
-                    removed += self._reap_one(name, now)
-                elif name.endswith(".tmp") and st.st_mtime < stale_tmp:
-                    self._unlink_in(subdir, name)
+                if st.st_mtime >= now or not stat.S_ISREG(st.st_mode):
+                    continue                          # live, or not ours (a FIFO, a directory...)
+                try:
+                    if is_valid_session_id(name):
+                        removed += self._reap_one(name, now)
+                    elif name.endswith(".tmp") and st.st_mtime < stale_tmp:
+                        self._unlink_in(subdir, name)
+                except OSError:                       # ContainerError included
+                    continue      # one entry we cannot read or remove must not stop the others'
         return removed, visited, None
 
     def _unlink_in(self, subdir, name):

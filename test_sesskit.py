@@ -1120,8 +1120,81 @@ class TestFileContainer:
         assert len(opened) == 20                      # only expired candidates were opened
 
 
+_SPECIAL_FILES_CHECK = r'''
+import io, json, sys, time, sesskit
+path, live, specials, expired, far = json.loads(sys.argv[1])
+store = sesskit.FileContainer(path)
+url = "file:" + path
+for sid in specials:
+    assert store.load(sid) is None, sid
+    assert store.lock(sid, 0) is None, sid
+    store.touch(sid, time.time() + 100)
+    store.delete(sid)
+    with sesskit.open_session(sid, store=store, reap_interval=0) as s:
+        assert s.is_new and s.id != sid
+    out, err = io.StringIO(), io.StringIO()
+    assert sesskit._main(["show", url, sid], out, err) == 1 and "no session" in err.getvalue()
+assert store.count() == 1 and list(store.sids()) == [live]
+out = io.StringIO()
+assert sesskit._main(["stats", url], out) == 0 and "sessions: 1" in out.getvalue(), out.getvalue()
+out = io.StringIO()
+assert sesskit._main(["ls", url], out) == 0 and out.getvalue().split()[0] == live, out.getvalue()
+assert store.reap(far) == len(expired)
+assert all(store.load(sid) is None for sid in expired) and store.load(live) is not None
+out, err = io.StringIO(), io.StringIO()
+assert sesskit._main(["reap", url], out, err) == 0, err.getvalue()
+print("ok")
+'''
+
+
 class TestFileHardening:
     """Issue 9: the file container under damage, hostile co-tenants, special files and failing disks."""
+
+    @pytest.mark.parametrize("kind", ["fifo", "directory", "socket", "device"])
+    def test_special_files_in_the_store_load_as_absent_and_hang_nothing(self, tmp_path, kind, monkeypatch):
+        """A FIFO, a directory, a socket or a device where a session file or a fan-out directory
+        belongs: every reader and the CLI treat it as no session and none of them hangs; the reaper
+        goes on past it. The checks run in a child process, so a hang fails within a bounded wait."""
+        import socket
+        if kind == "device":
+            _need(os.geteuid() == 0, "root, to make a device node")
+        store = sesskit.FileContainer(tmp_path / "s")
+        now = time.time()
+        live = "AB" + sesskit.new_session_id()[2:]
+        store.create(live, _record({"user": "alice"}, now=now, timeout=10**6))
+        expired = ["AA" + sesskit.new_session_id()[2:], "zz" + sesskit.new_session_id()[2:]]
+        for sid in expired:
+            store.create(sid, _record({"old": 1}, now=now - 10**5, timeout=10))
+        # Special entries named as sessions (one with a past mtime, one fresh) and as fan-out directories.
+        specials = ["AA" + sesskit.new_session_id()[2:], "AC" + sesskit.new_session_id()[2:]]
+        if kind != "directory":                      # an empty directory is a legitimate fan-out
+            specials.append("Ab" + sesskit.new_session_id()[2:])
+        os.makedirs(os.path.join(store.path, "AC"), 0o700)
+
+        def plant(directory, name):
+            monkeypatch.chdir(directory)             # relative names: socket paths are short
+            if kind == "fifo":
+                os.mkfifo(name, 0o600)
+            elif kind == "directory":
+                os.mkdir(name, 0o700)
+            elif kind == "socket":
+                with socket.socket(socket.AF_UNIX) as sock:
+                    sock.bind(name)
+            else:
+                os.mknod(name, 0o600 | stat.S_IFCHR, os.makedev(1, 3))          # like /dev/null
+        for sid in specials[:2]:
+            plant(os.path.join(store.path, sid[:2]), sid)
+        os.utime(os.path.join(store.path, "AA", specials[0]), (now - 10**5, now - 10**5),
+                 follow_symlinks=False)
+        if kind != "directory":
+            plant(store.path, "Ab")
+        args = json.dumps([store.path, live, specials, expired, now + 10**5])
+        try:
+            out = subprocess.run([sys.executable, "-c", _SPECIAL_FILES_CHECK, args], cwd=HERE,
+                                 capture_output=True, text=True, timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"a store with a {kind} in it hung a reader")
+        assert out.returncode == 0 and out.stdout == "ok\n", out.stderr
 
     @pytest.mark.parametrize("umask", [0o000, 0o277])
     def test_everything_created_is_private_whatever_the_umask(self, tmp_path, umask):
