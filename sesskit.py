@@ -703,6 +703,21 @@ _SLOT_HEADER = struct.Struct("<QII")
 _MIN_SLOT = 1024
 _STATE_FILE = ".reap-state"
 _REAP_LOCK = ".reap-lock"
+_META_ROOM = 1024          # bytes: a record's metadata line is under 300
+
+
+def _slot_limit():
+    """The largest slot capacity a file store writes (and so the bound on what it ever reads).
+
+    A slot holds a record of at most twice ``DEFAULTS["max_size"]`` bytes of data plus its metadata:
+    Session bounds what one block makes of a session by its max_size, but concurrent merges of other
+    keys may take it past that, and the headroom keeps such a session writable. Capacities are powers of
+    two, so at the default max_size of 1 MiB a slot holds up to 4 MiB and a file is at most
+    16 + 2 x 4 MiB. A bigger record is refused (SessionTooLarge) and a bigger file is not one this store
+    wrote: it reads as no session, and no reader ever reads more than that bound (issue 9: a 2 GiB
+    sparse file used to be read whole by load, count, ls and reap).
+    """
+    return max(_MIN_SLOT, 1 << (2 * DEFAULTS["max_size"] + _META_ROOM + _SLOT_HEADER.size - 1).bit_length())
 
 
 def _parse_session_file(blob):
@@ -711,7 +726,7 @@ def _parse_session_file(blob):
     if size < 32 or blob[:4] != _FILE_MAGIC:
         return None, -1, 0, 0
     cap = _FILE_HEADER.unpack_from(blob)[1]
-    if cap < _MIN_SLOT:
+    if cap < _MIN_SLOT or cap > _slot_limit():
         return None, -1, 0, 0
     slots = [(*_SLOT_HEADER.unpack_from(blob, 16), 0, 16)]
     if size >= cap + 32:
@@ -756,15 +771,19 @@ def _decode_record(sid, payload, mtime):
 def _read_fd(fd):
     """Return ``(contents, stat)`` of an open file: one fstat and, for a few KB, one pread.
 
-    Anything but a regular file (a FIFO, a device, a directory planted in the store) reads as empty
-    without a read, so it parses as no session.
+    Anything but a regular file (a FIFO, a device, a directory planted in the store) and a file bigger
+    than any this store writes (see _slot_limit) read as empty, without a read, so they parse as no
+    session; no more than that bound is ever read.
     """
     st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
+    limit = _FILE_HEADER.size + 2 * _slot_limit()
+    if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
         return b"", st
-    want = st.st_size + 4096
+    want = min(st.st_size + 4096, limit + 1)
     blob = os.pread(fd, want, 0)
     while len(blob) == want:                      # grew while we read: read the rest
+        if len(blob) > limit:
+            return b"", st
         chunk = os.pread(fd, 65536, len(blob))
         if not chunk:
             break
@@ -1064,7 +1083,13 @@ class FileContainer(Container):
 
     def _create_file(self, dir_fd, name, payload, expires, cap=None):
         """Write a new session file ``name`` (must not exist) in ``dir_fd`` holding ``payload`` in slot 0;
-        return its descriptor. Mode 0600 whatever the umask."""
+        return its descriptor. Mode 0600 whatever the umask. Raises SessionTooLarge, writing nothing, for
+        a payload bigger than a slot may be (_slot_limit)."""
+        limit = _slot_limit()
+        if len(payload) + _SLOT_HEADER.size > limit:
+            raise SessionTooLarge(f"a session record of {len(payload)} bytes does not fit a file store "
+                                  f"(at most {limit - _SLOT_HEADER.size}: twice DEFAULTS['max_size'] and "
+                                  f"metadata); nothing was stored")
         cap = cap or max(_MIN_SLOT, 1 << (len(payload) + _SLOT_HEADER.size - 1).bit_length())
         blob = _FILE_HEADER.pack(_FILE_MAGIC, cap) + _slot_bytes(1, payload)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC

@@ -1258,6 +1258,56 @@ class TestFileHardening:
         assert _files_under(evil.path) == [os.path.join(evil.path, sid[:2], sid)]
         assert _stored(evil, sid) == {"user": "admin"}
 
+    def test_a_huge_sparse_file_is_never_read_whole(self, tmp_path, monkeypatch, capsys):
+        store = sesskit.FileContainer(tmp_path / "s")
+        url = f"file:{store.path}"
+        now = time.time()
+        live = _seed(store, {"user": "alice"})
+        huge = [sesskit.new_session_id() for _ in range(2)]       # a fresh one and an expired one
+        for sid in huge:
+            store.create(sid, _record({"user": "admin"}, now=now, timeout=1000))
+            path = os.path.join(store.path, sid[:2], sid)
+            with open(path, "r+b") as f:
+                f.truncate(2 << 30)                   # 2 GiB, sparse: a valid record at its start
+            expires = now + 1000 if sid == huge[0] else now - 10**5
+            os.utime(path, (expires, expires))
+        assert sesskit.DEFAULTS["max_size"] == 1 << 20
+        bound = 16 + 2 * (4 << 20)          # the largest file: two 4 MiB slots (twice max_size, rounded)
+        asked = []
+        real_pread = os.pread
+
+        def pread(fd, n, offset):
+            asked.append(n)
+            if n > 64 << 20:
+                raise AssertionError(f"asked to read {n} bytes at once")
+            return real_pread(fd, n, offset)
+        monkeypatch.setattr(os, "pread", pread)
+        assert [store.load(sid) for sid in huge] == [None, None]
+        assert huge[1] not in list(store.sids())
+        assert sesskit._main(["ls", url]) == 0 and capsys.readouterr().out.split()[0::3] == [live]
+        assert sesskit._main(["show", url, huge[0]]) == 1
+        assert store.reap(now + 100) == 1 and store.load(live) is not None
+        assert not os.path.exists(path)
+        assert max(asked) <= bound + 4096 and sum(asked) <= 4 * bound, asked
+
+    def test_records_bigger_than_a_file_store_holds_are_refused_and_nothing_changes(self, tmp_path,
+                                                                                    monkeypatch):
+        monkeypatch.setitem(sesskit.DEFAULTS, "max_size", 4096)
+        store = sesskit.FileContainer(tmp_path / "s")
+        limit = 16384                   # twice max_size and room for metadata, as a power of two
+        sid = _seed(store, {"a": 1}, max_size=10**6)
+        meta = _record(None, now=time.time(), timeout=1000)
+        assert store.update(sid, {"b": "x" * 9000}, [], meta, time.time())    # over max_size: room
+        with pytest.raises(sesskit.SessionTooLarge):
+            store.update(sid, {"c": "x" * limit}, [], meta, time.time())
+        with pytest.raises(sesskit.SessionTooLarge):
+            with sesskit.open_session(sid, store=store, max_size=10**6, reap_interval=0) as s:
+                s["c"] = "x" * limit
+        assert _stored(store, sid) == {"a": 1, "b": "x" * 9000}
+        with pytest.raises(sesskit.SessionTooLarge):
+            store.create(sesskit.new_session_id(), _record({"c": "x" * limit}, now=time.time()))
+        assert store.count() == 1 and [f for f in _files_under(store.path) if f.endswith(".tmp")] == []
+
     def test_close_frees_the_store_descriptor_and_a_reopen_checks_again(self, tmp_path):
         store = sesskit.FileContainer(tmp_path / "s")
         sid = _seed(store, {"user": "alice"})
