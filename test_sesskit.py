@@ -1258,6 +1258,57 @@ class TestFileHardening:
         assert _files_under(evil.path) == [os.path.join(evil.path, sid[:2], sid)]
         assert _stored(evil, sid) == {"user": "admin"}
 
+    def test_a_read_overlapping_write_backs_never_loads_a_live_session_as_absent(self, tmp_path,
+                                                                                   monkeypatch):
+        """One unlocked pread that overlaps two write-backs finds both slots failing their CRC. Here
+        every read made without the session's lock is torn that way; a read under it is whole."""
+        store = sesskit.FileContainer(tmp_path / "s")
+        sid = _seed(store, {"user": "alice", "pad": "x" * 300_000})
+        with sesskit.open_session(sid, store=store, reap_interval=0) as s:
+            s["v"] = 2                                # both slots now hold a record
+        path = os.path.join(store.path, sid[:2], sid)
+        real_read = sesskit._read_fd
+        torn = []
+
+        def torn_unless_locked(fd):
+            blob, st = real_read(fd)
+            probe = os.open(path, os.O_RDONLY)
+            try:
+                if sesskit._try_lock(probe):          # nobody holds the session's lock: a write may run
+                    sesskit._unlock(probe)
+                    cap = sesskit._parse_session_file(blob)[3]
+                    blob = bytearray(blob)
+                    blob[16 + 16 + 5] ^= 0xFF
+                    blob[16 + cap + 16 + 5] ^= 0xFF
+                    torn.append(fd)
+                    return bytes(blob), st
+            finally:
+                os.close(probe)
+            return blob, st
+        monkeypatch.setattr(sesskit, "_read_fd", torn_unless_locked)
+        assert json.loads(store.load(sid).data)["v"] == 2
+        with sesskit.open_session(sid, store=store, reap_interval=0) as s:
+            assert not s.is_new and s["user"] == "alice"
+        assert torn, "no read was torn: the test tested nothing"
+
+    @pytest.mark.parametrize("lock", sesskit.LOCK_MODES)
+    def test_a_file_with_both_slots_damaged_still_loads_as_absent(self, tmp_path, lock):
+        """Damage at rest is told from a torn read under the lock, and when the request holds the lock
+        already (exclusive mode) without waiting for it: within a lock_timeout of 5 s, no LockTimeout."""
+        store = sesskit.FileContainer(tmp_path / "s")
+        sid = _seed(store, {"v": 1})
+        with sesskit.open_session(sid, store=store, reap_interval=0) as s:
+            s["v"] = 2
+        path = os.path.join(store.path, sid[:2], sid)
+        blob = bytearray(open(path, "rb").read())
+        cap = sesskit._parse_session_file(bytes(blob))[3]
+        blob[16 + 16 + 5] ^= 0xFF
+        blob[16 + cap + 16 + 5] ^= 0xFF
+        open(path, "r+b").write(bytes(blob))
+        assert store.load(sid) is None
+        with sesskit.open_session(sid, store=store, lock=lock, lock_timeout=5, reap_interval=0) as s:
+            assert s.is_new and s.id != sid
+
     def test_a_huge_sparse_file_is_never_read_whole(self, tmp_path, monkeypatch, capsys):
         store = sesskit.FileContainer(tmp_path / "s")
         url = f"file:{store.path}"
