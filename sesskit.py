@@ -1248,14 +1248,18 @@ class FileContainer(Container):
 
     # -- scanning ----------------------------------------------------------------
 
-    def _subdirs(self, after=""):
-        """The fan-out sub-directories in sorted order, those after ``after`` only."""
+    def _root_names(self):
+        """The names in the store directory."""
         # A descriptor of our own: listing through the shared one would share its read position.
         fd = os.open(".", _DIR_FLAGS, dir_fd=self._root())
         try:
-            names = os.listdir(fd)
+            return os.listdir(fd)
         finally:
             os.close(fd)
+
+    def _subdirs(self, after="", names=None):
+        """The fan-out sub-directories in sorted order, those after ``after`` only."""
+        names = self._root_names() if names is None else names
         return sorted(n for n in names if len(n) == 2 and not n.strip(_SID_ALPHABET) and n > after)
 
     def _entries(self, subdir):
@@ -1297,58 +1301,112 @@ class FileContainer(Container):
         of its file alone, then locked without waiting (a session in use is skipped) and re-read, and
         removed only if its record is expired. With ``budget`` seconds the walk stops in time and the next
         call resumes where it stopped (the cursor is kept in ``.reap-state``).
+
+        Housekeeping never gets in the way: an entry that cannot be read or removed is skipped, a
+        damaged ``.reap-state`` counts as none, and a state that cannot be saved (a full disk) is only
+        not saved, without a temporary file left behind. A store where even the reaper's lock cannot be
+        opened (read-only, not ours) raises ContainerError, which ``open_session`` ignores.
         """
         now = time.time() if now is None else now
-        root = self._root()
         flags = os.O_RDWR | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC | _O_SPECIAL_SAFE
-        fd = os.open(_REAP_LOCK, flags, 0o600, dir_fd=root)
+        try:
+            root = self._root()
+            fd = os.open(_REAP_LOCK, flags, 0o600, dir_fd=root)
+        except OSError as exc:
+            raise ContainerError(f"cannot reap {self.path!r}: its reaper lock does not open ({exc})") from exc
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
-                raise ContainerError(f"{self._prefix}{_REAP_LOCK} is not a regular file; remove it")
+                raise ContainerError(f"cannot reap {self.path!r}: {_REAP_LOCK} is not a regular file; "
+                                     f"remove it")
             if stat.S_IMODE(st.st_mode) != 0o600:                # made under a umask such as 277
                 os.fchmod(fd, 0o600)
             if not _try_lock(fd):
                 return 0
-            try:
-                state = os.open(_STATE_FILE, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC, dir_fd=root)
-                try:
-                    last, cursor = _decode(os.read(state, 4096).decode("ascii"))
-                finally:
-                    os.close(state)
-            except (OSError, ValueError, TypeError):
-                last, cursor = float("-inf"), ""
+            last, cursor = self._read_reap_state(root, now)
             if interval and now - last < interval:
                 return 0
-            removed, visited, finished = self._reap_walk(now, cursor, budget)
+            names = self._root_names()
+            for name in names:            # only the reaper writes these, and we are the reaper now
+                if name.startswith(_STATE_FILE + ".") and name.endswith(".tmp"):
+                    try:
+                        _unlink_quietly(name, root)
+                    except OSError:
+                        pass                          # a directory, say: not worth failing for
+            removed, visited, finished = self._reap_walk(now, cursor, budget, names)
             self.last_reap_visited = visited
-            tmp = f"{_STATE_FILE}.{os.getpid()}.tmp"
-            _unlink_quietly(tmp, root)
-            state = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o600,
-                            dir_fd=root)
-            try:
-                os.fchmod(state, 0o600)
-                _write_all(state, _encode([now, "" if finished is None else finished]).encode("ascii"), 0)
-            finally:
-                os.close(state)
-            os.replace(tmp, _STATE_FILE, src_dir_fd=root, dst_dir_fd=root)
+            self._write_reap_state(root, now, finished)
             return removed
+        except ContainerError:
+            raise
+        except OSError as exc:
+            raise ContainerError(f"cannot reap {self.path!r}: {exc}") from exc
         finally:
             _unlock(fd)
             os.close(fd)
 
-    def _reap_walk(self, now, cursor, budget):
+    @staticmethod
+    def _read_reap_state(root, now):
+        """``(time of the last reap, cursor)`` from ``.reap-state``; ``(-inf, "")`` when there is none
+        or it is damaged: not a small regular file, not ``[finite number, "" or a fan-out name]``, or
+        a time in the future (a skewed clock; trusting it would stop reaping until then)."""
+        try:
+            fd = os.open(_STATE_FILE, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | _O_SPECIAL_SAFE,
+                         dir_fd=root)
+            try:
+                st = os.fstat(fd)
+                text = os.read(fd, 4096) if stat.S_ISREG(st.st_mode) and st.st_size < 4096 else b""
+            finally:
+                os.close(fd)
+            last, cursor = _decode(text.decode("ascii"))
+            if (type(last) in (int, float) and last - last == 0 and last <= now and type(cursor) is str
+                    and len(cursor) in (0, 2) and not cursor.strip(_SID_ALPHABET)):
+                return last, cursor
+        except (OSError, ValueError, TypeError):
+            pass
+        return float("-inf"), ""
+
+    @staticmethod
+    def _write_reap_state(root, now, finished):
+        """Save ``.reap-state`` (0600, replaced atomically), or nothing when the store refuses it.
+
+        The state only spares work: its time keeps other processes from reaping again within their
+        interval and its cursor lets the next reap resume. So a full disk or a read-only store makes
+        it stale, never the reap fail, and the temporary file goes too (issue 9: it used to stay).
+        """
+        tmp = f"{_STATE_FILE}.{os.getpid()}.tmp"
+        text = _encode([now, "" if finished is None else finished]).encode("ascii")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_NOFOLLOW | _O_CLOEXEC
+                         | _O_SPECIAL_SAFE, 0o600, dir_fd=root)
+            try:
+                os.fchmod(fd, 0o600)
+                _write_all(fd, text, 0)
+            finally:
+                os.close(fd)
+            os.replace(tmp, _STATE_FILE, src_dir_fd=root, dst_dir_fd=root)
+        except OSError:
+            try:
+                _unlink_quietly(tmp, root)
+            except OSError:
+                pass
+
+    def _reap_walk(self, now, cursor, budget, names=None):
         """Walk the sub-directories after ``cursor``; return (removed, visited, cursor to resume or None).
 
         At least one sub-directory is walked per call, so a tiny budget still makes progress."""
         deadline = None if budget is None else time.monotonic() + budget
         removed = visited = 0
         stale_tmp = now - 3600
-        for subdir in self._subdirs(cursor):
+        for subdir in self._subdirs(cursor, names):
             if visited and deadline is not None and time.monotonic() > deadline:
                 return removed, visited, cursor       # resume after the last finished sub-directory
             cursor = subdir
-            for name, st in self._entries(subdir):
+            try:
+                entries = self._entries(subdir)
+            except OSError:
+                continue                              # unreadable: the others still get reaped
+            for name, st in entries:
                 visited += 1
                 if st.st_mtime >= now or not stat.S_ISREG(st.st_mode):
                     continue                          # live, or not ours (a FIFO, a directory...)
@@ -2739,7 +2797,7 @@ class Session(MutableMapping):
         container._next_reap = now + self._reap_interval
         try:
             container.reap(now, budget=DEFAULTS["reap_budget"], interval=self._reap_interval)
-        except SesskitError:
+        except (SesskitError, OSError):
             pass   # reaping is housekeeping: it must never fail the request that happened to trigger it
 
 

@@ -1147,8 +1147,110 @@ print("ok")
 '''
 
 
+_FULL_DISK_CHECK = r'''
+import errno, os, sys, time, sesskit
+root = sys.argv[1]
+store = sesskit.FileContainer(os.path.join(root, "s"))
+with sesskit.open_session(None, store=store, reap_interval=0) as s:
+    s["a"] = 1
+store.reap(time.time() - 1000)                 # a reap long ago: the next one is due
+fd = os.open(os.path.join(root, "fill"), os.O_WRONLY | os.O_CREAT, 0o600)
+try:
+    while True:
+        os.write(fd, b"x" * 4096)
+except OSError as exc:
+    assert exc.errno == errno.ENOSPC, exc
+with sesskit.open_session(s.id, store=store, reap_interval=300) as t:   # reaps at its end
+    assert t["a"] == 1
+assert [n for n in os.listdir(store.path) if n.endswith(".tmp")] == [], os.listdir(store.path)
+assert store.reap() == 0
+assert [n for n in os.listdir(store.path) if n.endswith(".tmp")] == [], os.listdir(store.path)
+print("ok")
+'''
+
+_READ_ONLY_CHECK = r'''
+import io, os, sys, sesskit
+path, sid = sys.argv[1], sys.argv[2]
+store = sesskit.FileContainer(path, create=False)
+with sesskit.open_session(sid, store=store, reap_interval=300) as s:   # reaps at its end
+    assert s["a"] == 1
+try:
+    store.reap()
+    raise AssertionError("reaped a read-only store")
+except sesskit.ContainerError:
+    pass
+err = io.StringIO()
+assert sesskit._main(["reap", "file:" + path], io.StringIO(), err) == 1 and "read-only" in err.getvalue().lower(), err.getvalue()
+print("ok")
+'''
+
+
+def _in_mount_namespace(setup, code, *args):
+    """Run ``setup`` (sh, with "$1"... = args) in a new mount namespace, then ``code`` in Python."""
+    import shutil
+    _need(os.geteuid() == 0 and shutil.which("unshare") and shutil.which("mount"),
+          "root and unshare(1), for a private mount namespace")
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+    _need(probe.returncode == 0, f"unshare -m works here ({probe.stderr!r})")
+    script = f'{setup} && exec "{sys.executable}" -c "$0" "$@"'
+    return subprocess.run(["unshare", "-m", "sh", "-c", script, code, *args], cwd=HERE,
+                          capture_output=True, text=True, timeout=120)
+
+
 class TestFileHardening:
     """Issue 9: the file container under damage, hostile co-tenants, special files and failing disks."""
+
+    def test_the_opportunistic_reaper_survives_a_full_disk_and_leaves_no_litter(self, tmp_path):
+        (tmp_path / "disk").mkdir()
+        out = _in_mount_namespace('mount -t tmpfs -o size=256k tmpfs "$1"', _FULL_DISK_CHECK,
+                                  str(tmp_path / "disk"))
+        assert out.returncode == 0 and out.stdout == "ok\n", out.stderr
+
+    def test_the_opportunistic_reaper_survives_a_read_only_store(self, tmp_path):
+        store = sesskit.FileContainer(tmp_path / "s")
+        sid = _seed(store, {"a": 1})
+        store.reap(time.time() - 1000)
+        out = _in_mount_namespace('mount --bind -o ro "$1" "$1"', _READ_ONLY_CHECK, store.path, sid)
+        assert out.returncode == 0 and out.stdout == "ok\n", out.stderr
+
+    def test_the_opportunistic_reaper_survives_a_store_it_may_not_write(self, tmp_path, monkeypatch):
+        store = sesskit.FileContainer(tmp_path / "s")
+        sid = _seed(store, {"a": 1})
+        real_open = os.open
+
+        def no_permission(path, flags, *args, **kwargs):
+            if os.fspath(path).endswith(".reap-lock"):
+                raise PermissionError(errno.EACCES, "Permission denied", path)
+            return real_open(path, flags, *args, **kwargs)
+        monkeypatch.setattr(os, "open", no_permission)
+        store._next_reap = 0.0
+        with sesskit.open_session(sid, store=store, reap_interval=300) as s:
+            s["b"] = 2
+        assert s.saved and _stored(store, sid) == {"a": 1, "b": 2}
+        with pytest.raises(sesskit.ContainerError, match="Permission denied"):
+            store.reap()
+
+    @pytest.mark.parametrize("damage", [b"[0, 0]", b'["x", 5]', b"[Infinity, \"\"]", b"[1e300, \"\"]",
+                                        b'[0, "../.."]', b"[0]", b'{"a": 1}', b"\xff\xfe", b"",
+                                        b'[0, ""]' + b" " * 100_000, "directory"])
+    def test_a_damaged_reap_state_counts_as_none(self, tmp_path, damage):
+        store = sesskit.FileContainer(tmp_path / "s")
+        clock = FakeClock()
+        sids = [_seed(store, {"i": i}, clock=clock, timeout=10) for i in range(5)]
+        path = os.path.join(store.path, ".reap-state")
+        if damage == "directory":
+            os.mkdir(path)
+        else:
+            with open(path, "wb") as f:
+                f.write(damage)
+        far = T0 + 10**5
+        assert store.reap(far, interval=60) == 5
+        assert all(store.load(sid) is None for sid in sids)
+        assert [n for n in os.listdir(store.path) if n.endswith(".tmp")] == []
+        if damage != "directory":
+            with open(path) as f:
+                assert json.loads(f.read()) == [far, ""]
+            assert store.reap(far + 1, interval=60) == 0            # and it throttles again
 
     @pytest.mark.parametrize("kind", ["fifo", "directory", "socket", "device"])
     def test_special_files_in_the_store_load_as_absent_and_hang_nothing(self, tmp_path, kind, monkeypatch):
@@ -1188,6 +1290,7 @@ class TestFileHardening:
                  follow_symlinks=False)
         if kind != "directory":
             plant(store.path, "Ab")
+        plant(store.path, ".reap-state")          # and where the reaper keeps its state
         args = json.dumps([store.path, live, specials, expired, now + 10**5])
         try:
             out = subprocess.run([sys.executable, "-c", _SPECIAL_FILES_CHECK, args], cwd=HERE,
