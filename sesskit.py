@@ -644,13 +644,14 @@ class MemoryContainer(Container):
                 return 0
             self._last_reap = now
             removed = 0
-            for sid in [sid for sid, rec in list(self._records.items()) if rec.expires < now]:
+            for sid in [sid for sid, rec in list(self._records.items())
+                        if rec.expires < now - DEFAULTS["reap_margin"]]:
                 lock = self._session_lock(sid)
                 if not lock.acquire(blocking=False):
                     continue
                 try:
                     rec = self._records.get(sid)
-                    if rec is not None and rec.expires < now:
+                    if rec is not None and rec.expires < now - DEFAULTS["reap_margin"]:
                         del self._records[sid]
                         removed += 1
                 finally:
@@ -1293,8 +1294,13 @@ class FileContainer(Container):
                 if record is not None and record.expires >= now:
                     yield name
 
-    def reap(self, now=None, budget=None, interval=0.0):
-        """Remove expired sessions (and temporary files left by killed writers).
+    def reap(self, now=None, budget=None, interval=0.0, margin=None):
+        """Remove sessions that expired more than ``margin`` seconds before ``now`` (default
+        ``DEFAULTS["reap_margin"]``, 300), and temporary files left by killed writers.
+
+        The margin is the clock skew the store tolerates: a reaper whose clock runs up to that much
+        ahead of the others' removes no session they still see live (issue 9: one request from a
+        process 1 h fast reaped every session). An expired session loads as absent meanwhile.
 
         One reaper per store at a time: the others return 0 at once (a non-blocking flock on
         ``.reap-lock``, which the kernel releases if the reaper dies). Each candidate is found by the mtime
@@ -1333,7 +1339,8 @@ class FileContainer(Container):
                         _unlink_quietly(name, root)
                     except OSError:
                         pass                          # a directory, say: not worth failing for
-            removed, visited, finished = self._reap_walk(now, cursor, budget, names)
+            cutoff = now - (DEFAULTS["reap_margin"] if margin is None else margin)
+            removed, visited, finished = self._reap_walk(now, cutoff, cursor, budget, names)
             self.last_reap_visited = visited
             self._write_reap_state(root, now, finished)
             return removed
@@ -1391,8 +1398,9 @@ class FileContainer(Container):
             except OSError:
                 pass
 
-    def _reap_walk(self, now, cursor, budget, names=None):
-        """Walk the sub-directories after ``cursor``; return (removed, visited, cursor to resume or None).
+    def _reap_walk(self, now, cutoff, cursor, budget, names=None):
+        """Walk the sub-directories after ``cursor``, removing sessions that expired before ``cutoff``;
+        return (removed, visited, cursor to resume or None).
 
         At least one sub-directory is walked per call, so a tiny budget still makes progress."""
         deadline = None if budget is None else time.monotonic() + budget
@@ -1408,11 +1416,11 @@ class FileContainer(Container):
                 continue                              # unreadable: the others still get reaped
             for name, st in entries:
                 visited += 1
-                if st.st_mtime >= now or not stat.S_ISREG(st.st_mode):
+                if st.st_mtime >= cutoff or not stat.S_ISREG(st.st_mode):
                     continue                          # live, or not ours (a FIFO, a directory...)
                 try:
                     if is_valid_session_id(name):
-                        removed += self._reap_one(name, now)
+                        removed += self._reap_one(name, cutoff)
                     elif name.endswith(".tmp") and st.st_mtime < stale_tmp:
                         self._unlink_in(subdir, name)
                 except OSError:                       # ContainerError included
@@ -1427,7 +1435,7 @@ class FileContainer(Container):
             finally:
                 os.close(dir_fd)
 
-    def _reap_one(self, sid, now):
+    def _reap_one(self, sid, cutoff):
         try:
             handle = self.lock(sid, 0)
         except LockTimeout:
@@ -1438,7 +1446,7 @@ class FileContainer(Container):
             blob, st = _read_fd(handle.fd)
             payload = _parse_session_file(blob)[0]
             record = payload and _decode_record(sid, payload, st.st_mtime)
-            if record and record.expires >= now:
+            if record and record.expires >= cutoff:
                 _set_expiry(handle.fd, record.expires, handle.dir_fd, handle.name)
                 return 0                              # a write was caught between data and mtime
             _unlink_quietly(handle.name, handle.dir_fd)
