@@ -435,7 +435,7 @@ class Record:
 
     def forwards(self, now):
         """Whether this is a tombstone still inside its grace period at ``now``."""
-        return self.forward is not None and now <= self.created + self.timeout and now <= self.expires
+        return self.forward is not None and now < self.created + self.timeout and now <= self.expires
 
     @staticmethod
     def tombstone(new_sid, now, grace, remember):
@@ -479,16 +479,20 @@ class Container:
       not ``writable(now)`` (a touch never revives a session, and a rotated id dies when its grace ends)
       and, when ``timeout`` is given, to a record whose stored timeout is another one (a concurrent
       request changed it, and a stale touch must not undo that). ``held`` is the session's lock when
-      the caller holds it (exclusive mode): the touch then happens under it.
-    * ``delete(sid, held=None)`` removes a record, under its lock.
+      the caller holds it (exclusive mode): the touch then happens under it. Returns True when it moved
+      the expiry (the caller then refreshes the client's cookie, and only then).
+    * ``delete(sid, held=None)`` removes a record, under its lock. When the record is a tombstone, the
+      session it forwards to is removed in the same step (one hop): a logout that raced a rotation
+      (it loaded the session just before another request rotated it) still ends the session.
     * ``lock(sid, timeout)`` returns a held lock of a stored session (a context manager releasing it),
       or None when the session is not stored. Raises LockTimeout. Locks are not reentrant.
     * ``reap(now=None, budget=None, interval=0)`` removes expired records; one reaper runs at a time per
       store (others return 0 at once), a ``budget`` in seconds bounds one call (the next resumes), and
       with ``interval`` the call does nothing if a reap of this store started less than that long ago.
       Returns the number of records removed.
-    * ``count(now=None)`` and ``sids(now=None)`` count and list unexpired sessions; ``close()`` frees
-      handles (the container stays usable and reopens them on demand).
+    * ``count(now=None)`` and ``sids(now=None)`` count and list unexpired records (ids remembered
+      after a rotation included, until they expire); ``close()`` frees handles (the container stays
+      usable and reopens them on demand).
     """
 
     #: Set by ``open_session``: the earliest wall time at which this process may reap again.
@@ -602,7 +606,7 @@ class MemoryContainer(Container):
         handle = held or self._acquire(sid, DEFAULTS["lock_timeout"])
         try:
             current = self._records.get(sid)
-            if current is None or current.forward is not None or current.expires < now:
+            if current is None or not current.writable(now):
                 return False
             self._records[sid] = meta.replace(data=_merge_data(current.data, changed, deleted, base))
             return True
@@ -610,18 +614,53 @@ class MemoryContainer(Container):
             if held is None:
                 handle.release()
 
+    def rotate(self, old, new, changed, deleted, meta, tombstone, now, held=None, base=None):
+        handle = held or self._acquire(old, DEFAULTS["lock_timeout"])
+        try:
+            current = self._records.get(old)
+            if current is None or not current.writable(now):
+                return False
+            record = meta.replace(data=_merge_data(current.data, changed, deleted, base))
+            with self._mutex:
+                if new in self._records:
+                    raise ContainerError(f"session {_short(new)} exists already")
+                self._records[new] = record
+                if tombstone is None:
+                    del self._records[old]
+                else:
+                    self._records[old] = tombstone
+            return True
+        finally:
+            if held is None:
+                handle.release()
+
     def touch(self, sid, expires, timeout=None, now=None, held=None):
-        with self._mutex:
+        """Under the session's lock like every other write (taken without waiting: a busy session is
+        being written, which moves its expiry anyway), so a touch never brings back a record that a
+        delete or rotation removed meanwhile."""
+        if held is None:
+            try:
+                handle = self._acquire(sid, 0)
+            except LockTimeout:
+                return False
+        try:
             current = self._records.get(sid)
-            if (current is not None and current.forward is None and current.expires < expires
-                    and (now is None or current.expires >= now)
-                    and (timeout is None or current.timeout == timeout)):
+            if (current is not None and current.writable(now if now is not None else current.expires)
+                    and current.expires < expires and (timeout is None or current.timeout == timeout)):
                 self._records[sid] = current.replace(expires=expires)
+                return True
+            return False
+        finally:
+            if held is None:
+                handle.release()
 
     def delete(self, sid, held=None):
         handle = held or self._acquire(sid, DEFAULTS["lock_timeout"])
         try:
-            self._records.pop(sid, None)
+            record = self._records.pop(sid, None)
+            if record is not None and record.forward is not None:
+                with self._acquire(record.forward, DEFAULTS["lock_timeout"]):
+                    self._records.pop(record.forward, None)
         finally:
             if held is None:
                 handle.release()
@@ -1162,30 +1201,67 @@ class FileContainer(Container):
         except OSError as exc:
             raise ContainerError(f"cannot create session file {path!r}: {exc}") from exc
 
+    def _read_locked(self, sid, handle):
+        """The record in the locked file of ``handle`` and where it lies: ``(record or None, slot)``."""
+        blob, st = _read_fd(handle.fd)
+        payload, index, seq, cap = _parse_session_file(blob)
+        return (payload and _decode_record(sid, payload, st.st_mtime)), (index, seq, cap)
+
+    def _write_locked(self, sid, handle, slot, record):
+        """Write ``record`` into the locked file of ``handle``: over the older slot (one pwrite, then
+        the mtime), or into a bigger file renamed over it. A crash at any point leaves the old record
+        or the new one."""
+        index, seq, cap = slot
+        payload = _encode_record(sid, record)
+        try:
+            if len(payload) + _SLOT_HEADER.size <= cap:
+                offset = _FILE_HEADER.size + (1 - index) * cap
+                _write_all(handle.fd, _slot_bytes(seq + 1, payload), offset)
+                _set_expiry(handle.fd, record.expires, handle.dir_fd, handle.name)
+                if self.durable:
+                    os.fsync(handle.fd)
+            else:
+                self._grow(handle, payload, record.expires)
+        except OSError as exc:
+            raise ContainerError(f"cannot write session file {handle.path!r} (the stored session "
+                                 f"is unchanged): {exc}") from exc
+
     def update(self, sid, changed, deleted, meta, now, held=None, base=None):
         handle = held or self.lock(sid, DEFAULTS["lock_timeout"])
         if handle is None:
             return False
         try:
-            blob, st = _read_fd(handle.fd)
-            payload, index, seq, cap = _parse_session_file(blob)
-            current = payload and _decode_record(sid, payload, st.st_mtime)
-            if not current or current.forward is not None or current.expires < now:
+            current, slot = self._read_locked(sid, handle)
+            if not current or not current.writable(now):
                 return False
-            record = meta.replace(data=_merge_data(current.data, changed, deleted, base))
-            payload = _encode_record(sid, record)
+            self._write_locked(sid, handle, slot, meta.replace(
+                data=_merge_data(current.data, changed, deleted, base)))
+            return True
+        finally:
+            if held is None:
+                handle.release()
+
+    def rotate(self, old, new, changed, deleted, meta, tombstone, now, held=None, base=None):
+        """Under ``old``'s lock, which every write-back of ``old`` takes too: create ``new``'s file, then
+        turn ``old``'s into the tombstone (or remove it). Killed in between, both files hold the session
+        and the old id still works: nothing is lost, the rotation just did not happen."""
+        handle = held or self.lock(old, DEFAULTS["lock_timeout"])
+        if handle is None:
+            return False
+        try:
+            current, slot = self._read_locked(old, handle)
+            if not current or not current.writable(now):
+                return False
+            self.create(new, meta.replace(data=_merge_data(current.data, changed, deleted, base)))
             try:
-                if len(payload) + _SLOT_HEADER.size <= cap:
-                    offset = _FILE_HEADER.size + (1 - index) * cap
-                    _write_all(handle.fd, _slot_bytes(seq + 1, payload), offset)
-                    _set_expiry(handle.fd, record.expires, handle.dir_fd, handle.name)
-                    if self.durable:
-                        os.fsync(handle.fd)
+                if tombstone is None:
+                    os.unlink(handle.name, dir_fd=handle.dir_fd)
+                    self._sync_dir(handle.dir_fd)
                 else:
-                    self._grow(handle, payload, record.expires)
-            except OSError as exc:
-                raise ContainerError(f"cannot write session file {handle.path!r} (the stored session "
-                                     f"is unchanged): {exc}") from exc
+                    self._write_locked(old, handle, slot, tombstone)
+            except BaseException:
+                self._unlink_in(new[:2], new)         # the old record stays the session
+                raise
             return True
         finally:
             if held is None:
@@ -1214,33 +1290,45 @@ class FileContainer(Container):
         os.close(old)
 
     def touch(self, sid, expires, timeout=None, now=None, held=None):
-        """Set the file's mtime to ``expires``: no data is rewritten. Under the session's lock, taken
-        without waiting (a busy session is being written, which moves its expiry anyway), the record is
-        read first to leave expired sessions, tombstones and changed timeouts alone. Touches are
-        throttled by Session, so this costs little."""
-        try:
-            handle = self.lock(sid, 0)
-        except LockTimeout:
-            return
-        if handle is None:
-            return
-        with handle:
+        """Set the file's mtime to ``expires``: no data is rewritten. Under the session's lock (``held``,
+        or taken without waiting: a busy session is being written, which moves its expiry anyway), the
+        record is read first to leave expired sessions, tombstones and changed timeouts alone. Touches
+        are throttled by Session, so this costs little."""
+        if held is None:
             try:
-                blob, st = _read_fd(handle.fd)
-                payload = _parse_session_file(blob)[0]
-                record = payload and _decode_record(sid, payload, st.st_mtime)
-                if (record and record.forward is None and record.expires < expires
-                        and (now is None or record.expires >= now)
-                        and (timeout is None or record.timeout == timeout)):
-                    _set_expiry(handle.fd, expires, handle.dir_fd, handle.name)
-            except OSError as exc:
-                raise ContainerError(f"cannot touch session {_short(sid)}: {exc}") from exc
+                handle = self.lock(sid, 0)
+            except LockTimeout:
+                return False
+            if handle is None:
+                return False
+        else:
+            handle = held
+        try:
+            record = self._read_locked(sid, handle)[0]
+            if (record and record.writable(now if now is not None else record.expires)
+                    and record.expires < expires and (timeout is None or record.timeout == timeout)):
+                _set_expiry(handle.fd, expires, handle.dir_fd, handle.name)
+                return True
+            return False
+        except OSError as exc:
+            raise ContainerError(f"cannot touch session {_short(sid)}: {exc}") from exc
+        finally:
+            if held is None:
+                handle.release()
 
     def delete(self, sid, held=None):
         handle = held or self.lock(sid, DEFAULTS["lock_timeout"])
         if handle is None:
             return
         try:
+            record = self._read_locked(sid, handle)[0]
+            if record and record.forward is not None:
+                # the lock order is the rotation's (old id, then new), so this cannot deadlock with it
+                target = self.lock(record.forward, DEFAULTS["lock_timeout"])
+                if target is not None:
+                    with target:
+                        _unlink_quietly(target.name, target.dir_fd)
+                        self._sync_dir(target.dir_fd)
             _unlink_quietly(handle.name, handle.dir_fd)
             self._sync_dir(handle.dir_fd)
         finally:
@@ -1635,6 +1723,11 @@ _SQL_UPDATE_SESSION = ("UPDATE sessions SET created = ?, expires = ?, timeout = 
 _SQL_UPSERT_KEY = ("INSERT INTO session_keys (sid, key, value) VALUES (?, ?, ?) "
                    "ON CONFLICT (sid, key) DO UPDATE SET value = excluded.value")
 _SQL_DELETE_KEY = "DELETE FROM session_keys WHERE sid = ? AND key = ?"
+_SQL_WRITABLE = "SELECT 1 FROM sessions WHERE sid = ? AND forward IS NULL AND expires >= ?"
+_SQL_COPY_KEYS = ("INSERT INTO session_keys (sid, key, value) SELECT ?, key, value FROM session_keys "
+                  "WHERE sid = ? ORDER BY rowid")
+_SQL_TOMBSTONE = ("UPDATE sessions SET created = ?, expires = ?, timeout = ?, max_age = ?, forward = ? "
+                  "WHERE sid = ?")
 _SQL_DELETE_KEYS = "DELETE FROM session_keys WHERE sid = ?"
 _SQL_DELETE_SESSION = "DELETE FROM sessions WHERE sid = ?"
 _SQL_TOUCH = ("UPDATE sessions SET expires = ? WHERE sid = ? AND expires < ? AND forward IS NULL "
@@ -1912,14 +2005,47 @@ class SQLiteContainer(Container):
         # session lock (see the class docstring).
         return self._transaction(self._apply, session_row, upserts, deletions)
 
+    @staticmethod
+    def _rotate_rows(con, old, new_row, upserts, deletions, tombstone, now):
+        if con.execute(_SQL_WRITABLE, (old, now)).fetchone() is None:
+            return False                     # missing, a tombstone or expired: never resurrected
+        new = new_row[0]
+        con.execute(_SQL_INSERT_SESSION, new_row)
+        con.execute(_SQL_COPY_KEYS, (new, old))
+        if deletions:
+            con.executemany(_SQL_DELETE_KEY, [(new, key) for key in deletions])
+        if upserts:
+            con.executemany(_SQL_UPSERT_KEY, [(new, key, value) for key, value in upserts])
+        con.execute(_SQL_DELETE_KEYS, (old,))
+        if tombstone is None:
+            con.execute(_SQL_DELETE_SESSION, (old,))
+        else:
+            con.execute(_SQL_TOMBSTONE, (tombstone.created, tombstone.expires, tombstone.timeout,
+                                         tombstone.max_age, tombstone.forward, old))
+        return True
+
+    def rotate(self, old, new, changed, deleted, meta, tombstone, now, held=None, base=None):
+        # One transaction: no write-back of ``old`` can land between the copy and the tombstone.
+        new_row = (new, meta.created, meta.expires, meta.timeout, meta.max_age, None)
+        upserts = [(_encode_str(key), _encode_fast(value)) for key, value in changed.items()]
+        deletions = [_encode_str(key) for key in deleted if key not in changed]
+        try:
+            return self._transaction(self._rotate_rows, old, new_row, upserts, deletions, tombstone, now)
+        except ContainerError as exc:
+            if isinstance(exc.__cause__, self._sqlite3.IntegrityError):
+                raise ContainerError(f"session {_short(new)} exists already") from None
+            raise
+
     def touch(self, sid, expires, timeout=None, now=None, held=None):
-        self._retry(lambda: self._conn().execute(
-            _SQL_TOUCH, (expires, sid, expires, timeout, timeout, now, now)))
+        return self._retry(lambda: self._conn().execute(
+            _SQL_TOUCH, (expires, sid, expires, timeout, timeout, now, now)).rowcount == 1)
 
     @staticmethod
     def _delete_rows(con, sid):
-        con.execute(_SQL_DELETE_KEYS, (sid,))
-        con.execute(_SQL_DELETE_SESSION, (sid,))
+        row = con.execute("SELECT forward FROM sessions WHERE sid = ?", (sid,)).fetchone()
+        for victim in (sid,) if row is None or row[0] is None else (sid, row[0]):
+            con.execute(_SQL_DELETE_KEYS, (victim,))
+            con.execute(_SQL_DELETE_SESSION, (victim,))
 
     def delete(self, sid, held=None):
         handle = held or self._stripes.acquire(sid, DEFAULTS["lock_timeout"])
@@ -2300,6 +2426,23 @@ class LMDBContainer(Container):
             return True
         return self._txn(write, write=True)
 
+    def rotate(self, old, new, changed, deleted, meta, tombstone, now, held=None, base=None):
+        # One write transaction: no write-back of ``old`` can land between the copy and the tombstone.
+        old_key, new_key = old.encode("ascii"), new.encode("ascii")
+
+        def write(txn, env):
+            current = txn.get(old_key, db=env.sessions)
+            moved = current and _lmdb_merge(current, changed, deleted, meta, now, base)
+            if not moved:
+                return False                 # missing, a tombstone or expired: never resurrected
+            self._put_new(txn, env, new_key, moved)
+            if tombstone is None:
+                self._delete_record(txn, env, old_key)
+            else:
+                self._replace(txn, env, old_key, current, _lmdb_value(tombstone))
+            return True
+        return self._txn(write, write=True)
+
     def touch(self, sid, expires, timeout=None, now=None, held=None):
         key = sid.encode("ascii")
         packed = _LMDB_EXPIRES.pack(expires)
@@ -2307,25 +2450,34 @@ class LMDBContainer(Container):
         def push(txn, env):
             current = txn.get(key, db=env.sessions)
             if current is None:
-                return
+                return False
             _, stored_expires, stored_timeout, _, forward = _LMDB_HEADER.unpack_from(current)
             if (forward == _NO_FORWARD and stored_expires < expires
                     and (now is None or stored_expires >= now)
                     and (timeout is None or stored_timeout == timeout)):
                 self._replace(txn, env, key, current, current[:8] + packed + current[16:])
-        self._txn(push, write=True)
+                return True
+            return False
+        return self._txn(push, write=True)
 
     def _delete_record(self, txn, env, key):
         current = txn.get(key, db=env.sessions)
         if current is not None:
             txn.delete(_EXPIRY_KEY.pack(_LMDB_EXPIRES.unpack_from(current, 8)[0]) + key, db=env.expiry)
             txn.delete(key, db=env.sessions)
+        return current
+
+    def _delete_session(self, txn, env, key):
+        """Delete a record and, if it is a tombstone, the record it forwards to."""
+        current = self._delete_record(txn, env, key)
+        if current is not None and current[32:76] != _NO_FORWARD:
+            self._delete_record(txn, env, bytes(current[32:76]))
 
     def delete(self, sid, held=None):
         key = sid.encode("ascii")
         handle = held or self._stripes.acquire(sid, DEFAULTS["lock_timeout"])
         try:
-            self._txn(lambda txn, env: self._delete_record(txn, env, key), write=True)
+            self._txn(lambda txn, env: self._delete_session(txn, env, key), write=True)
         finally:
             if held is None:
                 handle.release()
@@ -2456,22 +2608,36 @@ def _default_store():
 
 
 class Session(MutableMapping):
-    """A session: a dict of JSON values, loaded on ``__enter__`` and saved on a clean ``__exit__``.
+    """A session: a dict of JSON values with a lifecycle of load, any number of saves, and close.
 
-    Made by ``open_session``; see there for the lock modes. Attributes: ``id`` (changes on ``regenerate``
-    and ``delete``), ``is_new``, ``created``, ``accessed`` and ``expires`` (epoch seconds), ``timeout``
-    (settable: the new sliding timeout is stored with the session), ``mode``, and after the block
-    ``saved`` (whether anything was written) and ``lost`` (True when the write-back found the session
-    deleted or expired by another request and so wrote nothing).
+    Made by ``open_session``; see there for the lock modes. Use it as a ``with`` block (enter loads,
+    a clean exit saves and closes, an exception discards the block's changes), or in two steps for code
+    that cannot wrap a request in a block: ``load()`` now, then ``close()`` (save and end) or
+    ``close(discard=True)`` later, with ``save()`` in between as often as needed. Every write-back
+    applies only what this session changed, with the guarantees of its lock mode.
 
-    A Session belongs to one thread and one ``with`` block; it is not reusable.
+    Attributes: ``id`` (the id the client must be given: it changes on ``regenerate``, ``delete``, and
+    when a write-back followed a rotation made by another request), ``is_new``, ``created``, ``accessed``
+    and ``expires`` (epoch seconds), ``timeout`` (settable: the new sliding timeout is stored with the
+    session), ``mode``; ``saved`` (whether a write-back stored something), ``lost`` (True when a
+    write-back found the session deleted, expired or rotated away by another request and so dropped its
+    changes), ``deleted`` (``delete()`` ran) and ``stale`` (the incoming id was rotated away and its
+    grace period is over: the session is empty, nothing it does is stored, and the client is sent no
+    cookie, so its newer cookie survives).
+
+    The lifecycle lives here once. Ids: the id a client sent is resolved in ``_resolve`` (the only place
+    a rotated id's forward is followed), the id the session is stored under is ``_stored``, and it
+    changes only in ``_write_back``. Containers decide under their lock or in one transaction whether a
+    record may still be written (``Record.writable``).
+
+    A Session belongs to one thread; it can be loaded once.
     """
 
     def __init__(self, sid, container, *, timeout, max_age, lock, lock_timeout, clock, max_size,
                  reap_interval):
         if lock not in LOCK_MODES:
             raise ValueError(f"lock must be one of {', '.join(LOCK_MODES)}, not {lock!r}")
-        self._incoming = sid
+        self._incoming = sid          # what the client sent (maybe not an id at all)
         self.container = container
         self.mode = lock
         self._default_timeout = float(timeout)
@@ -2480,20 +2646,26 @@ class Session(MutableMapping):
         self._clock = clock
         self._max_size = max_size
         self._reap_interval = reap_interval
+        self._state = _UNLOADED
         self._data = None
-        self._held = None
+        self._held = None             # the held lock (exclusive mode) and the id it locks
+        self._held_sid = None
+        self._stored = None           # the id the session's record is stored under; None: not stored
+        self._grace = None            # a pending regenerate(): the grace period of the old id
+        self._forwarded = False       # reached through a rotated id's forward: may not rotate again
         self.id = None
         self.is_new = True
         self.saved = False
         self.lost = False
         self.deleted = False
-        self._rotate = None
+        self.stale = False
+        self._touched = False         # a touch moved the expiry (the cookie's Max-Age follows it)
 
     # -- mapping -----------------------------------------------------------------
 
     def _live(self):
         if self._data is None:
-            raise SesskitError("use the session inside its 'with' block")
+            raise SesskitError("use the session between load() and close() (inside its 'with' block)")
         return self._data
 
     def __getitem__(self, key):
@@ -2547,39 +2719,41 @@ class Session(MutableMapping):
         return min(self.expires - self._stored_timeout, self._clock())
 
     def _expiry(self, now):
-        expires = now + self._timeout
-        if self._max_age:
-            expires = min(expires, self.created + self._max_age)
-        return expires
+        return _expiry(self.created, self._timeout, self._max_age, now)
 
     def _meta(self, now):
         return Record(None, self.created, self._expiry(now), self._timeout, self._max_age)
 
     # -- load --------------------------------------------------------------------
 
-    def __enter__(self):
-        if self._entered:
-            raise SesskitError("a Session can be entered once")
-        self._entered = True
+    def load(self):
+        """Load the session (in exclusive mode: lock it first), or start a new one; return ``self``.
+
+        An incoming id that is malformed, unknown or expired is never adopted: the session is then new,
+        with a new id. An id rotated by ``regenerate(grace=...)`` within its grace period loads the
+        session it was rotated to; after it, the session is empty and ``stale``.
+        :raises LockTimeout: exclusive mode could not have the lock in time (nothing is held then).
+        """
+        if self._state is not _UNLOADED:
+            raise SesskitError("a Session can be loaded once")
+        self._state = _OPEN
         try:
-            return self._enter(self._clock())
+            self._load(self._clock())
         except BaseException:
+            self._state = _CLOSED
             self._release()               # a lock taken before the failure must not outlive it
             raise
+        return self
 
-    def _enter(self, now):
-        record = None
+    __enter__ = load
+
+    def _load(self, now):
         sid = self._incoming if is_valid_session_id(self._incoming) else None
+        record = data = None
         if sid is not None:
-            record = self._load(sid, now)
-            if record is not None and record.forward is not None:
-                # A rotated session inside its grace period: serve the new id; never rotate again.
-                self._release()
-                sid, self._forwarded = record.forward, True
-                record = self._load(sid, now)
-                if record is not None and record.forward is not None:
-                    record = None
-        data = None
+            sid, record, how = self._resolve(sid, now, locking=True)
+            self._forwarded = how == "forwarded"
+            self.stale = how == "stale"
         if record is not None:
             try:
                 data = _decode_fast(record.data)
@@ -2588,31 +2762,54 @@ class Session(MutableMapping):
         if type(data) is not dict:
             self._release()
             self._new(now)
-        else:
-            self.id, self.is_new = sid, False
-            self.created, self.expires = record.created, record.expires
-            self._timeout = self._stored_timeout = record.timeout
-            self._max_age = record.max_age
-            self._loaded = record.data
-            self._data = data
-            self._snapshot = dict(data)
-        return self
+            return
+        self.id = self._stored = sid
+        self.is_new = False
+        self.created, self.expires = record.created, record.expires
+        self._timeout = self._stored_timeout = record.timeout
+        self._max_age = record.max_age
+        self._loaded = record.data
+        self._data = data
+        self._snapshot = dict(data)
 
-    _forwarded = _entered = False
+    def _resolve(self, sid, now, locking):
+        """Find the live record of the session ``sid`` names: ``(sid, record or None, how)``, ``how``
+        being "live", "absent", "forwarded" (``sid`` was rotated and is inside its grace period: the
+        returned sid and record are those it forwards to) or "stale" (rotated, grace period over).
 
-    def _load(self, sid, now):
-        """Load ``sid`` (locking it first in exclusive mode); None if absent or expired."""
-        if self.mode == "exclusive":
+        The one place where forwards are followed, and never more than one: a forward to a rotated id
+        counts as absent. With ``locking`` in exclusive mode, the returned record's session is locked.
+        """
+        record = self._fetch(sid, now, locking)
+        if record is None or record.forward is None:
+            return sid, record, "absent" if record is None else "live"
+        if locking:
+            self._release()
+        if not record.forwards(now):
+            return sid, None, "stale"
+        sid = record.forward
+        record = self._fetch(sid, now, locking)
+        if record is not None and record.forward is not None:
+            if locking:
+                self._release()
+            record = None
+        return sid, record, "absent" if record is None else "forwarded"
+
+    def _fetch(self, sid, now, locking):
+        """Load ``sid`` (locking it first if asked, in exclusive mode); None if absent or expired."""
+        if locking and self.mode == "exclusive":
             self._held = self.container.lock(sid, self._lock_timeout)
             if self._held is None:
                 return None
+            self._held_sid = sid
         record = self.container.load(sid)
         if record is None or record.expires < now:
             return None
         return record
 
     def _new(self, now):
-        self.id, self.is_new = new_session_id(), True
+        self.id, self.is_new = (self._incoming if self.stale else new_session_id()), True
+        self._stored = None
         self.created = now
         self._timeout = self._stored_timeout = self._default_timeout
         self.expires = self._expiry(now)
@@ -2622,7 +2819,7 @@ class Session(MutableMapping):
 
     def _release(self):
         if self._held is not None:
-            held, self._held = self._held, None
+            held, self._held, self._held_sid = self._held, None, None
             held.release()
 
     # -- lifecycle operations --------------------------------------------------------
@@ -2630,66 +2827,120 @@ class Session(MutableMapping):
     def delete(self):
         """End the session now (logout): its record is removed at once, under its lock.
 
-        The block goes on with a new, empty session under a new id, stored only if something is put
-        into it; ``deleted`` stays True so web integrations can expire the cookie.
+        The session goes on empty, under a new id, stored only if something is put into it;
+        ``deleted`` stays True so web integrations can expire the cookie. A stale session has nothing
+        to delete and no cookie is sent for it.
         """
         self._live()
         if self.mode == "read":
             raise ReadOnlySession("cannot delete a session opened with lock='read'")
-        if not self.is_new:
-            stored = self._rotate[0] if self._rotate else self.id    # regenerate() may have renamed it
-            self.container.delete(stored, held=self._held)
+        if self._stored is not None:
+            self.container.delete(self._stored, held=self._held)
             self._release()
         self.deleted = True
-        self._rotate = None
+        self._grace = None
         self._new(self._clock())
 
     def regenerate(self, grace=0.0):
         """Move the session to a new id at write-back, keeping its data (call it after a login).
 
-        The old id stops loading at once; with ``grace`` seconds it instead forwards to the new id for that
-        long, so requests already in flight with the old cookie keep working. A session reached through
-        such a forward cannot be rotated again (this call then does nothing and returns False).
+        The rotation is one atomic step of the container, so no concurrent write-back is lost in it.
+        For ``grace`` seconds the old id forwards to the new one: requests already in flight with the
+        old cookie load and write the rotated session (and their responses carry the new cookie).
+        After the grace period the old id is remembered for the session's timeout: a request that comes
+        with it gets an empty ``stale`` session, whose writes are dropped (``lost``) and which sends no
+        cookie, so the client keeps its new one. A session reached through a forward cannot be rotated
+        again (this call then does nothing and returns False).
         """
         self._live()
         if self.mode == "read":
             raise ReadOnlySession("cannot regenerate a session opened with lock='read'")
+        grace = float(grace)
+        if not grace >= 0:
+            raise ValueError("grace must be zero or a positive number of seconds")
         if self._forwarded:
             return False
-        if self.is_new:
-            self.id = new_session_id()
-            return True
-        stored = self._rotate[0] if self._rotate else self.id       # the id the record is stored under
-        self._rotate = (stored, float(grace))
+        if self._stored is not None:
+            self._grace = grace
         self.id = new_session_id()
         return True
 
     # -- write-back ------------------------------------------------------------------
 
-    def __exit__(self, exc_type, exc, tb):
+    def save(self):
+        """Write back what was done so far, as the end of a block would, and go on as if the session
+        had just been loaded (in exclusive mode holding the lock of the id it is now stored under)."""
+        self._live()
+        self._save(self._clock())
+
+    def close(self, discard=False):
+        """End the session: write back (unless ``discard``), release every lock, then maybe reap.
+
+        Calling it again does nothing. After it, ``saved``, ``lost``, ``id`` and ``deleted`` tell what
+        happened. Raises what the write-back raised (SessionTooLarge, TypeError for a value edited in
+        place into something that is not JSON, ContainerError); the stored session is then unchanged.
+        """
+        if self._state is _CLOSED:
+            return
+        self._close(self._clock(), discard)
+
+    def _close(self, now, discard):
+        was_open = self._state is _OPEN
         try:
-            if exc_type is None and self._data is not None:
-                self._write_back(self._clock())
+            if not discard and was_open:
+                self._write_back(now)
         finally:
+            self._state = _CLOSED
             self._release()
             self._data = None
-        if exc_type is None and self._reap_interval:
+        if was_open and not discard and self._reap_interval:
             self._maybe_reap()
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close(discard=exc_type is not None)
         return False
+
+    def _save(self, now):
+        """Write back, then go on as if the block had just loaded what it wrote."""
+        text = _encode_data(self._data)
+        wrote = (self._stored is None or self._grace is not None or text != self._loaded
+                 or self._timeout != self._stored_timeout)
+        self._write_back(now)
+        moved = self._touched
+        if self.lost or self.stale or self._stored is None:
+            return
+        if self.mode == "exclusive" and self._held_sid != self._stored:
+            # a new or rotated session: hold its lock from now on, so that the client's next request,
+            # which will name this id, waits for this one
+            self._release()
+            self._held = self.container.lock(self._stored, self._lock_timeout)
+            self._held_sid = self._stored
+        if wrote or moved:
+            self.expires = self._expiry(now)
+        self.is_new = False
+        self._loaded = text
+        self._snapshot = dict(self._data)
+        self._stored_timeout = self._timeout
 
     def _too_large(self, size):
         return SessionTooLarge(f"session {_short(self.id)} serialises to {size} bytes, over its "
                                f"max_size of {self._max_size}; nothing was stored")
 
     def _write_back(self, now):
-        if self.is_new:
+        """Store what the session changed: create, update, rotate or touch. Sets ``saved``/``lost``."""
+        self._touched = False
+        if self.stale:
+            if self._data or self._grace is not None or self._timeout != self._stored_timeout:
+                self.lost = True                       # a late request of a rotated id writes nothing
+            return
+        if self._stored is None:
             if self._data:
                 text = _encode_data(self._data)
                 if len(text) > self._max_size:
                     raise self._too_large(len(text))
                 self.container.create(self.id, Record(text, self.created, self._expiry(now),
                                                       self._timeout, self._max_age))
-                self.saved = True
+                self._stored, self.saved = self.id, True
             return
         if self.mode == "read":
             changed = deleted = None
@@ -2697,28 +2948,37 @@ class Session(MutableMapping):
             changed, deleted, size = self._changes()
             # The limit bounds what this block makes of the session; concurrent merges of other keys can
             # push the stored total past it, and then a block that does not grow the session still saves.
-            if (changed or deleted or self._rotate) and size > self._max_size and size > len(self._loaded):
+            if (changed or deleted or self._grace is not None) and size > self._max_size \
+                    and size > len(self._loaded):
                 raise self._too_large(size)
-        if self._rotate is not None:
-            self._write_rotated(changed, deleted, now)
-            return
-        if not changed and not deleted and self._timeout == self._stored_timeout:
+        container, base = self.container, (self._loaded, self._data)
+        if self._grace is not None:
+            tombstone = Record.tombstone(self.id, now, self._grace, self._timeout)
+            ok = container.rotate(self._stored, self.id, changed, deleted, self._meta(now), tombstone,
+                                  now, held=self._held, base=base)
+            if ok:
+                self._stored, self._grace = self.id, None
+        elif not changed and not deleted and self._timeout == self._stored_timeout:
             new_expiry = self._expiry(now)
-            interval = min(DEFAULTS["touch_interval"], self._timeout / 10)
-            if new_expiry - self.expires >= interval:
-                self.container.touch(self.id, new_expiry, self._stored_timeout, now)
+            if new_expiry - self.expires >= _touch_interval(self._timeout):
+                self._touched = container.touch(self._stored, new_expiry, self._stored_timeout, now,
+                                                held=self._held)
             return
-        ok = self.container.update(self.id, changed, deleted, self._meta(now), now, held=self._held,
-                                   base=(self._loaded, self._data))
-        if not ok and self._held is None:
-            # Rotated by another request meanwhile: follow the forward within its grace period.
-            record = self.container.load(self.id)
-            if record is not None and record.forward is not None and record.expires >= now:
-                target = self.container.load(record.forward)
-                if target is not None:
-                    meta = Record(None, target.created, max(target.expires, self._expiry(now)),
-                                  target.timeout, target.max_age)
-                    ok = self.container.update(record.forward, changed, deleted, meta, now)
+        else:
+            ok = container.update(self._stored, changed, deleted, self._meta(now), now, held=self._held,
+                                  base=base)
+        if not ok:
+            # Rotated by another request meanwhile: inside its grace period the old id forwards, and
+            # the changes go to the session it was rotated to (which the client is then given; it is
+            # not rotated again). Otherwise they are dropped and reported.
+            sid, record, how = self._resolve(self._stored, now, locking=False)
+            if how == "forwarded":
+                timeout = self._timeout if self._timeout != self._stored_timeout else record.timeout
+                meta = Record(None, record.created, max(record.expires, _expiry(
+                    record.created, timeout, record.max_age, now)), timeout, record.max_age)
+                ok = container.update(sid, changed or {}, deleted or [], meta, now)
+                if ok:
+                    self.id, self._stored, self._grace, self._forwarded = sid, sid, None, True
         self.saved, self.lost = ok, not ok
 
     def _changes(self):
@@ -2771,29 +3031,6 @@ class Session(MutableMapping):
                 size -= len(_encode_str(key)) + len(_encode_fast(before)) + 2
         return changed, deleted, max(size, 2)
 
-    def _write_rotated(self, changed, deleted, now):
-        """Write-back of a regenerated session: merge into the old record, store it under the new id,
-        then delete the old id or turn it into a forward for the grace period. All under the old lock."""
-        old, grace = self._rotate
-        held = self._held or self.container.lock(old, self._lock_timeout)
-        try:
-            current = held and self.container.load(old)
-            if current is None or current.forward is not None or current.expires < now:
-                self.saved, self.lost = False, True
-                return
-            merged = _merge_data(current.data, changed, deleted, (self._loaded, self._data))
-            self.container.create(self.id, Record(merged, self.created, self._expiry(now),
-                                                  self._timeout, self._max_age))
-            if grace > 0:
-                tombstone = Record(None, self.created, now + grace, grace, 0.0, self.id)
-                self.container.update(old, {}, list(_decode(current.data)), tombstone, now, held=held)
-            else:
-                self.container.delete(old, held=held)
-            self.saved = True
-        finally:
-            if held is not None and held is not self._held:
-                held.release()
-
     def _maybe_reap(self):
         """Opportunistic reaping: at most once per reap interval per process, and per store across
         processes (the container skips when another process reaped recently or is reaping now), and
@@ -2807,6 +3044,22 @@ class Session(MutableMapping):
             container.reap(now, budget=DEFAULTS["reap_budget"], interval=self._reap_interval)
         except (SesskitError, OSError):
             pass   # reaping is housekeeping: it must never fail the request that happened to trigger it
+
+
+_UNLOADED, _OPEN, _CLOSED = "unloaded", "open", "closed"
+
+
+def _expiry(created, timeout, max_age, now):
+    """When a session used at ``now`` expires: ``timeout`` later, but never past ``max_age``."""
+    expires = now + timeout
+    if max_age:
+        expires = min(expires, created + max_age)
+    return expires
+
+
+def _touch_interval(timeout):
+    """How far the expiry must have moved before a read pushes it forward (and the cookie follows)."""
+    return min(DEFAULTS["touch_interval"], timeout / 10)
 
 
 def _session_options(timeout, max_age, lock, lock_timeout, clock, max_size, reap_interval):
@@ -2861,9 +3114,25 @@ def open_session(sid=None, store=None, *, timeout=None, max_age=None, lock="merg
         return Session(sid, container, **options)
     if sid is not None:
         raise ValueError("give open_session() either sid or environ, not both")
+    _refuse_second_session(environ, cookie_name, lock)
     cookie = _Cookie(cookie_name, secret=secret, route=route, secure=secure, httponly=httponly,
                      samesite=samesite, path=path, domain=domain, persistent=persistent)
     return _web_session(environ, container, cookie, False, **options)
+
+
+def _refuse_second_session(environ, cookie_name, lock):
+    """Refuse to open, in exclusive mode, the session a SessionMiddleware already gives this request
+    (or any mode beside its exclusive one): the request would wait for its own lock until LockTimeout."""
+    if type(environ) is not dict:
+        return                          # os.environ (CGI): no middleware there
+    for value in environ.values():
+        if (isinstance(value, _WebSession) and value._cookie.name == cookie_name
+                and value._state is not _CLOSED and "exclusive" in (lock, value.mode)):
+            raise SesskitError(
+                "this request's session is already open through SessionMiddleware; use "
+                "environ['sesskit.session'] instead of opening it again (a second exclusive opening "
+                "would wait for its own lock), and choose the lock mode per request with "
+                "SessionMiddleware(lock=function_of_environ)")
 
 
 ###############################################################################
@@ -3003,8 +3272,8 @@ class _Cookie:
 def _loading(name):
     """An attribute of a _WebSession: reading it loads a lazily opened session first."""
     def get(self):
-        if self._pending:
-            self._open()
+        if self._state is _UNLOADED and self._lazy:
+            self.load()
         return self.__dict__.get(name)
 
     def set(self, value):
@@ -3019,28 +3288,31 @@ class _WebSession(Session):
     first use of the mapping or of ``id``/``is_new``/``created``/``expires``/``timeout`` loads them, and
     a request that never uses its session does no store I/O at all.
 
-    Once the response headers are out (``cookie_header()`` called, or the middleware's start_response
-    ran), the cookie can no longer change, so ``regenerate()``, ``delete()`` and writing into a new
-    session that got no cookie raise SesskitError instead of silently losing their effect.
+    The response headers go out once (``cookie_header()``, or the middleware's start_response). Then
+    what the session did so far is saved, and ``Set-Cookie`` says what the client must now hold: the
+    id of a session that was stored new, rotated or reached through a forward, or whose timeout or
+    expiry moved; an expired cookie after ``delete()``, and only then; nothing for a stale session or
+    when the write-back was lost (the session was deleted or rotated by another request, whose own
+    response tells the client). Afterwards the cookie can no longer change, so ``regenerate()``,
+    ``delete()`` and writing into a new session that got no cookie raise SesskitError instead of
+    silently losing their effect. Headers printed after ``close()`` get the cookie of what close()
+    stored.
     """
 
-    _pending = False        # lazy and not loaded yet
+    _lazy = False           # loaded on first use
     _sent = False           # the response headers are out
     _https = False
     _cookie = None
+    _cookie_due = None      # the Set-Cookie value owed after close()
 
     id = _loading("id")
     is_new = _loading("is_new")
     created = _loading("created")
     expires = _loading("expires")
 
-    def _open(self):
-        self._pending = False
-        Session.__enter__(self)
-
     def _live(self):
-        if self._pending:
-            self._open()
+        if self._state is _UNLOADED and self._lazy:
+            self.load()
         return Session._live(self)
 
     @property
@@ -3054,7 +3326,7 @@ class _WebSession(Session):
         Session.timeout.fset(self, seconds)
 
     def __repr__(self):
-        if self._pending:
+        if self._state is _UNLOADED:
             return "<sesskit.Session (not loaded yet)>"
         return Session.__repr__(self)
 
@@ -3088,84 +3360,69 @@ class _WebSession(Session):
     def cookie_header(self):
         """Return the ``Set-Cookie: ...`` line this response needs, or None; call it when printing headers.
 
-        The cookie is set when the session is new and holds data, was rotated or reached through a
-        rotated id, or when its expiry moved (at most once per touch interval); it is expired after
-        ``delete()``. What the block did so far is written back now, before the client can see the
-        cookie, so the client's next request finds it; later changes are written back at the end of the
-        block. Can be called once.
+        Called inside the block, it first saves what the block did so far, so the client's next request
+        finds it (later changes are saved at the end of the block); called after the block, it returns
+        what the block's final save needs. Can be called once.
         """
         value = self._headers_out()
         return None if value is None else f"Set-Cookie: {value}"
 
     def _headers_out(self):
-        """The response headers go out now: write back what the block did so far and return the
+        """The response headers go out now: save what the session did so far and return the
         ``Set-Cookie`` value the response needs, or None."""
         if self._sent:
             raise SesskitError("the response headers of this session already went out")
         self._sent = True
-        if self._pending or self._data is None:
-            return None                 # never used (or already closed): nothing to say, no store I/O
+        if self._state is _CLOSED:
+            return self._cookie_due
+        if self._state is _UNLOADED:
+            return None                 # never used: nothing to say, no store I/O
         now = self._clock()
-        value = self._set_cookie(now)
-        self._commit(now)
-        if self.lost:                   # deleted or expired by another request meanwhile
-            return self._cookie.header(None, None, self._https)
-        return value
+        before = (self.expires, self._stored_timeout)
+        self._save(now)
+        return self._set_cookie(now, *before)
 
-    def _expiry_moved(self, now):
-        return self._expiry(now) - self.expires >= min(DEFAULTS["touch_interval"], self._timeout / 10)
+    def _close(self, now, discard):
+        if self._state is _OPEN and not discard and not self._sent:
+            before = (self.expires, self._stored_timeout)
+            Session._close(self, now, discard)
+            self._cookie_due = self._set_cookie(now, *before)
+        else:
+            Session._close(self, now, discard)
 
-    def _set_cookie(self, now):
+    def _set_cookie(self, now, expires_before, timeout_before):
+        """The ``Set-Cookie`` value after a write-back, given the expiry and stored timeout before it."""
         cookie = self._cookie
-        max_age = self._expiry(now) - now if cookie.persistent else None
-        if self.is_new:
-            if self._data:
-                return cookie.header(self.id, max_age, self._https)
+        if self.stale or self.lost:
+            return None                 # only delete() may expire the client's cookie
+        if self._stored is None:
             return cookie.header(None, None, self._https) if self.deleted else None
-        if (self.id != self._incoming or self._timeout != self._stored_timeout
-                or (cookie.persistent and self._expiry_moved(now))):
-            return cookie.header(self.id, max_age, self._https)
+        expires = self._expiry(now)
+        # the expiry moved only if this response's write-back or touch moved it: a record that another
+        # request deleted or rotated meanwhile is not touched, and its id must not be sent again
+        refreshed = (self.saved or self._touched) and expires - expires_before >= _touch_interval(
+            self._timeout)
+        if self._stored != self._incoming or self._timeout != timeout_before or (
+                cookie.persistent and refreshed):
+            return cookie.header(self._stored, expires - now if cookie.persistent else None, self._https)
         return None
-
-    def _commit(self, now):
-        """Write back now, then go on as if the block had just loaded what it wrote."""
-        was_new, rotated = self.is_new, self._rotate is not None
-        text = _encode_data(self._data)
-        wrote = was_new or rotated or text != self._loaded or self._timeout != self._stored_timeout
-        moved = self._expiry_moved(now)
-        self._write_back(now)
-        if self.lost or (was_new and not self.saved):
-            return
-        if self.mode == "exclusive" and (rotated or was_new):
-            # the cookie now names an id this block did not hold yet (a new or rotated session): hold
-            # its lock until the block ends, so the client's next request waits for this one
-            self._release()
-            self._held = self.container.lock(self.id, self._lock_timeout)
-        if wrote or moved:
-            self.expires = self._expiry(now)
-        self.is_new = False
-        self._rotate = None
-        self._loaded = text
-        self._snapshot = dict(self._data)
-        self._stored_timeout = self._timeout
 
 
 def _web_session(environ, container, cookie, lazy, **options):
     session = _WebSession(cookie.read(environ), container, **options)
     session._cookie = cookie
     session._https = _is_https(environ)
-    session._pending = lazy
+    session._lazy = lazy
     return session
 
 
 class _Response:
     """The response iterable of SessionMiddleware: passes the app's body through, then on close()
-    writes the session back (or discards its changes when the app failed)."""
+    closes the session: saves it, or discards its changes when the app failed."""
 
-    def __init__(self, result, session, reap_interval):
+    def __init__(self, result, session):
         self._result = result
         self._session = session
-        self._reap_interval = reap_interval
         self.started = False    # start_response ran without exc_info
         self.failed = False
         self._closed = False
@@ -3194,19 +3451,12 @@ class _Response:
             self.finish(error)
 
     def finish(self, error=None):
-        """End the session's block: write back, or discard on ``error``/failure; then maybe reap."""
+        """End the session: save (then maybe reap), or discard on ``error`` or a failed response. A
+        session the request never used does no store I/O."""
         session = self._session
-        if session._pending or session._data is None:
-            return                      # the request never used its session: no store I/O
-        if error is not None or self.failed or not self.started:
-            error = error or SesskitError("the response failed")
-            Session.__exit__(session, type(error), error, error.__traceback__)
+        if session._state is _UNLOADED:
             return
-        Session.__exit__(session, None, None, None)
-        if self._reap_interval:
-            # after the response went out, never in front of a request; time-boxed by reap_budget
-            session._reap_interval = self._reap_interval
-            session._maybe_reap()
+        session.close(discard=error is not None or self.failed or not self.started)
 
 
 class SessionMiddleware:
@@ -3215,17 +3465,21 @@ class SessionMiddleware:
     The session is a Session (see ``open_session``) loaded on first use: a request that never uses it
     does no store I/O and gets no cookie. Write-back happens in two steps:
 
-    * when the app calls ``start_response``, what the app did to the session so far is written back and
-      the ``Set-Cookie`` header is added if needed (new session holding data, rotated session, moved
+    * when the app calls ``start_response``, what the app did to the session so far is saved and the
+      ``Set-Cookie`` header is added if needed (new session holding data, rotated session, moved
       expiry, expired cookie after ``delete()``), so the client's next request, which may reach another
       process before this one has finished, already finds it;
-    * changes made while the body is produced are written back when the server closes the response
-      iterable, after the body was sent.
+    * changes made while the body is produced are saved when the server closes the response iterable,
+      after the body was sent.
 
     An exception from the app (before start_response, or while producing the body) or an error
-    ``start_response(..., exc_info)`` discards the changes not yet written back. After start_response,
+    ``start_response(..., exc_info)`` discards the changes not yet saved. After start_response,
     ``regenerate()``/``delete()`` and storing data in a new session raise SesskitError: the cookie can
     no longer change. In exclusive mode the session's lock is held until close().
+
+    ``lock`` is a lock mode, or a function of the WSGI environ returning one, so that one endpoint can
+    run in exclusive mode beside merge-mode endpoints on the same cookie (for example
+    ``lock=lambda environ: "exclusive" if environ["PATH_INFO"] == "/checkout" else "merge"``).
 
     Opportunistic reaping (every ``reap_interval`` seconds per store) runs in close(), after the
     response, bounded by ``DEFAULTS["reap_budget"]``.
@@ -3241,20 +3495,26 @@ class SessionMiddleware:
                  samesite="Lax", path="/", domain=None, route=None, lock="merge", *, secret=None,
                  persistent=True, max_age=None, lock_timeout=None, max_size=None, reap_interval=None,
                  clock=None, environ_key="sesskit.session"):
-        if lock not in LOCK_MODES:
-            raise ValueError(f"lock must be one of {', '.join(LOCK_MODES)}, not {lock!r}")
+        if not callable(lock) and lock not in LOCK_MODES:
+            raise ValueError(f"lock must be one of {', '.join(LOCK_MODES)} or a function of the "
+                             f"environ, not {lock!r}")
         self.app = app
         self.environ_key = environ_key
+        self.lock = lock
         self.cookie = _Cookie(cookie_name, secret=secret, route=route, secure=secure, httponly=httponly,
                               samesite=samesite, path=path, domain=domain, persistent=persistent)
         self._container = None if store is None else open_store(store)
-        # reap_interval=0: the middleware reaps itself, in close(), after the response
-        self._options = _session_options(timeout, max_age, lock, lock_timeout, clock, max_size, 0)
-        self.reap_interval = DEFAULTS["reap_interval"] if reap_interval is None else reap_interval
+        self._options = _session_options(timeout, max_age, "merge", lock_timeout, clock, max_size,
+                                         reap_interval)
 
     def __call__(self, environ, start_response):
         container = self._container if self._container is not None else _default_store()
-        session = _web_session(environ, container, self.cookie, True, **self._options)
+        options = self._options
+        if callable(self.lock):
+            options = dict(options, lock=self.lock(environ))
+        else:
+            options = dict(options, lock=self.lock)
+        session = _web_session(environ, container, self.cookie, True, **options)
         environ[self.environ_key] = session
         response = None
 
@@ -3269,7 +3529,7 @@ class SessionMiddleware:
                 response.started = True
             return start_response(status, headers, exc_info)
 
-        response = _Response(None, session, self.reap_interval)
+        response = _Response(None, session)
         try:
             response._result = self.app(environ, session_start_response)
         except BaseException as exc:
