@@ -851,6 +851,7 @@ _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 # for reading would otherwise wait forever for a writer. Only a regular file is then read (fstat).
 _O_SPECIAL_SAFE = getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
 _DIR_FLAGS = os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC | _O_SPECIAL_SAFE
+_FILE_FLAGS = _O_NOFOLLOW | _O_CLOEXEC | _O_SPECIAL_SAFE
 # open() errors that mean "no session file here": a symlink (ELOOP), a directory opened for writing
 # (EISDIR), a socket or a FIFO without reader (ENXIO), a path through something that is not a directory.
 _NOT_A_SESSION_FILE = (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.ENOTDIR, errno.ENOENT)
@@ -1039,7 +1040,7 @@ class FileContainer(Container):
         if fd is not None:
             try:
                 os.close(fd)
-            except OSError:
+            except Exception:     # OSError, or the os module already torn down at interpreter exit
                 pass
 
     def _root(self):
@@ -1073,19 +1074,20 @@ class FileContainer(Container):
         """Open the session file of ``sid``; return ``(fd, fan-out directory fd)``, or None if there is
         none. Neither a symlinked file nor a symlinked fan-out directory counts, nor a socket or a
         directory in its place; a FIFO or a device opens without blocking and reads as empty."""
-        path = self._file(sid)
+        root = self._dir_fd
         try:
-            dir_fd = self._subdir(sid[:2])
-        except OSError as exc:
-            raise ContainerError(f"cannot open the directory of session file {path!r}: {exc}") from exc
-        if dir_fd is None:
+            dir_fd = os.open(_require_sid(sid)[:2], _DIR_FLAGS, dir_fd=self._root() if root is None else root)
+        except (FileNotFoundError, NotADirectoryError):
             return None
+        except OSError as exc:
+            raise ContainerError(f"cannot open the directory of session file {self._file(sid)!r}: "
+                                 f"{exc}") from exc
         try:
-            return os.open(sid, flags | _O_NOFOLLOW | _O_CLOEXEC | _O_SPECIAL_SAFE, dir_fd=dir_fd), dir_fd
+            return os.open(sid, flags | _FILE_FLAGS, dir_fd=dir_fd), dir_fd
         except OSError as exc:
             if exc.errno not in _NOT_A_SESSION_FILE:
                 os.close(dir_fd)
-                raise ContainerError(f"cannot open session file {path!r}: {exc}") from exc
+                raise ContainerError(f"cannot open session file {self._file(sid)!r}: {exc}") from exc
         os.close(dir_fd)
         return None
 
