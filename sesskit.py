@@ -935,6 +935,8 @@ def _open_store_dir(path, create):
             raise ContainerError(f"session store {path!r} is a symbolic link; refusing it "
                                  f"(give the real path)") from None
         raise ContainerError(f"session store {path!r} is not a directory") from None
+    except PermissionError:
+        raise                                 # open_store names the user and the remedy
     except OSError as exc:
         raise ContainerError(f"cannot open session store {path!r}: {exc}") from exc
     try:
