@@ -156,13 +156,16 @@ def _check_json(key, value):
     try:
         text = _encode_fast(value)
     except (TypeError, ValueError, RecursionError) as exc:
-        raise TypeError(f"session key {key!r}: value {type(value).__name__} is not JSON "
-                        f"serialisable ({exc})") from None
-    if "{" in text:                        # holds a dict (or a brace in a string): check its keys
-        bad = _first_bad_key(value)
-        if bad is not _MISSING:
-            raise TypeError(f"session key {key!r}: a dict inside has the key {bad!r}; JSON keys are "
-                            f"strings only")
+        problem = _nesting_problem(value, DEFAULTS["max_depth"]) if type(exc) is RecursionError else None
+        if problem is None:
+            problem = f"value {type(value).__name__} is not JSON serialisable ({exc})"
+        raise TypeError(f"session key {key!r}: {problem}") from None
+    # Walk the value only when it may hold a dict (or a brace in a string), to check its keys, or enough
+    # brackets to nest too deep: a cheap test of the text spares the walk for most values.
+    if "{" in text or text.count("[") > DEFAULTS["max_depth"]:
+        problem = _nesting_problem(value, DEFAULTS["max_depth"])
+        if problem is not None:
+            raise TypeError(f"session key {key!r}: {problem}")
     return text
 
 
@@ -173,7 +176,7 @@ def _encode_data(data):
         text = _encode(data)
     except (TypeError, ValueError, RecursionError):
         text = None
-    if text is None or "{" in text[1:]:
+    if text is None or "{" in text[1:] or text.count("[") > DEFAULTS["max_depth"]:
         for key, value in data.items():
             if type(key) is not str:
                 raise TypeError(f"session keys must be str, not {type(key).__name__}: {key!r}") from None
@@ -184,18 +187,25 @@ def _encode_data(data):
     return text
 
 
+#: At most this many new keys are appended to a stored session as text, each after one search of it.
+_MERGE_SCANS = 8
+
+
 def _merge_data(text, changed, deleted, base=None):
     """Apply ``changed`` (key -> value) and ``deleted`` (keys) to the JSON object ``text``.
 
     Two shortcuts avoid decoding and re-encoding a big session. Keys that ``text`` does not hold are
     appended to it as text: a key is certainly absent when its encoded form followed by ":" occurs
-    nowhere in ``text`` (an occurrence inside a string value only costs the shortcut). And when ``base``
-    is ``(text the caller loaded, the caller's complete dict)`` and the stored text has not changed since,
-    the result is simply the caller's dict.
+    nowhere in ``text`` (an occurrence inside a string value only costs the shortcut). That search scans
+    ``text`` once per key, so it is tried for at most ``_MERGE_SCANS`` new keys; more go through one
+    decode instead, and a merge costs O(changed keys + session size) either way (it runs under the
+    session's lock: 30,000 new keys used to hold a 600 KB session's lock for seconds, issue 9). And when
+    ``base`` is ``(text the caller loaded, the caller's complete dict)`` and the stored text has not
+    changed since, the result is simply the caller's dict.
     """
     if not changed and not deleted:
         return text
-    if not deleted and text[-1:] == "}":
+    if not deleted and len(changed) <= _MERGE_SCANS and text[-1:] == "}":
         items = []
         for key, value in changed.items():
             key_text = _encode_str(key)
@@ -217,21 +227,33 @@ _MISSING = object()
 _SCALARS = frozenset((str, int, float, bool, type(None)))     # JSON values that cannot change in place
 
 
-def _first_bad_key(value):
-    """The first dict key inside ``value`` that is not a str, else _MISSING. json would silently turn
-    it into a string (so {1: "a", "1": "b"} would store one key twice and lose a value on load)."""
-    stack = [value]
+def _nesting_problem(value, limit):
+    """Why the JSON value ``value`` cannot be stored, or None.
+
+    * A dict key inside that is not a str: json would silently turn it into a string (so
+      {1: "a", "1": "b"} would store one key twice and lose a value on load).
+    * Lists and dicts nested more than ``limit`` deep (``value`` itself is level 1). Decoding recurses
+      once per level, on the caller's stack: a value that a shallow stack stored (json manages about
+      990 levels) would raise RecursionError when loaded deeper in an application's stack, and the
+      session could never be loaded again. ``DEFAULTS["max_depth"]`` (64) leaves that stack room.
+
+    Iterative, so a deep value cannot exhaust the stack here either.
+    """
+    stack = [(value, 1)]
     while stack:
-        item = stack.pop()
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list, tuple)) and depth > limit:
+            return (f"the value nests lists and dicts more than {limit} deep "
+                    f"(DEFAULTS['max_depth']); a session must load at any stack depth")
         if isinstance(item, dict):
             for key, inner in item.items():
                 if type(key) is not str:
-                    return key
+                    return f"a dict inside has the key {key!r}; JSON keys are strings only"
                 if type(inner) not in _SCALARS:
-                    stack.append(inner)
+                    stack.append((inner, depth + 1))
         elif isinstance(item, (list, tuple)):
-            stack.extend(inner for inner in item if type(inner) not in _SCALARS)
-    return _MISSING
+            stack.extend((inner, depth + 1) for inner in item if type(inner) not in _SCALARS)
+    return None
 
 
 def _short(sid):
@@ -664,13 +686,14 @@ class MemoryContainer(Container):
                 return 0
             self._last_reap = now
             removed = 0
-            for sid in [sid for sid, rec in list(self._records.items()) if rec.expires < now]:
+            for sid in [sid for sid, rec in list(self._records.items())
+                        if rec.expires < now - DEFAULTS["reap_margin"]]:
                 lock = self._session_lock(sid)
                 if not lock.acquire(blocking=False):
                     continue
                 try:
                     rec = self._records.get(sid)
-                    if rec is not None and rec.expires < now:
+                    if rec is not None and rec.expires < now - DEFAULTS["reap_margin"]:
                         del self._records[sid]
                         removed += 1
                 finally:
@@ -723,6 +746,22 @@ _SLOT_HEADER = struct.Struct("<QII")
 _MIN_SLOT = 1024
 _STATE_FILE = ".reap-state"
 _REAP_LOCK = ".reap-lock"
+_META_ROOM = 1024          # bytes: a record's metadata line is under 300
+_TORN_READ_TRIES = 3       # unlocked reads of a file whose slots both fail their CRC, before the lock
+
+
+def _slot_limit():
+    """The largest slot capacity a file store writes (and so the bound on what it ever reads).
+
+    A slot holds a record of at most twice ``DEFAULTS["max_size"]`` bytes of data plus its metadata:
+    Session bounds what one block makes of a session by its max_size, but concurrent merges of other
+    keys may take it past that, and the headroom keeps such a session writable. Capacities are powers of
+    two, so at the default max_size of 1 MiB a slot holds up to 4 MiB and a file is at most
+    16 + 2 x 4 MiB. A bigger record is refused (SessionTooLarge) and a bigger file is not one this store
+    wrote: it reads as no session, and no reader ever reads more than that bound (issue 9: a 2 GiB
+    sparse file used to be read whole by load, count, ls and reap).
+    """
+    return max(_MIN_SLOT, 1 << (2 * DEFAULTS["max_size"] + _META_ROOM + _SLOT_HEADER.size - 1).bit_length())
 
 
 def _parse_session_file(blob):
@@ -731,7 +770,7 @@ def _parse_session_file(blob):
     if size < 32 or blob[:4] != _FILE_MAGIC:
         return None, -1, 0, 0
     cap = _FILE_HEADER.unpack_from(blob)[1]
-    if cap < _MIN_SLOT:
+    if cap < _MIN_SLOT or cap > _slot_limit():
         return None, -1, 0, 0
     slots = [(*_SLOT_HEADER.unpack_from(blob, 16), 0, 16)]
     if size >= cap + 32:
@@ -774,11 +813,21 @@ def _decode_record(sid, payload, mtime):
 
 
 def _read_fd(fd):
-    """Return ``(contents, stat)`` of an open file: one fstat and, for a few KB, one pread."""
+    """Return ``(contents, stat)`` of an open file: one fstat and, for a few KB, one pread.
+
+    Anything but a regular file (a FIFO, a device, a directory planted in the store) and a file bigger
+    than any this store writes (see _slot_limit) read as empty, without a read, so they parse as no
+    session; no more than that bound is ever read.
+    """
     st = os.fstat(fd)
-    want = st.st_size + 4096
+    limit = _FILE_HEADER.size + 2 * _slot_limit()
+    if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+        return b"", st
+    want = min(st.st_size + 4096, limit + 1)
     blob = os.pread(fd, want, 0)
     while len(blob) == want:                      # grew while we read: read the rest
+        if len(blob) > limit:
+            return b"", st
         chunk = os.pread(fd, 65536, len(blob))
         if not chunk:
             break
@@ -790,38 +839,117 @@ def _read_fd(fd):
 _UTIME_FD = os.utime in os.supports_fd
 
 
-def _set_expiry(target, expires):
-    """Set a session file's mtime (its expiry) and atime to ``expires``; ``target``: fd or path."""
+def _set_expiry(fd, expires, dir_fd, name):
+    """Set a session file's mtime (its expiry) and atime to ``expires``: through its descriptor ``fd``,
+    or where utime takes none, by ``name`` in the directory ``dir_fd`` (a symlink is not followed)."""
     ns = int(expires * 1e9)
-    if isinstance(target, int):
-        os.utime(target, ns=(ns, ns))
+    if _UTIME_FD:
+        os.utime(fd, ns=(ns, ns))
     else:
-        os.utime(target, ns=(ns, ns), follow_symlinks=os.utime not in os.supports_follow_symlinks)
+        os.utime(name, ns=(ns, ns), dir_fd=dir_fd, follow_symlinks=False)
 
 
-def _check_store_dir(path, create):
-    """Make sure ``path`` is a directory only we control; create it 0700 if asked.
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+# Whatever sits in the store is opened without blocking and without becoming our terminal: a FIFO opened
+# for reading would otherwise wait forever for a writer. Only a regular file is then read (fstat).
+_O_SPECIAL_SAFE = getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+_DIR_FLAGS = os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC | _O_SPECIAL_SAFE
+_FILE_FLAGS = _O_NOFOLLOW | _O_CLOEXEC | _O_SPECIAL_SAFE
+# open() errors that mean "no session file here": a symlink (ELOOP), a directory opened for writing
+# (EISDIR), a socket or a FIFO without reader (ENXIO), a path through something that is not a directory.
+_NOT_A_SESSION_FILE = (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.ENOTDIR, errno.ENOENT)
+
+
+def _open_dir(name, dir_fd=None, create=None):
+    """Open the directory ``name`` (relative to ``dir_fd`` if given) without following a symlink.
+
+    With ``create`` (a mode) a missing directory is made with exactly that mode, whatever the umask:
+    the umask could otherwise leave it open to others (umask 000) or unusable to us (umask 277).
+    Raises FileNotFoundError, NotADirectoryError (also for a symlink: O_NOFOLLOW with O_DIRECTORY) or
+    another OSError.
+    """
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except FileNotFoundError:
+        if create is None:
+            raise
+    try:
+        os.mkdir(name, create, dir_fd=dir_fd)
+    except FileExistsError:                       # made by another process meanwhile: theirs is as good
+        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    try:
+        os.fchmod(fd, create)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _make_parents(path):
+    """Create the missing directories above a store, each 0755 narrowed by the umask but always with
+    the owner's rwx. The umask can only take bits away, so none is ever writable by group or others:
+    whoever may write a parent may rename the store and put another directory in its place."""
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    for path in reversed(missing):
+        try:
+            os.mkdir(path, 0o755)
+        except FileExistsError:
+            continue
+        fd = _open_dir(path)
+        try:
+            mode = stat.S_IMODE(os.fstat(fd).st_mode)
+            if mode & 0o700 != 0o700:
+                os.fchmod(fd, mode | 0o700)
+        finally:
+            os.close(fd)
+
+
+def _open_store_dir(path, create):
+    """Open the store directory ``path`` and return its descriptor; create it 0700 if missing and asked.
 
     Refuses (ContainerError) a symlink, a directory owned by another user or writable by group or others:
     on shared ground such as /tmp another local user could otherwise plant, read or swap session files.
+    The checks are made on the open descriptor (fstat), so what was checked is what gets used.
     """
     try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        if not create:
-            raise ContainerError(f"session store {path!r} does not exist") from None
-        parent = os.path.dirname(os.path.abspath(path))
-        os.makedirs(parent, exist_ok=True)
         try:
-            os.mkdir(path, 0o700)
-        except FileExistsError:
-            pass
-        st = os.lstat(path)
-    if stat.S_ISLNK(st.st_mode):
-        raise ContainerError(f"session store {path!r} is a symbolic link; refusing it (give the real path)")
-    if not stat.S_ISDIR(st.st_mode):
-        raise ContainerError(f"session store {path!r} is not a directory")
-    _check_private(f"session store {path!r}", st, "chmod 700")
+            fd = _open_dir(path)
+        except FileNotFoundError:
+            if not create:
+                raise ContainerError(f"session store {path!r} does not exist") from None
+            _make_parents(os.path.dirname(os.path.abspath(path)))
+            fd = _open_dir(path, create=0o700)
+    except NotADirectoryError:
+        try:
+            is_link = stat.S_ISLNK(os.lstat(path).st_mode)
+        except OSError:
+            is_link = False
+        if is_link:
+            raise ContainerError(f"session store {path!r} is a symbolic link; refusing it "
+                                 f"(give the real path)") from None
+        raise ContainerError(f"session store {path!r} is not a directory") from None
+    except PermissionError:
+        raise                                 # open_store names the user and the remedy
+    except OSError as exc:
+        raise ContainerError(f"cannot open session store {path!r}: {exc}") from exc
+    try:
+        _check_private(f"session store {path!r}", os.fstat(fd), "chmod 700")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _check_store_dir(path, create):
+    """Make sure ``path`` is a directory only we control (see _open_store_dir); create it if asked."""
+    os.close(_open_store_dir(path, create))
 
 
 def _check_private(what, st, remedy):
@@ -836,20 +964,29 @@ def _check_private(what, st, remedy):
 
 
 class _FileLock:
-    """A held lock of one session file: the open descriptor whose flock we hold."""
+    """A held lock of one file: the open descriptor whose flock we hold. For a session file also the
+    descriptor of its fan-out directory and its name there, to unlink or replace it relative to that,
+    and ``held``: the set of paths whose locks the acquiring thread holds, which lists it until release."""
 
-    __slots__ = ("fd", "path", "stat")
+    __slots__ = ("fd", "path", "stat", "dir_fd", "name", "held")
 
-    def __init__(self, fd, path, stat):
-        self.fd, self.path, self.stat = fd, path, stat
+    def __init__(self, fd, path, stat, dir_fd=None, name=None, held=None):
+        self.fd, self.path, self.stat, self.dir_fd, self.name = fd, path, stat, dir_fd, name
+        self.held = held
+        if held is not None:
+            held.add(path)
 
     def release(self):
         if self.fd is not None:
             fd, self.fd = self.fd, None
+            if self.held is not None:
+                self.held.discard(self.path)
             try:
                 _unlock(fd)
             finally:
                 os.close(fd)
+                if self.dir_fd is not None:
+                    os.close(self.dir_fd)
 
     def __enter__(self):
         return self
@@ -859,23 +996,35 @@ class _FileLock:
 
 
 class FileContainer(Container):
-    """One file per session in a directory tree: the stdlib-only default.
+    """One file per session in a directory tree: the stdlib-only default. POSIX only.
 
-    :param path: the store directory; created 0700 if missing, refused if it is a symlink, owned by
-        another user or writable by others.
+    :param path: the store directory; created 0700 if missing (missing parents 0755, see
+        ``_make_parents``), refused if it is a symlink, owned by another user or writable by others.
     :param durable: fsync every write (and the directory when a file is created or replaced), so that
         a power loss keeps the last acknowledged write. Off by default: a killed process loses nothing
         either way, only a machine crash can.
 
-    Writes are atomic (see the layout above), session files are created 0600 and never follow symlinks.
-    The container holds no open handles, so it is safe to share between threads and across ``fork()``.
+    Writes are atomic (see the layout above). Every directory and file is created private whatever the
+    umask: fan-out directories 0700, session and bookkeeping files 0600.
+
+    The container holds one descriptor, of the store directory, opened (and checked) at construction;
+    every file is opened relative to it, and relative to its fan-out directory opened without following
+    a symlink, and never through a symlink itself. Renaming the store or planting a symlink in its place
+    or in place of a fan-out directory after that changes nothing: the container keeps using the
+    directory it checked. That descriptor is only ever a ``dir_fd``, never read from, so it is safe to
+    share between threads and across ``fork()``. ``close()`` frees it; the next use reopens the path and
+    checks it again (call it when no other thread is using the container). Pickles as its path.
     Not for NFS or SMB: their flock() emulation is not reliable.
     """
+
+    _dir_fd = None
 
     def __init__(self, path, durable=None, create=True):
         self.path = os.path.abspath(os.fspath(path))
         self.durable = DEFAULTS["durable"] if durable is None else bool(durable)
-        _check_store_dir(self.path, create)
+        self._fd_lock = _thread.allocate_lock()
+        self._thread_state = _thread._local()     # .held: paths of the session locks this thread holds
+        self._dir_fd = _open_store_dir(self.path, create)
         self._prefix = self.path + os.sep
         self.last_reap_visited = 0
 
@@ -885,91 +1034,175 @@ class FileContainer(Container):
     def __repr__(self):
         return f"FileContainer({self.path!r})"
 
+    def close(self):
+        with self._fd_lock:
+            fd, self._dir_fd = self._dir_fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self):
+        fd, self._dir_fd = self._dir_fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except Exception:     # OSError, or the os module already torn down at interpreter exit
+                pass
+
+    def _root(self):
+        """The descriptor of the store directory, reopened and checked again after close()."""
+        fd = self._dir_fd
+        if fd is None:
+            with self._fd_lock:
+                if self._dir_fd is None:
+                    self._dir_fd = _open_store_dir(self.path, False)
+                fd = self._dir_fd
+        return fd
+
     def _file(self, sid):
+        """The path of ``sid``'s file, for messages (files are opened relative to the store's descriptor)."""
         # Session already checks ids; this guards direct callers (CLI, admin scripts) of the container.
         return f"{self._prefix}{_require_sid(sid)[:2]}{os.sep}{sid}"
 
+    def _subdir(self, name, create=False):
+        """Open the fan-out directory ``name`` (made 0700 if missing and ``create``); None if it is
+        missing or not a directory of its own (a symlink is not followed)."""
+        try:
+            return _open_dir(name, self._root(), 0o700 if create else None)
+        except (FileNotFoundError, NotADirectoryError):
+            if create:
+                raise
+            return None
+
     # -- reading -----------------------------------------------------------------
 
-    @staticmethod
-    def _open_existing(path, flags):
-        """Open the session file ``path``; None if there is none (a symlink counts as none)."""
+    def _open_file(self, sid, flags):
+        """Open the session file of ``sid``; return ``(fd, fan-out directory fd)``, or None if there is
+        none. Neither a symlinked file nor a symlinked fan-out directory counts, nor a socket or a
+        directory in its place; a FIFO or a device opens without blocking and reads as empty."""
+        root = self._dir_fd
         try:
-            return os.open(path, flags | _O_NOFOLLOW | _O_CLOEXEC)
+            dir_fd = os.open(_require_sid(sid)[:2], _DIR_FLAGS, dir_fd=self._root() if root is None else root)
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                return None
-            raise ContainerError(f"cannot open session file {path!r}: {exc}") from exc
+            raise ContainerError(f"cannot open the directory of session file {self._file(sid)!r}: "
+                                 f"{exc}") from exc
+        try:
+            return os.open(sid, flags | _FILE_FLAGS, dir_fd=dir_fd), dir_fd
+        except OSError as exc:
+            if exc.errno not in _NOT_A_SESSION_FILE:
+                os.close(dir_fd)
+                raise ContainerError(f"cannot open session file {self._file(sid)!r}: {exc}") from exc
+        os.close(dir_fd)
+        return None
 
     def load(self, sid):
-        fd = self._open_existing(self._file(sid), os.O_RDONLY)
-        if fd is None:
-            return None
-        try:
-            blob, st = _read_fd(fd)
-        finally:
-            os.close(fd)
-        payload = _parse_session_file(blob)[0]
+        """Read ``sid``'s record without its lock; None if absent, damaged or not a record of ``sid``.
+
+        A read that overlaps two write-backs can find both slots failing their CRC although the file is
+        fine (issue 9: about once in 10^5 loads of a 300 KB session under write load). Such a read is
+        retried; when every try fails, the file is read once more under the session's lock (waiting at
+        most ``DEFAULTS["lock_timeout"]``, then LockTimeout), where no write runs, so a live session
+        always loads with its old or its new content. When this thread holds that lock already
+        (exclusive mode), nothing can be writing and the first read is final.
+        """
+        for _ in range(_TORN_READ_TRIES):
+            opened = self._open_file(sid, os.O_RDONLY)
+            if opened is None:
+                return None
+            fd, dir_fd = opened
+            os.close(dir_fd)
+            try:
+                blob, st = _read_fd(fd)
+            finally:
+                os.close(fd)
+            payload, _, _, cap = _parse_session_file(blob)
+            if payload is not None or not cap or self._file(sid) in self._held_here():
+                break                 # a record, not a session file at all, or no writer can run
+        else:
+            handle = self._lock(sid, DEFAULTS["lock_timeout"], os.O_RDONLY)
+            if handle is None:
+                return None
+            with handle:
+                blob, st = _read_fd(handle.fd)
+            payload = _parse_session_file(blob)[0]
         return None if payload is None else _decode_record(sid, payload, st.st_mtime)
 
     # -- locking -----------------------------------------------------------------
 
+    def _held_here(self):
+        """The set of paths of the session files whose locks this thread holds."""
+        held = getattr(self._thread_state, "held", None)
+        if held is None:
+            held = self._thread_state.held = set()
+        return held
+
     def lock(self, sid, timeout):
+        return self._lock(sid, timeout, os.O_RDWR)
+
+    def _lock(self, sid, timeout, flags):
         path = self._file(sid)
         while True:
-            fd = self._open_existing(path, os.O_RDWR)
-            if fd is None:
+            opened = self._open_file(sid, flags)
+            if opened is None:
                 return None
+            fd, dir_fd = opened
             try:
                 _wait_lock(fd, timeout, f"session {_short(sid)}")
                 st = os.fstat(fd)
             except BaseException:
                 os.close(fd)
+                os.close(dir_fd)
                 raise
-            if st.st_nlink:
-                return _FileLock(fd, path, st)
-            # The file was deleted or replaced while we waited: try the one that is there now.
+            if st.st_nlink and stat.S_ISREG(st.st_mode):
+                return _FileLock(fd, path, st, dir_fd, sid, self._held_here())
             _unlock(fd)
             os.close(fd)
+            os.close(dir_fd)
+            if st.st_nlink:
+                return None                           # a FIFO or a device in its place: no session
+            # The file was deleted or replaced while we waited: try the one that is there now.
 
     # -- writing -----------------------------------------------------------------
 
-    def _create_file(self, path, payload, expires, cap=None):
-        """Write a new session file at ``path`` (must not exist) holding ``payload`` in slot 0."""
+    def _create_file(self, dir_fd, name, payload, expires, cap=None):
+        """Write a new session file ``name`` (must not exist) in ``dir_fd`` holding ``payload`` in slot 0;
+        return its descriptor. Mode 0600 whatever the umask. Raises SessionTooLarge, writing nothing, for
+        a payload bigger than a slot may be (_slot_limit)."""
+        limit = _slot_limit()
+        if len(payload) + _SLOT_HEADER.size > limit:
+            raise SessionTooLarge(f"a session record of {len(payload)} bytes does not fit a file store "
+                                  f"(at most {limit - _SLOT_HEADER.size}: twice DEFAULTS['max_size'] and "
+                                  f"metadata); nothing was stored")
         cap = cap or max(_MIN_SLOT, 1 << (len(payload) + _SLOT_HEADER.size - 1).bit_length())
         blob = _FILE_HEADER.pack(_FILE_MAGIC, cap) + _slot_bytes(1, payload)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC
+        fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
         try:
-            fd = os.open(path, flags, 0o600)
-        except FileNotFoundError:
-            os.makedirs(os.path.dirname(path), 0o700, exist_ok=True)
-            fd = os.open(path, flags, 0o600)
-        try:
+            os.fchmod(fd, 0o600)
             _write_all(fd, blob, 0)
-            _set_expiry(fd if _UTIME_FD else path, expires)
+            _set_expiry(fd, expires, dir_fd, name)
             if self.durable:
                 os.fsync(fd)
         except BaseException:
             os.close(fd)
-            _unlink_quietly(path)
+            _unlink_quietly(name, dir_fd)
             raise
         return fd
 
-    def _sync_dir(self, path):
-        if self.durable and os.name != "nt":
-            fd = os.open(os.path.dirname(path), os.O_RDONLY | _O_CLOEXEC)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+    def _sync_dir(self, dir_fd):
+        if self.durable:
+            os.fsync(dir_fd)
 
     def create(self, sid, record):
         path = self._file(sid)
         try:
-            os.close(self._create_file(path, _encode_record(sid, record), record.expires))
-            self._sync_dir(path)
+            dir_fd = self._subdir(sid[:2], create=True)
+            try:
+                os.close(self._create_file(dir_fd, sid, _encode_record(sid, record), record.expires))
+                self._sync_dir(dir_fd)
+            finally:
+                os.close(dir_fd)
         except FileExistsError:
             raise ContainerError(f"session {_short(sid)} exists already") from None
         except OSError as exc:
@@ -991,7 +1224,7 @@ class FileContainer(Container):
             if len(payload) + _SLOT_HEADER.size <= cap:
                 offset = _FILE_HEADER.size + (1 - index) * cap
                 _write_all(handle.fd, _slot_bytes(seq + 1, payload), offset)
-                _set_expiry(handle.fd if _UTIME_FD else handle.path, record.expires)
+                _set_expiry(handle.fd, record.expires, handle.dir_fd, handle.name)
                 if self.durable:
                     os.fsync(handle.fd)
             else:
@@ -1029,12 +1262,12 @@ class FileContainer(Container):
             self.create(new, meta.replace(data=_merge_data(current.data, changed, deleted, base)))
             try:
                 if tombstone is None:
-                    os.unlink(handle.path)
-                    self._sync_dir(handle.path)
+                    os.unlink(handle.name, dir_fd=handle.dir_fd)
+                    self._sync_dir(handle.dir_fd)
                 else:
                     self._write_locked(old, handle, slot, tombstone)
             except BaseException:
-                _unlink_quietly(self._file(new))      # the old record stays the session
+                self._unlink_in(new[:2], new)         # the old record stays the session
                 raise
             return True
         finally:
@@ -1047,17 +1280,17 @@ class FileContainer(Container):
         The new file is locked before it becomes visible and the handle switches to it, so the session
         stays locked throughout; waiters on the old inode find it unlinked and retry on the new one.
         """
-        tmp = f"{handle.path}.{os.getpid()}.tmp"
-        _unlink_quietly(tmp)
-        fd = self._create_file(tmp, payload, expires)
+        tmp = f"{handle.name}.{os.getpid()}.tmp"
+        _unlink_quietly(tmp, handle.dir_fd)
+        fd = self._create_file(handle.dir_fd, tmp, payload, expires)
         try:
             _try_lock(fd)
-            os.replace(tmp, handle.path)
+            os.replace(tmp, handle.name, src_dir_fd=handle.dir_fd, dst_dir_fd=handle.dir_fd)
         except BaseException:
             os.close(fd)
-            _unlink_quietly(tmp)
+            _unlink_quietly(tmp, handle.dir_fd)
             raise
-        self._sync_dir(handle.path)
+        self._sync_dir(handle.dir_fd)
         old = handle.fd
         handle.fd, handle.stat = fd, os.fstat(fd)
         _unlock(old)
@@ -1081,7 +1314,7 @@ class FileContainer(Container):
             record = self._read_locked(sid, handle)[0]
             if (record and record.writable(now if now is not None else record.expires)
                     and record.expires < expires and (timeout is None or record.timeout == timeout)):
-                _set_expiry(handle.fd if _UTIME_FD else handle.path, expires)
+                _set_expiry(handle.fd, expires, handle.dir_fd, handle.name)
                 return True
             return False
         except OSError as exc:
@@ -1101,107 +1334,203 @@ class FileContainer(Container):
                 target = self.lock(record.forward, DEFAULTS["lock_timeout"])
                 if target is not None:
                     with target:
-                        _unlink_quietly(target.path)
-                        self._sync_dir(target.path)
-            _unlink_quietly(handle.path)
-            self._sync_dir(handle.path)
+                        _unlink_quietly(target.name, target.dir_fd)
+                        self._sync_dir(target.dir_fd)
+            _unlink_quietly(handle.name, handle.dir_fd)
+            self._sync_dir(handle.dir_fd)
         finally:
             if held is None:
                 handle.release()
 
     # -- scanning ----------------------------------------------------------------
 
-    def _subdirs(self, after=""):
-        """The fan-out sub-directories in sorted order, those after ``after`` only."""
+    def _root_names(self):
+        """The names in the store directory."""
+        # A descriptor of our own: listing through the shared one would share its read position.
+        fd = os.open(".", _DIR_FLAGS, dir_fd=self._root())
         try:
-            names = sorted(n for n in os.listdir(self.path) if len(n) == 2 and not n.strip(_SID_ALPHABET))
-        except FileNotFoundError:
-            return []
-        return [n for n in names if n > after]
+            return os.listdir(fd)
+        finally:
+            os.close(fd)
+
+    def _subdirs(self, after="", names=None):
+        """The fan-out sub-directories in sorted order, those after ``after`` only."""
+        names = self._root_names() if names is None else names
+        return sorted(n for n in names if len(n) == 2 and not n.strip(_SID_ALPHABET) and n > after)
 
     def _entries(self, subdir):
-        try:
-            with os.scandir(os.path.join(self.path, subdir)) as it:
-                return list(it)
-        except (FileNotFoundError, NotADirectoryError):
+        """``(name, lstat)`` of each entry of the fan-out directory ``subdir`` (none if it is missing or
+        not a directory of its own)."""
+        dir_fd = self._subdir(subdir)
+        if dir_fd is None:
             return []
+        entries = []
+        try:
+            with os.scandir(dir_fd) as it:
+                for entry in it:
+                    try:
+                        entries.append((entry.name, entry.stat(follow_symlinks=False)))
+                    except FileNotFoundError:
+                        pass
+        finally:
+            os.close(dir_fd)
+        return entries
 
     def sids(self, now=None):
         now = time.time() if now is None else now
         for subdir in self._subdirs():
-            for entry in self._entries(subdir):
-                if not is_valid_session_id(entry.name):
+            for name, st in self._entries(subdir):
+                if not is_valid_session_id(name) or not stat.S_ISREG(st.st_mode):
                     continue
-                try:
-                    if entry.stat(follow_symlinks=False).st_mtime >= now:
-                        yield entry.name
-                        continue
-                except FileNotFoundError:
+                if st.st_mtime >= now:
+                    yield name
                     continue
-                record = self.load(entry.name)   # mtime says expired; the record may say otherwise
+                record = self.load(name)          # mtime says expired; the record may say otherwise
                 if record is not None and record.expires >= now:
-                    yield entry.name
+                    yield name
 
-    def reap(self, now=None, budget=None, interval=0.0):
-        """Remove expired sessions (and temporary files left by killed writers).
+    def reap(self, now=None, budget=None, interval=0.0, margin=None):
+        """Remove sessions that expired more than ``margin`` seconds before ``now`` (default
+        ``DEFAULTS["reap_margin"]``, 300), and temporary files left by killed writers.
+
+        The margin is the clock skew the store tolerates: a reaper whose clock runs up to that much
+        ahead of the others' removes no session they still see live (issue 9: one request from a
+        process 1 h fast reaped every session). An expired session loads as absent meanwhile.
 
         One reaper per store at a time: the others return 0 at once (a non-blocking flock on
         ``.reap-lock``, which the kernel releases if the reaper dies). Each candidate is found by the mtime
         of its file alone, then locked without waiting (a session in use is skipped) and re-read, and
         removed only if its record is expired. With ``budget`` seconds the walk stops in time and the next
         call resumes where it stopped (the cursor is kept in ``.reap-state``).
+
+        Housekeeping never gets in the way: an entry that cannot be read or removed is skipped, a
+        damaged ``.reap-state`` counts as none, and a state that cannot be saved (a full disk) is only
+        not saved, without a temporary file left behind. A store where even the reaper's lock cannot be
+        opened (read-only, not ours) raises ContainerError, which ``open_session`` ignores.
         """
         now = time.time() if now is None else now
-        lock_path = os.path.join(self.path, _REAP_LOCK)
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
+        flags = os.O_RDWR | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC | _O_SPECIAL_SAFE
         try:
+            root = self._root()
+            fd = os.open(_REAP_LOCK, flags, 0o600, dir_fd=root)
+        except OSError as exc:
+            raise ContainerError(f"cannot reap {self.path!r}: its reaper lock does not open ({exc})") from exc
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ContainerError(f"cannot reap {self.path!r}: {_REAP_LOCK} is not a regular file; "
+                                     f"remove it")
+            if stat.S_IMODE(st.st_mode) != 0o600:                # made under a umask such as 277
+                os.fchmod(fd, 0o600)
             if not _try_lock(fd):
                 return 0
-            state_path = os.path.join(self.path, _STATE_FILE)
-            try:
-                with open(state_path, encoding="ascii") as f:
-                    last, cursor = _decode(f.read())
-            except (OSError, ValueError, TypeError):
-                last, cursor = float("-inf"), ""
+            last, cursor = self._read_reap_state(root, now)
             if interval and now - last < interval:
                 return 0
-            removed, visited, finished = self._reap_walk(now, cursor, budget)
+            names = self._root_names()
+            for name in names:            # only the reaper writes these, and we are the reaper now
+                if name.startswith(_STATE_FILE + ".") and name.endswith(".tmp"):
+                    try:
+                        _unlink_quietly(name, root)
+                    except OSError:
+                        pass                          # a directory, say: not worth failing for
+            cutoff = now - (DEFAULTS["reap_margin"] if margin is None else margin)
+            removed, visited, finished = self._reap_walk(now, cutoff, cursor, budget, names)
             self.last_reap_visited = visited
-            tmp = f"{state_path}.{os.getpid()}.tmp"
-            with open(tmp, "w", encoding="ascii") as f:
-                f.write(_encode([now, "" if finished is None else finished]))
-            os.replace(tmp, state_path)
+            self._write_reap_state(root, now, finished)
             return removed
+        except ContainerError:
+            raise
+        except OSError as exc:
+            raise ContainerError(f"cannot reap {self.path!r}: {exc}") from exc
         finally:
             _unlock(fd)
             os.close(fd)
 
-    def _reap_walk(self, now, cursor, budget):
-        """Walk the sub-directories after ``cursor``; return (removed, visited, cursor to resume or None).
+    @staticmethod
+    def _read_reap_state(root, now):
+        """``(time of the last reap, cursor)`` from ``.reap-state``; ``(-inf, "")`` when there is none
+        or it is damaged: not a small regular file, not ``[finite number, "" or a fan-out name]``, or
+        a time in the future (a skewed clock; trusting it would stop reaping until then)."""
+        try:
+            fd = os.open(_STATE_FILE, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | _O_SPECIAL_SAFE,
+                         dir_fd=root)
+            try:
+                st = os.fstat(fd)
+                text = os.read(fd, 4096) if stat.S_ISREG(st.st_mode) and st.st_size < 4096 else b""
+            finally:
+                os.close(fd)
+            last, cursor = _decode(text.decode("ascii"))
+            if (type(last) in (int, float) and last - last == 0 and last <= now and type(cursor) is str
+                    and len(cursor) in (0, 2) and not cursor.strip(_SID_ALPHABET)):
+                return last, cursor
+        except (OSError, ValueError, TypeError):
+            pass
+        return float("-inf"), ""
+
+    @staticmethod
+    def _write_reap_state(root, now, finished):
+        """Save ``.reap-state`` (0600, replaced atomically), or nothing when the store refuses it.
+
+        The state only spares work: its time keeps other processes from reaping again within their
+        interval and its cursor lets the next reap resume. So a full disk or a read-only store makes
+        it stale, never the reap fail, and the temporary file goes too (issue 9: it used to stay).
+        """
+        tmp = f"{_STATE_FILE}.{os.getpid()}.tmp"
+        text = _encode([now, "" if finished is None else finished]).encode("ascii")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_NOFOLLOW | _O_CLOEXEC
+                         | _O_SPECIAL_SAFE, 0o600, dir_fd=root)
+            try:
+                os.fchmod(fd, 0o600)
+                _write_all(fd, text, 0)
+            finally:
+                os.close(fd)
+            os.replace(tmp, _STATE_FILE, src_dir_fd=root, dst_dir_fd=root)
+        except OSError:
+            try:
+                _unlink_quietly(tmp, root)
+            except OSError:
+                pass
+
+    def _reap_walk(self, now, cutoff, cursor, budget, names=None):
+        """Walk the sub-directories after ``cursor``, removing sessions that expired before ``cutoff``;
+        return (removed, visited, cursor to resume or None).
 
         At least one sub-directory is walked per call, so a tiny budget still makes progress."""
         deadline = None if budget is None else time.monotonic() + budget
         removed = visited = 0
         stale_tmp = now - 3600
-        for subdir in self._subdirs(cursor):
+        for subdir in self._subdirs(cursor, names):
             if visited and deadline is not None and time.monotonic() > deadline:
                 return removed, visited, cursor       # resume after the last finished sub-directory
             cursor = subdir
-            for entry in self._entries(subdir):
+            try:
+                entries = self._entries(subdir)
+            except OSError:
+                continue                              # unreadable: the others still get reaped
+            for name, st in entries:
                 visited += 1
+                if st.st_mtime >= cutoff or not stat.S_ISREG(st.st_mode):
+                    continue                          # live, or not ours (a FIFO, a directory...)
                 try:
-                    mtime = entry.stat(follow_symlinks=False).st_mtime
-                except FileNotFoundError:
-                    continue
-                if mtime >= now:
-                    continue
-                if is_valid_session_id(entry.name):
-                    removed += self._reap_one(entry.name, now)
-                elif entry.name.endswith(".tmp") and mtime < stale_tmp:
-                    _unlink_quietly(entry.path)
+                    if is_valid_session_id(name):
+                        removed += self._reap_one(name, cutoff)
+                    elif name.endswith(".tmp") and st.st_mtime < stale_tmp:
+                        self._unlink_in(subdir, name)
+                except OSError:                       # ContainerError included
+                    continue      # one entry we cannot read or remove must not stop the others'
         return removed, visited, None
 
-    def _reap_one(self, sid, now):
+    def _unlink_in(self, subdir, name):
+        dir_fd = self._subdir(subdir)
+        if dir_fd is not None:
+            try:
+                _unlink_quietly(name, dir_fd)
+            finally:
+                os.close(dir_fd)
+
+    def _reap_one(self, sid, cutoff):
         try:
             handle = self.lock(sid, 0)
         except LockTimeout:
@@ -1212,10 +1541,10 @@ class FileContainer(Container):
             blob, st = _read_fd(handle.fd)
             payload = _parse_session_file(blob)[0]
             record = payload and _decode_record(sid, payload, st.st_mtime)
-            if record and record.expires >= now:
-                _set_expiry(handle.fd if _UTIME_FD else handle.path, record.expires)
+            if record and record.expires >= cutoff:
+                _set_expiry(handle.fd, record.expires, handle.dir_fd, handle.name)
                 return 0                              # a write was caught between data and mtime
-            _unlink_quietly(handle.path)
+            _unlink_quietly(handle.name, handle.dir_fd)
             return 1
 
 
@@ -1225,9 +1554,9 @@ def _write_all(fd, data, offset):
         data, offset = data[written:], offset + written
 
 
-def _unlink_quietly(path):
+def _unlink_quietly(name, dir_fd=None):
     try:
-        os.unlink(path)
+        os.unlink(name, dir_fd=dir_fd)
     except FileNotFoundError:
         pass
 
@@ -3798,7 +4127,7 @@ class Session(MutableMapping):
         container._next_reap = now + self._reap_interval
         try:
             container.reap(now, budget=DEFAULTS["reap_budget"], interval=self._reap_interval)
-        except SesskitError:
+        except (SesskitError, OSError):
             pass   # reaping is housekeeping: it must never fail the request that happened to trigger it
 
 

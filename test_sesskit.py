@@ -761,7 +761,7 @@ class TestSession:
         keep = _seed(container, {"x": 1}, clock=clock, timeout=10_000)
         clock.advance(20 + MARGIN)
         container._next_reap = 0.0
-        with sesskit.open_session(keep, store=container, clock=clock, reap_interval=100):
+        with sesskit.open_session(keep, store=container, clock=clock, reap_interval=1000):
             pass
         assert container.count(clock.now) == 1 and container.reap(clock.now) == 0
         _seed(container, {"x": 1}, clock=FakeClock(clock.now - MARGIN - 50), timeout=10)  # reapable
@@ -1545,7 +1545,7 @@ class TestFileContainer:
         subdirs = len(os.listdir(store.path))
         removed, calls = 0, 0
         while removed < 60:
-            removed += store.reap(T0 + 10, budget=0)          # one sub-directory per call
+            removed += store.reap(T0 + 10 + MARGIN, budget=0)          # one sub-directory per call
             calls += 1
             assert calls <= subdirs + 1
         assert calls >= subdirs // 2
@@ -1557,10 +1557,10 @@ class TestFileContainer:
         fd = os.open(os.path.join(store.path, ".reap-lock"), os.O_RDWR | os.O_CREAT, 0o600)
         sesskit._try_lock(fd)                                  # another reaper is at work
         try:
-            assert store.reap(T0 + 10) == 0
+            assert store.reap(T0 + 10 + MARGIN) == 0
         finally:
             os.close(fd)
-        assert store.reap(T0 + 10) == 1
+        assert store.reap(T0 + 10 + MARGIN) == 1
 
     def test_reap_removes_stale_temporary_files(self, tmp_path):
         store = sesskit.FileContainer(tmp_path / "s")
@@ -1579,9 +1579,485 @@ class TestFileContainer:
         opened = []
         real_lock = store.lock
         monkeypatch.setattr(store, "lock", lambda sid, t: (opened.append(sid), real_lock(sid, t))[1])
-        assert store.reap(T0 + 10) == 20
+        assert store.reap(T0 + 10 + MARGIN) == 20
         assert store.last_reap_visited == 200
         assert len(opened) == 20                      # only expired candidates were opened
+
+
+_SPECIAL_FILES_CHECK = r'''
+import io, json, sys, time, sesskit
+path, live, specials, expired, far = json.loads(sys.argv[1])
+store = sesskit.FileContainer(path)
+url = "file:" + path
+for sid in specials:
+    assert store.load(sid) is None, sid
+    assert store.lock(sid, 0) is None, sid
+    store.touch(sid, time.time() + 100)
+    store.delete(sid)
+    with sesskit.open_session(sid, store=store, reap_interval=0) as s:
+        assert s.is_new and s.id != sid
+    out, err = io.StringIO(), io.StringIO()
+    assert sesskit._main(["show", url, sid], out, err) == 1 and "no session" in err.getvalue()
+assert store.count() == 1 and list(store.sids()) == [live]
+out = io.StringIO()
+assert sesskit._main(["stats", url], out) == 0 and "sessions: 1" in out.getvalue(), out.getvalue()
+out = io.StringIO()
+assert sesskit._main(["ls", url], out) == 0 and out.getvalue().split()[0] == live, out.getvalue()
+assert store.reap(far) == len(expired)
+assert all(store.load(sid) is None for sid in expired) and store.load(live) is not None
+out, err = io.StringIO(), io.StringIO()
+assert sesskit._main(["reap", url], out, err) == 0, err.getvalue()
+print("ok")
+'''
+
+
+_FULL_DISK_CHECK = r'''
+import errno, os, sys, time, sesskit
+root = sys.argv[1]
+store = sesskit.FileContainer(os.path.join(root, "s"))
+with sesskit.open_session(None, store=store, reap_interval=0) as s:
+    s["a"] = 1
+store.reap(time.time() - 1000)                 # a reap long ago: the next one is due
+fd = os.open(os.path.join(root, "fill"), os.O_WRONLY | os.O_CREAT, 0o600)
+try:
+    while True:
+        os.write(fd, b"x" * 4096)
+except OSError as exc:
+    assert exc.errno == errno.ENOSPC, exc
+with sesskit.open_session(s.id, store=store, reap_interval=300) as t:   # reaps at its end
+    assert t["a"] == 1
+assert [n for n in os.listdir(store.path) if n.endswith(".tmp")] == [], os.listdir(store.path)
+assert store.reap() == 0
+assert [n for n in os.listdir(store.path) if n.endswith(".tmp")] == [], os.listdir(store.path)
+print("ok")
+'''
+
+_READ_ONLY_CHECK = r'''
+import io, os, sys, sesskit
+path, sid = sys.argv[1], sys.argv[2]
+store = sesskit.FileContainer(path, create=False)
+with sesskit.open_session(sid, store=store, reap_interval=300) as s:   # reaps at its end
+    assert s["a"] == 1
+try:
+    store.reap()
+    raise AssertionError("reaped a read-only store")
+except sesskit.ContainerError:
+    pass
+err = io.StringIO()
+assert sesskit._main(["reap", "file:" + path], io.StringIO(), err) == 1, err.getvalue()
+assert "read-only" in err.getvalue().lower(), err.getvalue()
+print("ok")
+'''
+
+
+def _in_mount_namespace(setup, code, *args):
+    """Run ``setup`` (sh, with "$1"... = args) in a new mount namespace, then ``code`` in Python."""
+    import shutil
+    _need(os.geteuid() == 0 and shutil.which("unshare") and shutil.which("mount"),
+          "root and unshare(1), for a private mount namespace")
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+    _need(probe.returncode == 0, f"unshare -m works here ({probe.stderr!r})")
+    script = f'{setup} && exec "{sys.executable}" -c "$0" "$@"'
+    return subprocess.run(["unshare", "-m", "sh", "-c", script, code, *args], cwd=HERE,
+                          capture_output=True, text=True, timeout=120)
+
+
+class TestFileHardening:
+    """Issue 9: the file container under damage, hostile co-tenants, special files and failing disks."""
+
+    def test_the_opportunistic_reaper_survives_a_full_disk_and_leaves_no_litter(self, tmp_path):
+        (tmp_path / "disk").mkdir()
+        out = _in_mount_namespace('mount -t tmpfs -o size=256k tmpfs "$1"', _FULL_DISK_CHECK,
+                                  str(tmp_path / "disk"))
+        assert out.returncode == 0 and out.stdout == "ok\n", out.stderr
+
+    def test_the_opportunistic_reaper_survives_a_read_only_store(self, tmp_path):
+        store = sesskit.FileContainer(tmp_path / "s")
+        sid = _seed(store, {"a": 1})
+        store.reap(time.time() - 1000)
+        out = _in_mount_namespace('mount --bind -o ro "$1" "$1"', _READ_ONLY_CHECK, store.path, sid)
+        assert out.returncode == 0 and out.stdout == "ok\n", out.stderr
+
+    def test_the_opportunistic_reaper_survives_a_store_it_may_not_write(self, tmp_path, monkeypatch):
+        store = sesskit.FileContainer(tmp_path / "s")
+        sid = _seed(store, {"a": 1})
+        real_open = os.open
+
+        def no_permission(path, flags, *args, **kwargs):
+            if os.fspath(path).endswith(".reap-lock"):
+                raise PermissionError(errno.EACCES, "Permission denied", path)
+            return real_open(path, flags, *args, **kwargs)
+        monkeypatch.setattr(os, "open", no_permission)
+        store._next_reap = 0.0
+        with sesskit.open_session(sid, store=store, reap_interval=300) as s:
+            s["b"] = 2
+        assert s.saved and _stored(store, sid) == {"a": 1, "b": 2}
+        with pytest.raises(sesskit.ContainerError, match="Permission denied"):
+            store.reap()
+
+    @pytest.mark.parametrize("kind", ["memory", "file"])
+    def test_a_reaper_with_a_fast_clock_removes_no_session_that_others_see_live(self, tmp_path, kind):
+        """The reaper leaves a session until ``DEFAULTS["reap_margin"]`` (300 s) after its expiry: the
+        clock skew between processes that the store tolerates."""
+        store = sesskit.open_store(_store_url(kind, tmp_path))
+        assert MARGIN == 300
+        clock = FakeClock()
+        sids = [_seed(store, {"i": i}, clock=clock, timeout=100) for i in range(3)]   # expire at T0+100
+        assert store.reap(T0 + 100 + MARGIN - 1) == 0       # a reaper 299 s ahead of the writers' clock
+        clock.advance(50)                                   # what the writers' clock says
+        with sesskit.open_session(sids[0], store=store, clock=clock, reap_interval=0) as s:
+            assert not s.is_new and s["i"] == 0
+        assert all(store.load(sid) is not None for sid in sids)
+        assert store.reap(T0 + 100 + MARGIN + 1) == 2       # sids[0] was extended to T0+150
+        assert store.load(sids[0]) is not None
+        if kind == "file":
+            assert store.reap(T0 + 151, margin=0) == 1      # the margin can be given per call
+
+    @pytest.mark.parametrize("damage", [b"[0, 0]", b'["x", 5]', b"[Infinity, \"\"]", b"[1e300, \"\"]",
+                                        b'[0, "../.."]', b"[0]", b'{"a": 1}', b"\xff\xfe", b"",
+                                        b'[0, ""]' + b" " * 100_000, "directory"])
+    def test_a_damaged_reap_state_counts_as_none(self, tmp_path, damage):
+        store = sesskit.FileContainer(tmp_path / "s")
+        clock = FakeClock()
+        sids = [_seed(store, {"i": i}, clock=clock, timeout=10) for i in range(5)]
+        path = os.path.join(store.path, ".reap-state")
+        if damage == "directory":
+            os.mkdir(path)
+        else:
+            with open(path, "wb") as f:
+                f.write(damage)
+        far = T0 + 10**5
+        assert store.reap(far, interval=60) == 5
+        assert all(store.load(sid) is None for sid in sids)
+        assert [n for n in os.listdir(store.path) if n.endswith(".tmp")] == []
+        if damage != "directory":
+            with open(path) as f:
+                assert json.loads(f.read()) == [far, ""]
+            assert store.reap(far + 1, interval=60) == 0            # and it throttles again
+
+    @pytest.mark.parametrize("kind", ["fifo", "directory", "socket", "device"])
+    def test_special_files_in_the_store_load_as_absent_and_hang_nothing(self, tmp_path, kind, monkeypatch):
+        """A FIFO, a directory, a socket or a device where a session file or a fan-out directory
+        belongs: every reader and the CLI treat it as no session and none of them hangs; the reaper
+        goes on past it. The checks run in a child process, so a hang fails within a bounded wait."""
+        import socket
+        if kind == "device":
+            _need(os.geteuid() == 0, "root, to make a device node")
+        store = sesskit.FileContainer(tmp_path / "s")
+        now = time.time()
+        live = "AB" + sesskit.new_session_id()[2:]
+        store.create(live, _record({"user": "alice"}, now=now, timeout=10**6))
+        expired = ["AA" + sesskit.new_session_id()[2:], "zz" + sesskit.new_session_id()[2:]]
+        for sid in expired:
+            store.create(sid, _record({"old": 1}, now=now - 10**5, timeout=10))
+        # Special entries named as sessions (one with a past mtime, one fresh) and as fan-out directories.
+        specials = ["AA" + sesskit.new_session_id()[2:], "AC" + sesskit.new_session_id()[2:]]
+        if kind != "directory":                      # an empty directory is a legitimate fan-out
+            specials.append("Ab" + sesskit.new_session_id()[2:])
+        os.makedirs(os.path.join(store.path, "AC"), 0o700)
+
+        def plant(directory, name):
+            monkeypatch.chdir(directory)             # relative names: socket paths are short
+            if kind == "fifo":
+                os.mkfifo(name, 0o600)
+            elif kind == "directory":
+                os.mkdir(name, 0o700)
+            elif kind == "socket":
+                with socket.socket(socket.AF_UNIX) as sock:
+                    sock.bind(name)
+            else:
+                os.mknod(name, 0o600 | stat.S_IFCHR, os.makedev(1, 3))          # like /dev/null
+        for sid in specials[:2]:
+            plant(os.path.join(store.path, sid[:2]), sid)
+        os.utime(os.path.join(store.path, "AA", specials[0]), (now - 10**5, now - 10**5),
+                 follow_symlinks=False)
+        if kind != "directory":
+            plant(store.path, "Ab")
+        plant(store.path, ".reap-state")          # and where the reaper keeps its state
+        args = json.dumps([store.path, live, specials, expired, now + 10**5])
+        try:
+            out = subprocess.run([sys.executable, "-c", _SPECIAL_FILES_CHECK, args], cwd=HERE,
+                                 capture_output=True, text=True, timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"a store with a {kind} in it hung a reader")
+        assert out.returncode == 0 and out.stdout == "ok\n", out.stderr
+
+    @pytest.mark.parametrize("umask", [0o000, 0o277])
+    def test_everything_created_is_private_whatever_the_umask(self, tmp_path, umask):
+        previous = os.umask(umask)
+        try:
+            store = sesskit.FileContainer(tmp_path / "a" / "b" / "s")       # with missing parents
+            clock = FakeClock()
+            sid = _seed(store, {"a": 1}, clock=clock, timeout=100_000)
+            with sesskit.open_session(sid, store=store, clock=clock, reap_interval=0) as s:
+                s["big"] = "x" * 5000       # outgrows its slots: a new file, written aside and renamed
+            _seed(store, {"b": 1}, clock=clock, timeout=10)
+            assert store.reap(T0 + 10_000) == 1                # makes .reap-lock and .reap-state
+        finally:
+            os.umask(previous)
+        for parent in (tmp_path / "a", tmp_path / "a" / "b"):
+            mode = stat.S_IMODE(os.stat(parent).st_mode)
+            assert mode & 0o022 == 0 and mode & 0o700 == 0o700, f"{parent}: {mode:o}"
+        modes = {os.path.join(d, n): stat.S_IMODE(os.lstat(os.path.join(d, n)).st_mode)
+                 for d, dirs, files in os.walk(store.path) for n in dirs + files}
+        assert {".reap-lock", ".reap-state", sid} <= {os.path.basename(p) for p in modes}
+        expected = {p: 0o700 if os.path.isdir(p) else 0o600 for p in modes}
+        assert {p: f"{m:o}" for p, m in modes.items()} == {p: f"{m:o}" for p, m in expected.items()}
+        assert stat.S_IMODE(os.stat(store.path).st_mode) == 0o700
+        assert _stored(store, sid, clock) == {"a": 1, "big": "x" * 5000}
+
+    def test_a_store_swapped_for_a_symlink_after_open_is_not_followed(self, tmp_path):
+        """A co-tenant who may write the store's parent renames the store and plants a symlink to a
+        directory of theirs holding a valid session file, for the same id, of {"user": "admin"}."""
+        store = sesskit.FileContainer(tmp_path / "s")
+        sid = _seed(store, {"user": "alice"})
+        evil = sesskit.FileContainer(tmp_path / "evil")
+        evil.create(sid, _record({"user": "admin"}, now=time.time(), timeout=1000))
+        os.rename(tmp_path / "s", tmp_path / "moved")
+        os.symlink(tmp_path / "evil", tmp_path / "s")
+        assert json.loads(store.load(sid).data) == {"user": "alice"}
+        with sesskit.open_session(sid, store=store, reap_interval=0) as s:
+            assert not s.is_new and s["user"] == "alice"
+            s["seen"] = 1
+        other = _seed(store, {"user": "bob"})
+        assert _stored(f"file:{tmp_path / 'moved'}", sid) == {"user": "alice", "seen": 1}
+        assert _stored(f"file:{tmp_path / 'moved'}", other) == {"user": "bob"}
+        assert _stored(evil, sid) == {"user": "admin"} and evil.count() == 1
+        assert store.count() == 2 and store.reap(time.time() + 10**6) == 2 and evil.count() == 1
+
+    def test_a_symlinked_fan_out_directory_is_not_followed(self, tmp_path):
+        import shutil
+        store = sesskit.FileContainer(tmp_path / "s")
+        sid = _seed(store, {"user": "alice"})
+        evil = sesskit.FileContainer(tmp_path / "evil")
+        evil.create(sid, _record({"user": "admin"}, now=time.time(), timeout=1000))
+        subdir = os.path.join(store.path, sid[:2])
+        shutil.rmtree(subdir)
+        os.symlink(os.path.join(evil.path, sid[:2]), subdir)
+        assert store.load(sid) is None and store.lock(sid, 0) is None
+        with sesskit.open_session(sid, store=store, reap_interval=0) as s:
+            assert s.is_new and s.id != sid
+        with pytest.raises(sesskit.ContainerError):
+            store.create(sid[:2] + sesskit.new_session_id()[2:], _record({"user": "x"}))
+        assert store.count() == 0 and list(store.sids()) == []
+        assert store.reap(time.time() + 10**6) == 0
+        assert _files_under(evil.path) == [os.path.join(evil.path, sid[:2], sid)]
+        assert _stored(evil, sid) == {"user": "admin"}
+
+    def test_a_read_overlapping_write_backs_never_loads_a_live_session_as_absent(self, tmp_path, monkeypatch):
+        """One unlocked pread that overlaps two write-backs finds both slots failing their CRC. Here
+        every read made without the session's lock is torn that way; a read under it is whole."""
+        store = sesskit.FileContainer(tmp_path / "s")
+        sid = _seed(store, {"user": "alice", "pad": "x" * 300_000})
+        with sesskit.open_session(sid, store=store, reap_interval=0) as s:
+            s["v"] = 2                                # both slots now hold a record
+        path = os.path.join(store.path, sid[:2], sid)
+        real_read = sesskit._read_fd
+        torn = []
+
+        def torn_unless_locked(fd):
+            blob, st = real_read(fd)
+            probe = os.open(path, os.O_RDONLY)
+            try:
+                if sesskit._try_lock(probe):          # nobody holds the session's lock: a write may run
+                    sesskit._unlock(probe)
+                    cap = sesskit._parse_session_file(blob)[3]
+                    blob = bytearray(blob)
+                    blob[16 + 16 + 5] ^= 0xFF
+                    blob[16 + cap + 16 + 5] ^= 0xFF
+                    torn.append(fd)
+                    return bytes(blob), st
+            finally:
+                os.close(probe)
+            return blob, st
+        monkeypatch.setattr(sesskit, "_read_fd", torn_unless_locked)
+        assert json.loads(store.load(sid).data)["v"] == 2
+        with sesskit.open_session(sid, store=store, reap_interval=0) as s:
+            assert not s.is_new and s["user"] == "alice"
+        assert torn, "no read was torn: the test tested nothing"
+
+    @pytest.mark.parametrize("lock", sesskit.LOCK_MODES)
+    def test_a_file_with_both_slots_damaged_still_loads_as_absent(self, tmp_path, lock):
+        """Damage at rest is told from a torn read under the lock, and when the request holds the lock
+        already (exclusive mode) without waiting for it: within a lock_timeout of 5 s, no LockTimeout."""
+        store = sesskit.FileContainer(tmp_path / "s")
+        sid = _seed(store, {"v": 1})
+        with sesskit.open_session(sid, store=store, reap_interval=0) as s:
+            s["v"] = 2
+        path = os.path.join(store.path, sid[:2], sid)
+        blob = bytearray(open(path, "rb").read())
+        cap = sesskit._parse_session_file(bytes(blob))[3]
+        blob[16 + 16 + 5] ^= 0xFF
+        blob[16 + cap + 16 + 5] ^= 0xFF
+        open(path, "r+b").write(bytes(blob))
+        assert store.load(sid) is None
+        with sesskit.open_session(sid, store=store, lock=lock, lock_timeout=5, reap_interval=0) as s:
+            assert s.is_new and s.id != sid
+
+    def test_a_huge_sparse_file_is_never_read_whole(self, tmp_path, monkeypatch, capsys):
+        store = sesskit.FileContainer(tmp_path / "s")
+        url = f"file:{store.path}"
+        now = time.time()
+        live = _seed(store, {"user": "alice"})
+        huge = [sesskit.new_session_id() for _ in range(2)]       # a fresh one and an expired one
+        for sid in huge:
+            store.create(sid, _record({"user": "admin"}, now=now, timeout=1000))
+            path = os.path.join(store.path, sid[:2], sid)
+            with open(path, "r+b") as f:
+                f.truncate(2 << 30)                   # 2 GiB, sparse: a valid record at its start
+            expires = now + 1000 if sid == huge[0] else now - 10**5
+            os.utime(path, (expires, expires))
+        assert sesskit.DEFAULTS["max_size"] == 1 << 20
+        bound = 16 + 2 * (4 << 20)          # the largest file: two 4 MiB slots (twice max_size, rounded)
+        asked = []
+        real_pread = os.pread
+
+        def pread(fd, n, offset):
+            asked.append(n)
+            if n > 64 << 20:
+                raise AssertionError(f"asked to read {n} bytes at once")
+            return real_pread(fd, n, offset)
+        monkeypatch.setattr(os, "pread", pread)
+        assert [store.load(sid) for sid in huge] == [None, None]
+        assert huge[1] not in list(store.sids())
+        assert sesskit._main(["ls", url]) == 0 and capsys.readouterr().out.split()[0::3] == [live]
+        assert sesskit._main(["show", url, huge[0]]) == 1
+        assert store.reap(now + 100) == 1 and store.load(live) is not None
+        assert not os.path.exists(path)
+        assert max(asked) <= bound + 4096 and sum(asked) <= 4 * bound, asked
+
+    def test_records_bigger_than_a_file_store_holds_are_refused_and_nothing_changes(self, tmp_path,
+                                                                                    monkeypatch):
+        monkeypatch.setitem(sesskit.DEFAULTS, "max_size", 4096)
+        store = sesskit.FileContainer(tmp_path / "s")
+        limit = 16384                   # twice max_size and room for metadata, as a power of two
+        sid = _seed(store, {"a": 1}, max_size=10**6)
+        meta = _record(None, now=time.time(), timeout=1000)
+        assert store.update(sid, {"b": "x" * 9000}, [], meta, time.time())    # over max_size: room
+        with pytest.raises(sesskit.SessionTooLarge):
+            store.update(sid, {"c": "x" * limit}, [], meta, time.time())
+        with pytest.raises(sesskit.SessionTooLarge):
+            with sesskit.open_session(sid, store=store, max_size=10**6, reap_interval=0) as s:
+                s["c"] = "x" * limit
+        assert _stored(store, sid) == {"a": 1, "b": "x" * 9000}
+        with pytest.raises(sesskit.SessionTooLarge):
+            store.create(sesskit.new_session_id(), _record({"c": "x" * limit}, now=time.time()))
+        assert store.count() == 1 and [f for f in _files_under(store.path) if f.endswith(".tmp")] == []
+
+    def test_close_frees_the_store_descriptor_and_a_reopen_checks_again(self, tmp_path):
+        store = sesskit.FileContainer(tmp_path / "s")
+        sid = _seed(store, {"user": "alice"})
+        fd = store._dir_fd
+        assert os.path.samestat(os.fstat(fd), os.stat(store.path))
+        pid = os.fork()
+        if pid == 0:                                  # the child shares the descriptor, then closes it
+            code = 1
+            try:
+                if _stored(store, sid) == {"user": "alice"}:
+                    store.close()
+                    code = 0 if _stored(store, sid) == {"user": "alice"} else 2
+            finally:
+                os._exit(code)
+        assert os.waitpid(pid, 0)[1] == 0
+        assert store._dir_fd == fd and _stored(store, sid) == {"user": "alice"}
+        store.close()
+        assert store._dir_fd is None
+        with pytest.raises(OSError):
+            os.fstat(fd)
+        assert _stored(store, sid) == {"user": "alice"}             # reopened on demand
+        store.close()
+        evil = sesskit.FileContainer(tmp_path / "evil")
+        evil.create(sid, _record({"user": "admin"}, now=time.time(), timeout=1000))
+        os.rename(tmp_path / "s", tmp_path / "moved")
+        os.symlink(tmp_path / "evil", tmp_path / "s")
+        with pytest.raises(sesskit.ContainerError, match="symbolic link"):
+            store.load(sid)                           # the reopen checks the path again
+
+
+class _ScanCountingText(str):
+    """A str that adds its length to ``scanned`` on every search of it (in, find, index, count)."""
+
+    scanned = 0
+
+    def _scan(self):
+        self.scanned += len(self)
+
+    def __contains__(self, part):
+        self._scan()
+        return str.__contains__(self, part)
+
+    def find(self, *args):
+        self._scan()
+        return str.find(self, *args)
+
+    def index(self, *args):
+        self._scan()
+        return str.index(self, *args)
+
+    def count(self, *args):
+        self._scan()
+        return str.count(self, *args)
+
+
+class TestLimits:
+    """Issue 9: limits that keep every stored session loadable and every merge cheap."""
+
+    def test_merge_of_many_new_keys_passes_over_the_session_a_bounded_number_of_times(self, monkeypatch):
+        stored = {f"key{i}": "v" * 20 for i in range(3000)}
+        text = _ScanCountingText(sesskit._encode(stored))
+        decoded = []
+        real_decode = sesskit._decode_fast
+        monkeypatch.setattr(sesskit, "_decode_fast", lambda t: (decoded.append(len(t)), real_decode(t))[1])
+        changed = {f"new{i}": i for i in range(3000)}
+        merged = sesskit._merge_data(text, changed, [])
+        assert json.loads(merged) == {**stored, **changed}
+        # Work on the stored text: a few passes at most, however many keys are new (it was one per key).
+        assert text.scanned + sum(decoded) <= 10 * len(text), (text.scanned, decoded)
+        # A few new keys still take the text shortcut: no decode.
+        decoded.clear()
+        few = {"new-a": 1, "new-b": [2]}
+        assert json.loads(sesskit._merge_data(text, few, [])) == {**stored, **few}
+        assert decoded == []
+
+    @staticmethod
+    def _nested(depth, kind):
+        """A value ``depth`` lists and/or dicts deep (kind: "list", "dict" or "mixed")."""
+        value = 1
+        for level in range(depth):
+            as_list = kind == "list" or (kind == "mixed" and level % 2)
+            value = [value] if as_list else {"d": value}
+        return value
+
+    @pytest.mark.parametrize("kind", ["list", "dict", "mixed"])
+    def test_nesting_is_limited_at_set_time_and_what_is_accepted_loads_on_a_deep_stack(self, container, kind):
+        limit = sesskit.DEFAULTS["max_depth"]
+        with pytest.raises(TypeError, match="'grows'.*deep"):
+            with sesskit.open_session(None, store=container, reap_interval=0) as s:
+                for depth in (limit + 1, 990):           # 990: what json itself would still encode
+                    with pytest.raises(TypeError, match="'deep'.*deep"):
+                        s["deep"] = self._nested(depth, kind)
+                s["ok"] = self._nested(limit, kind)
+                s["grows"] = []
+                s["grows"].append(self._nested(limit, kind))    # past the limit by an in-place edit
+        assert container.load(s.id) is None
+        sid = _seed(container, {"ok": self._nested(limit, kind), "grows": []})
+        with pytest.raises(TypeError, match="'grows'.*deep"):
+            with sesskit.open_session(sid, store=container, reap_interval=0) as s:
+                s["grows"].append(self._nested(limit, kind))    # and in a stored session
+        assert _stored(container, sid)["grows"] == []
+
+        def at_stack_depth(frames, work):
+            return work() if frames <= 0 else at_stack_depth(frames - 1, work)
+
+        def load_and_merge():
+            with sesskit.open_session(sid, store=container, reap_interval=0) as t:
+                value = t["ok"]
+                t["more"] = 1
+            return value
+        # A real application loads its session some hundreds of frames deep (frameworks, middleware).
+        free = sys.getrecursionlimit() - len(__import__("traceback").extract_stack())
+        assert at_stack_depth(free - 300, load_and_merge) == self._nested(limit, kind)
+        assert _stored(container, sid)["more"] == 1
 
 
 ###############################################################################
@@ -3883,7 +4359,7 @@ class TestCLI:
         url = f"file:{tmp_path / 'store'}"
         live = _seed(url, {"user": "bob"})
         for _ in range(3):
-            _seed(url, {"x": 1}, clock=FakeClock(time.time() - 100), timeout=10)
+            _seed(url, {"x": 1}, clock=FakeClock(time.time() - 100 - MARGIN), timeout=10)
         assert sesskit._main(["stats", url]) == 0
         assert "sessions: 1" in capsys.readouterr().out
         assert sesskit._main(["ls", url]) == 0
