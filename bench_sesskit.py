@@ -961,9 +961,148 @@ def raw_floor_snippet(path, fsync=False):
     )
 
 
+# --- Redis: the benchmark's own server, the plain patterns, redis-benchmark --
+
+REDIS_SERVER = "/usr/bin/redis-server"
+REDIS_BENCHMARK = "/usr/bin/redis-benchmark"
+_redis_server = {}          # the running server of this benchmark: pid, proc, port
+
+
+def redis_port():
+    """The port of this benchmark's own redis-server on loopback (no persistence, as a cache-style
+    session server usually runs), started on first use and stopped by stop_redis()."""
+    if "port" not in _redis_server:       # forked workers use their parent's server
+        if not os.path.exists(REDIS_SERVER):
+            raise NotAvailable("no redis-server (apt install redis-server)")
+        try:
+            import redis  # noqa: F401
+        except ImportError:
+            raise NotAvailable("redis not installed (pip install redis)")
+        import socket
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        directory = fresh_dir("redis-server")
+        proc = subprocess.Popen([REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1",
+                                 "--dir", directory, "--save", "", "--appendonly", "no",
+                                 "--logfile", os.path.join(directory, "log")],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5) as conn:
+                    conn.sendall(b"PING\r\n")
+                    if conn.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise NotAvailable("redis-server did not start")
+            time.sleep(0.05)
+        _redis_server.update(pid=os.getpid(), proc=proc, port=port)
+    return _redis_server["port"]
+
+
+def stop_redis():
+    if _redis_server.get("pid") == os.getpid():
+        proc = _redis_server.pop("proc")
+        proc.terminate()
+        proc.wait(20)
+        _redis_server.clear()
+
+
+class RedisPlainAdapter(Adapter):
+    """redis-py, one key per session, as the Redis session stores people use do it:
+
+      pickled=True  Flask-Session's Redis backend written plainly: GET the key, pickle.loads the
+                    dict, change it, SETEX the pickled dict with the session lifetime.
+      pickled=False raw GET + SET of the session as compact JSON (the floor of a store that
+                    loads, then writes back: two round trips, no merge, no check).
+
+    Both write the whole session back, so concurrent requests of one session lose each other's
+    keys (scenario 2). Expiry is Redis' own TTL; there is nothing to reap."""
+
+    def __init__(self, directory, fresh, pickled):
+        import redis
+        self.pickled = pickled
+        self.name = "flask-session-redis" if pickled else "raw-redis-getset"
+        self.client = redis.Redis(host="127.0.0.1", port=redis_port())
+        self.prefix = "%s:" % os.path.basename(directory)
+
+    def _dump(self, data):
+        if self.pickled:
+            import pickle
+            return pickle.dumps(dict(data), protocol=pickle.HIGHEST_PROTOCOL)
+        return json.dumps(data, separators=(",", ":"))
+
+    def _put(self, sid, data):
+        if self.pickled:
+            self.client.set(self.prefix + sid, self._dump(data), ex=SESSION_TTL)    # SETEX
+        else:
+            self.client.set(self.prefix + sid, self._dump(data))
+
+    def create(self, data):
+        sid = new_id()
+        self._put(sid, data)
+        return sid
+
+    def load(self, sid):
+        blob = self.client.get(self.prefix + sid)
+        if blob is None:
+            data = {}
+        elif self.pickled:
+            import pickle
+            data = pickle.loads(blob)
+        else:
+            data = json.loads(blob)
+        handle = Loaded(data)
+        handle.sid = sid
+        return handle
+
+    def save(self, handle):
+        self._put(handle.sid, handle)
+
+    def read(self, sid):
+        return dict(self.load(sid))
+
+    def close(self):
+        self.client.connection_pool.disconnect()
+
+
+def redis_benchmark(clients, requests=20_000):
+    """redis-benchmark's GET and SET rates with ``clients`` connections and ~1 KB values on this
+    benchmark's server: the server's own limit. Returns {"get": req/s, "set": req/s} or raises
+    NotAvailable."""
+    if not os.path.exists(REDIS_BENCHMARK):
+        raise NotAvailable("no redis-benchmark (apt install redis-tools)")
+    out = subprocess.run([REDIS_BENCHMARK, "-h", "127.0.0.1", "-p", str(redis_port()), "-c", str(clients),
+                          "-n", str(requests), "-d", "1000", "-t", "get,set", "--csv"],
+                         capture_output=True, text=True, timeout=120)
+    rates = {}
+    for line in out.stdout.splitlines():
+        cells = [c.strip('"') for c in line.split(",")]
+        if len(cells) > 1 and cells[0] in ("GET", "SET"):
+            rates[cells[0].lower()] = float(cells[1])
+    if set(rates) != {"get", "set"}:
+        raise NotAvailable("redis-benchmark printed no rates: %s" % (out.stderr or out.stdout)[-200:])
+    return rates
+
+
+def redis_benchmark_row(label, clients, width):
+    """A table row: redis-benchmark's rate of GET+SET pairs (one request = one GET and one SET)."""
+    try:
+        rates = redis_benchmark(clients)
+    except NotAvailable as exc:
+        return ["redis-benchmark", "n/a (%s)" % exc], None
+    pairs = 1 / (1 / rates["get"] + 1 / rates["set"])
+    row = [label, "-", fmt_int(pairs)] + ["-"] * (width - 3)
+    return row, {"get_per_s": rates["get"], "set_per_s": rates["set"], "pairs_per_s": pairs}
+
+
 # --- sesskit (placeholder against the announced API) -----------------------
 
-SESSKIT_CONTAINERS = ["file", "memory", "lmdb", "sqlite"]
+SESSKIT_CONTAINERS = ["file", "memory", "lmdb", "sqlite", "redis"]
 
 
 def import_sesskit():
@@ -993,6 +1132,8 @@ def sesskit_url(container, directory):
         return "lmdb:" + os.path.join(directory, "store.lmdb")
     if container == "sqlite":
         return "sqlite:" + os.path.join(directory, "store.sqlite")
+    if container == "redis":       # the benchmark's own server; a key prefix per store directory
+        return "redis://127.0.0.1:%d/0?prefix=%s:" % (redis_port(), os.path.basename(directory))
     raise ValueError(container)
 
 
@@ -1131,6 +1272,9 @@ SYSTEMS = {
     "sesskit-lmdb-durable": lambda d, f, **o: SesskitAdapter(d, f, "lmdb", variant="durable", **o),
     "sesskit-lmdb-nosync": lambda d, f, **o: SesskitAdapter(d, f, "lmdb", variant="nosync", **o),
     "sesskit-sqlite": lambda d, f, **o: SesskitAdapter(d, f, "sqlite", **o),
+    "flask-session-redis": lambda d, f, **o: RedisPlainAdapter(d, f, pickled=True),
+    "raw-redis-getset": lambda d, f, **o: RedisPlainAdapter(d, f, pickled=False),
+    "sesskit-redis": lambda d, f, **o: SesskitAdapter(d, f, "redis", **o),
 }
 
 
@@ -1226,6 +1370,11 @@ def scenario_request_cycle(names, sizes):
                      fmt_int(r["requests_per_s"]), fmt_int(r["p50_us"]),
                      fmt_int(r["p99_us"])]
                     + ratio_cells(results, name, "requests_per_s", True))
+    if any("redis" in name for name in names):
+        row, figures = redis_benchmark_row("redis-benchmark GET+SET, 1 client", 1, len(rows[0]))
+        rows.append(row)
+        if figures:
+            results["redis-benchmark"] = figures
     print_table(
         "Scenario 1: request cycle, one process (%d sessions of ~1 KB, %d requests)"
         % (n_sessions, sizes["s1_requests"]),
@@ -1441,6 +1590,12 @@ def scenario_hot_session(names, sizes):
                          "%d/%d" % (r["lost_keys"], r["succeeded"])]
                         + ratio_cells(results[mode], label, "requests_per_s", True))
     workers = sizes["s2_workers"]
+    if any("redis" in name for name in names):
+        row, figures = redis_benchmark_row("redis-benchmark GET+SET, %d clients" % workers, workers,
+                                           len(rows[0]))
+        rows.append(row)
+        if figures:
+            results["redis-benchmark"] = figures
     print_table(
         "Scenario 2: one hot session, %d workers x %d requests, each adding its own key"
         % (workers, sizes["s2_requests"]),
@@ -1729,7 +1884,7 @@ def _cold_cleanup(entry):
 # 5. Main
 # ===========================================================================
 
-PEER_DISTRIBUTIONS = ["beaker", "cachelib", "diskcache", "django", "lmdb"]
+PEER_DISTRIBUTIONS = ["beaker", "cachelib", "diskcache", "django", "lmdb", "redis"]
 
 
 def versions():
@@ -1797,6 +1952,7 @@ def main(argv=None):
             timings[key] = time.perf_counter() - start
             print("  (scenario %s took %.1f s)" % (number, timings[key]))
     finally:
+        stop_redis()
         shutil.rmtree(RUN_ROOT, ignore_errors=True)
 
     total = time.perf_counter() - run_start

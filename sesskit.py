@@ -23,9 +23,10 @@ __version__ = "0.1.0"
 __license__ = "MIT"
 __all__ = [
     "DEFAULTS", "SesskitError", "LockTimeout", "InvalidSessionId", "ReadOnlySession",
-    "SessionTooLarge", "ContainerError", "new_session_id", "is_valid_session_id", "Record",
+    "SessionTooLarge", "ContainerError", "StoreUnavailable", "LockLost", "new_session_id",
+    "is_valid_session_id", "Record",
     "Container", "MemoryContainer", "FileContainer", "SQLiteContainer", "LMDBContainer",
-    "open_store", "Session", "open_session", "SessionMiddleware",
+    "RedisContainer", "open_store", "Session", "open_session", "SessionMiddleware",
 ]
 
 ###############################################################################
@@ -66,6 +67,8 @@ DEFAULTS = {
     "sqlite_cache_kib": 16384,  # KiB of page cache per SQLite connection (one per thread)
     "lmdb_map_size": 1 << 30,   # bytes of address space LMDB maps at first; doubled whenever it is full
     "lmdb_max_readers": 1024,   # concurrent LMDB read transactions over all processes (set at creation)
+    "redis_lease": 5.0,         # seconds a Redis session lock outlives a holder that stopped renewing it
+    "redis_socket_timeout": 5.0,  # seconds to connect to Redis, and to wait for one reply
 }
 
 #: The lock modes of ``open_session``.
@@ -468,8 +471,9 @@ class Container:
       store (others return 0 at once), a ``budget`` in seconds bounds one call (the next resumes), and
       with ``interval`` the call does nothing if a reap of this store started less than that long ago.
       Returns the number of records removed.
-    * ``count(now=None)`` and ``sids(now=None)`` count and list unexpired sessions; ``close()`` frees
-      handles (the container stays usable and reopens them on demand).
+    * ``count(now=None)`` and ``sids(now=None)`` count and list unexpired records (ids remembered
+      after a rotation included, until they expire); ``close()`` frees handles (the container stays
+      usable and reopens them on demand).
     """
 
     #: Set by ``open_session``: the earliest wall time at which this process may reap again.
@@ -2220,6 +2224,699 @@ class LMDBContainer(Container):
         return removed
 
 
+# Redis --------------------------------------------------------------------------------
+# Layout: one hash per session, PREFIX{sid}, and its lock PREFIX{sid}:lock; the braces make the sid the
+# Redis Cluster hash tag, so every script that works on one session touches one slot. Hash fields:
+#
+#     c, e, t, m, f   created, expires, timeout, max_age (repr of the float) and forward ("" for none)
+#     n               the last key sequence number handed out
+#     "key"           one field per session key, named by the key's JSON text (so it starts with '"' and
+#                     never meets a metadata name); its value is "<seq>:<the value's JSON text>".
+#
+# A load is one script that returns the metadata and the record's JSON text: the key fields joined in
+# order of their sequence number, so keys keep their insertion order, as in SQLite and LMDB. Every write is one Lua script (EVALSHA, then
+# EVAL when the server does not know it: after a restart or failover), and every script checks all its
+# conditions before its first write, so an error leaves nothing half-applied. Over maxmemory, Redis
+# refuses a script's first command that may grow memory (OOM) and lets a script finish once it has
+# written; so every script writes its growing commands first (HSET before HDEL) and a write-back that
+# adds or changes a key is refused whole, while one that only deletes keys still goes through.
+#
+# No resurrection: update, touch and rotate check inside the script that the record exists, is no
+# tombstone and is not expired at the caller's ``now``; delete() removes the hash, so a late write-back
+# finds nothing to write to. Expiry is the caller's (the ``e`` field, compared with the ``now`` it
+# passes); Redis' own TTL only collects the garbage: each write sets it to the record's remaining
+# lifetime by the writer's clock plus DEFAULTS["reap_margin"] (PEXPIRE, relative: hosts whose clocks
+# disagree with the server's still agree on durations), so an abandoned session disappears by itself
+# and reap() has only sessions inside that margin left to remove.
+#
+# Exclusive mode: the lock is a string key set with NX and a lease (PX); its value is a random owner
+# token. See RedisContainer for the renewal and the fencing.
+
+_REDIS_CHECKS = """
+local function live(key, now)
+  local m = redis.call('HMGET', key, 'e', 'f')
+  return m[1] and m[2] == '' and tonumber(m[1]) >= tonumber(now)
+end
+local function owned(lock, token)
+  return token == '' or redis.call('GET', lock) == token
+end
+local function hset_all(key, argv, first, last)
+  local i = first
+  while i <= last do
+    local j = math.min(i + 999, last)
+    redis.call('HSET', key, unpack(argv, i, j))
+    i = j + 1
+  end
+end
+local function apply(key, argv, at)
+  local nd = tonumber(argv[at])
+  for i = at + nd + 1, #argv, 2 do
+    local old = redis.call('HGET', key, argv[i])
+    local seq = old and string.match(old, '^(%d+):') or redis.call('HINCRBY', key, 'n', 1)
+    redis.call('HSET', key, argv[i], seq .. ':' .. argv[i + 1])
+  end
+  for i = at + 1, at + nd do redis.call('HDEL', key, argv[i]) end
+end
+"""
+
+_REDIS_SCRIPTS = {
+    # KEYS: hash -> false, or {c, e, t, m, f, the session's JSON text}. The server joins the key fields
+    # in sequence order: a reply of six strings costs redis-py far less to parse than HGETALL's one
+    # string per field (the parser is pure Python without hiredis). It writes nothing, so replicas run it.
+    "load": """
+local h = redis.call('HGETALL', KEYS[1])
+if #h == 0 then return false end
+local by_seq, meta = {}, {}
+for i = 1, #h, 2 do
+  local f, v = h[i], h[i + 1]
+  if string.byte(f, 1) == 34 then
+    local colon = string.find(v, ':', 1, true)
+    by_seq[tonumber(string.sub(v, 1, colon - 1))] = f .. string.sub(v, colon)
+  else
+    meta[f] = v
+  end
+end
+local parts, k = {}, 0
+for seq = 1, tonumber(meta.n) or 0 do
+  local part = by_seq[seq]
+  if part then k = k + 1; parts[k] = part end
+end
+return {meta.c or '', meta.e or '', meta.t or '', meta.m or '', meta.f or '',
+        '{' .. table.concat(parts, ',') .. '}'}
+""",
+    # KEYS: hash. ARGV: ttl_ms, field, value, ... -> 1 stored, 0 exists already
+    "create": """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+hset_all(KEYS[1], ARGV, 2, #ARGV)
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return 1
+""",
+    # KEYS: hash, lock. ARGV: now, token, ttl_ms, c, e, t, m, f, n_deleted, deleted..., field, json, ...
+    # -> 1 written, 0 missing/tombstone/expired, -1 the lock (token) is no longer ours
+    "update": """
+if not owned(KEYS[2], ARGV[2]) then return -1 end
+if not live(KEYS[1], ARGV[1]) then return 0 end
+apply(KEYS[1], ARGV, 9)
+redis.call('HSET', KEYS[1], 'c', ARGV[4], 'e', ARGV[5], 't', ARGV[6], 'm', ARGV[7], 'f', ARGV[8])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+""",
+    # KEYS: old hash, old lock, new hash. ARGV: now, token, new ttl_ms, new c, e, t, m,
+    # tombstone ttl_ms ('' = delete old), its c, e, t, m, f, n_deleted, deleted..., field, json, ...
+    # -> 1 done, 0 old not writable, -1 lock lost, -2 new exists already
+    "rotate": """
+if not owned(KEYS[2], ARGV[2]) then return -1 end
+if not live(KEYS[1], ARGV[1]) then return 0 end
+if redis.call('EXISTS', KEYS[3]) == 1 then return -2 end
+apply(KEYS[1], ARGV, 14)
+redis.call('HSET', KEYS[1], 'c', ARGV[4], 'e', ARGV[5], 't', ARGV[6], 'm', ARGV[7], 'f', '')
+redis.call('RENAME', KEYS[1], KEYS[3])
+redis.call('PEXPIRE', KEYS[3], ARGV[3])
+if ARGV[8] ~= '' then
+  redis.call('HSET', KEYS[1], 'c', ARGV[9], 'e', ARGV[10], 't', ARGV[11], 'm', ARGV[12], 'f', ARGV[13],
+             'n', '0')
+  redis.call('PEXPIRE', KEYS[1], ARGV[8])
+end
+return 1
+""",
+    # KEYS: hash, lock. ARGV: expires, timeout or '', now or '', token, margin_ms or ttl_ms
+    # -> 1 pushed, 0 left alone, -1 lock lost
+    "touch": """
+if not owned(KEYS[2], ARGV[4]) then return -1 end
+local m = redis.call('HMGET', KEYS[1], 'e', 't', 'f')
+if not m[1] or m[3] ~= '' then return 0 end
+local stored = tonumber(m[1])
+if stored >= tonumber(ARGV[1]) then return 0 end
+if ARGV[3] ~= '' and stored < tonumber(ARGV[3]) then return 0 end
+if ARGV[2] ~= '' and tonumber(m[2]) ~= tonumber(ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[1], 'e', ARGV[1])
+if ARGV[3] ~= '' then
+  redis.call('PEXPIRE', KEYS[1], ARGV[5])
+else
+  local left = redis.call('PTTL', KEYS[1])
+  if left > 0 then
+    redis.call('PEXPIRE', KEYS[1], left + math.floor((tonumber(ARGV[1]) - stored) * 1000))
+  end
+end
+return 1
+""",
+    # KEYS: hash, lock[, the hash a tombstone forwards to]. ARGV: token, the forward id read before
+    # ('' = none) -> 1 deleted (or absent), 0 the forward changed meanwhile (read again), -1 lock lost
+    "delete": """
+if not owned(KEYS[2], ARGV[1]) then return -1 end
+local f = redis.call('HGET', KEYS[1], 'f')
+if (f or '') ~= ARGV[2] then return 0 end
+redis.call('DEL', KEYS[1])
+if ARGV[2] ~= '' then redis.call('DEL', KEYS[3]) end
+return 1
+""",
+    # KEYS: hash, lock. ARGV: token, lease_ms -> 1 locked, 0 held by another, -1 no such session
+    "lock": """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return 0
+""",
+    # KEYS: lock. ARGV: token, lease_ms ('' = release) -> 1 done, 0 not ours (any more)
+    "lease": """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] == '' then redis.call('DEL', KEYS[1]) else redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 1
+""",
+    # KEYS: hash, lock. ARGV: now -> 1 removed, 0 not expired, absent, or locked (in use)
+    "reap": """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+local e = redis.call('HGET', KEYS[1], 'e')
+if e and tonumber(e) < tonumber(ARGV[1]) then redis.call('DEL', KEYS[1]) return 1 end
+return 0
+""",
+}
+
+#: redis-py exception -> the Redis error code it stands for, named in StoreUnavailable's message.
+_REDIS_CODES = {"ReadOnlyError": "READONLY", "OutOfMemoryError": "OOM", "BusyLoadingError": "LOADING",
+                "MasterDownError": "MASTERDOWN", "TryAgainError": "TRYAGAIN",
+                "ClusterDownError": "CLUSTERDOWN"}
+
+
+def _redis_record(reply):
+    """Build a Record from the reply of the "load" script; None if there is no session."""
+    if not reply:
+        return None
+    try:
+        created, expires, timeout, max_age = map(float, reply[:4])
+        return Record(reply[5].decode("utf-8"), created, expires, timeout, max_age,
+                      reply[4].decode("ascii") or None)
+    except (ValueError, IndexError, UnicodeDecodeError):
+        return None                                   # not written by this container: no session
+
+
+def _redis_fields(data_text):
+    """The key fields of a session's JSON text: [field, "seq:json", ...] and the last seq."""
+    flat = []
+    seq = 0
+    for seq, (key, value) in enumerate(_decode_fast(data_text).items(), 1):
+        flat += (_encode_str(key), f"{seq}:{_encode_fast(value)}")
+    return flat, seq
+
+
+def _redis_changes(changed, deleted):
+    """Script arguments for a write-back's deleted and changed keys."""
+    args = [len(deleted or ())]
+    args += [_encode_str(key) for key in deleted or ()]
+    for key, value in (changed or {}).items():
+        args += (_encode_str(key), _encode_fast(value))
+    return args
+
+
+class StoreUnavailable(ContainerError):
+    """The session server could not be reached or refused the command (connection refused or lost, a
+    timeout, a failover in progress: READONLY, LOADING; out of memory: OOM). Whether the failed write
+    was applied is unknown only when the connection broke after it was sent; it is then applied
+    completely or not at all."""
+
+
+class LockLost(LockTimeout):
+    """An exclusive block's lock lease ran out (its process was paused, or the server unreachable,
+    longer than the lease) and another request may have taken the lock: the write was refused."""
+
+
+class _RedisLock:
+    """A held session lock of a RedisContainer: its key, owner token and lease."""
+
+    __slots__ = ("container", "sid", "key", "token", "renewed")
+
+    def __init__(self, container, sid, key, token):
+        self.container, self.sid, self.key, self.token = container, sid, key, token
+        self.renewed = time.monotonic()
+
+    def release(self):
+        """Compare-and-delete: only the owner's token frees the lock. Never raises: a lock that
+        cannot be released now frees itself when its lease ends."""
+        token, self.token = self.token, None
+        if token is None:
+            return
+        _lease_keeper.remove(self)
+        try:
+            self.container._run("lease", [self.key], [token, ""])
+        except ContainerError:
+            pass                      # unreachable now: the lock frees itself when its lease ends
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.release()
+
+
+class _LeaseKeeper:
+    """A daemon thread per process that renews the lease of every held Redis lock every third of the
+    lease, so an exclusive block may run longer than the lease. Started on first use, and anew in a
+    forked child (a thread does not survive fork(), and the parent's locks are not the child's)."""
+
+    def __init__(self):
+        self._pid = None
+
+    def _start(self):
+        import threading
+        self._pid = os.getpid()
+        self._held = set()
+        self._wake = threading.Condition()
+        thread = threading.Thread(target=self._run, name="sesskit-redis-leases", daemon=True)
+        thread.start()
+
+    def add(self, handle):
+        if self._pid != os.getpid():
+            self._start()
+        with self._wake:
+            self._held.add(handle)
+            self._wake.notify()
+
+    def remove(self, handle):
+        if self._pid == os.getpid():
+            with self._wake:
+                self._held.discard(handle)
+
+    def _run(self):
+        while True:
+            with self._wake:
+                while not self._held:
+                    self._wake.wait()
+                handles = list(self._held)
+            now = time.monotonic()
+            soonest = 1.0
+            for handle in handles:
+                period = handle.container.lease / 3
+                due = handle.renewed + period - now
+                if due <= 0:
+                    token = handle.token
+                    if token is None:
+                        continue
+                    try:
+                        handle.container._run("lease", [handle.key],
+                                              [token, int(handle.container.lease * 1000)])
+                        handle.renewed = now
+                    except ContainerError:      # the fenced write-back will tell, if it matters
+                        pass
+                    due = period
+                soonest = min(soonest, max(due, 0.01))
+            with self._wake:
+                self._wake.wait(soonest)
+
+
+_lease_keeper = _LeaseKeeper()
+
+
+class RedisContainer(Container):
+    """Sessions in Redis: one store shared by many hosts, with the same guarantees as on one machine.
+
+    :param client_or_url: a ``redis://[:password@]host:port/db``, ``rediss://`` (TLS) or
+        ``unix:///path/to/socket`` URL, or a ``redis.Redis`` client. URL query options go to redis-py,
+        except ``prefix`` and ``lease``, which are this container's. A URL's client gets
+        ``socket_timeout`` and ``socket_connect_timeout`` of ``DEFAULTS["redis_socket_timeout"]`` unless
+        the URL sets them, and no automatic retries (see Faults).
+    :param prefix: put before every key (several stores can share one database).
+    :param lease: seconds an exclusive lock outlives a holder that stops renewing it,
+        ``DEFAULTS["redis_lease"]``.
+
+    Guarantees:
+
+    * Merge mode: a write-back is one Lua script, one round trip, that applies only the block's changed
+      and deleted keys (one hash field each) to the record as it is on the server. No client-side lock,
+      no WATCH: concurrent write-backs of one session from any number of hosts lose no key. As in LMDB,
+      it takes no session lock, so it may land while an exclusive block of the same session runs.
+    * No resurrection: a write-back, touch or rotation of a session that was deleted, rotated away or
+      expired by the caller's clock writes nothing and reports it (checked inside the script).
+    * Exclusive mode: ``lock`` sets ``PREFIX{sid}:lock`` to a random owner token with ``NX`` and a lease
+      of ``lease`` seconds; a waiter polls (0.5 ms growing to ``DEFAULTS["poll_interval"]``: one small
+      script per try, so a lock held for a millisecond is picked up at once) until ``lock_timeout``,
+      then LockTimeout. Only the owner releases it (compare-and-delete in a script). While held, a thread of
+      the process renews the lease every ``lease/3`` seconds, so a long block keeps it and a killed
+      holder frees it after at most ``lease`` seconds. Fencing: every write made under the lock
+      (update, rotate, touch, delete with ``held``) checks inside its script that the lock key still
+      holds the owner's token, and is refused with ``LockLost`` otherwise. What this cannot guarantee: a
+      holder paused (stopped, swapped out, cut off from the server) for longer than its lease loses the
+      lock, and another request may then run its block at the same time; the paused holder's write-back
+      is then refused (its changes are lost and it is told), so no update is silently overwritten, but
+      the two blocks did overlap. With Redis replication, a failover may lose the last writes
+      acknowledged by the old primary (Redis replicates asynchronously), locks included.
+    * Expiry: the caller's clock decides (the record stores ``expires``); Redis TTLs remove abandoned
+      sessions ``DEFAULTS["reap_margin"]`` after their expiry, so ``reap`` finds little. ``reap``,
+      ``count`` and ``sids`` walk the keys with SCAN (never KEYS), in batches.
+    * Faults: a refused or broken connection, a timeout, a failover in progress (READONLY, LOADING,
+      MASTERDOWN), a server out of memory (OOM) raise ``StoreUnavailable`` naming the server, a
+      ContainerError. Each write is one script, applied whole or not at all; after a timeout or a broken
+      connection it is unknown which, so no call is retried by itself (a retried rotation or creation
+      could report a failure for what succeeded).
+    * Processes and threads: the redis-py client and its connection pool are thread-safe; the container
+      makes a new client when it finds itself in another process (after ``fork()``), so no connection is
+      ever shared by parent and child. Pickles as its URL.
+    * Redis Cluster: all keys of one session share the hash tag ``{sid}``, except that ``rotate`` writes
+      two sessions' keys in one script and so needs both on one node (a single server, or Sentinel).
+
+    Run Redis with ``maxmemory-policy noeviction``: every session key has a TTL, so a ``volatile-*``
+    or ``allkeys-*`` policy would evict live sessions under memory pressure; with ``noeviction`` a full
+    server refuses writes (``StoreUnavailable``) and keeps every session. For durability against a
+    server crash, ``appendonly yes`` (``appendfsync always`` keeps every acknowledged write).
+    Needs ``pip install redis`` (imported only when this container is made).
+    """
+
+    def __init__(self, client_or_url, prefix=None, lease=None):
+        self._redis = _require("redis", "redis")
+        import hashlib
+        import redis.exceptions
+        self._errors = redis.exceptions
+        self._client_obj = None
+        self.url = None
+        options = {}
+        if isinstance(client_or_url, str):
+            self.url, options = self._split_url(client_or_url)
+        else:
+            self._client_obj = client_or_url
+        self.prefix = str(options.get("prefix", "sesskit:") if prefix is None else prefix)
+        self.lease = float(options.get("lease", DEFAULTS["redis_lease"]) if lease is None else lease)
+        if not self.lease > 0:
+            raise ValueError("lease must be a positive number of seconds")
+        self._margin = DEFAULTS["reap_margin"]
+        self._shas = {name: hashlib.sha1((_REDIS_CHECKS + src).encode()).hexdigest()
+                      for name, src in _REDIS_SCRIPTS.items()}
+        self._pid = None
+        self._client_ = None
+        self._mutex = _thread.allocate_lock()
+        self._reap_cursor = 0
+        self.last_reap_visited = 0
+        self.server = self._describe(self._client())
+
+    @staticmethod
+    def _split_url(url):
+        """Take this container's options (prefix, lease) out of a URL's query string."""
+        from urllib.parse import parse_qsl, urlencode
+        if url.partition(":")[0].lower() not in ("redis", "rediss", "unix"):
+            raise ContainerError(f"not a Redis URL: {url!r} (redis://, rediss:// or unix://)")
+        base, _, query_text = url.partition("?")
+        query, ours = [], {}
+        for name, value in parse_qsl(query_text, keep_blank_values=True):
+            if name in ("prefix", "lease"):
+                ours[name] = value
+            else:
+                query.append((name, value))
+        return base + ("?" + urlencode(query) if query else ""), ours
+
+    def __reduce__(self):
+        if self.url is None:
+            pool = self._client().connection_pool
+            return (_redis_from_pool, (pool.connection_class, pool.connection_kwargs, self.prefix,
+                                       self.lease))
+        query = f"prefix={__import__('urllib.parse').parse.quote(self.prefix)}&lease={self.lease!r}"
+        return (RedisContainer, (self.url + ("&" if "?" in self.url else "?") + query,))
+
+    def __repr__(self):
+        return f"RedisContainer({self.server!r}, prefix={self.prefix!r})"
+
+    # -- connection --------------------------------------------------------------
+
+    def _client(self):
+        client = self._client_
+        if client is not None and self._pid == os.getpid():
+            return client
+        with self._mutex:
+            if self._client_ is None or self._pid != os.getpid():
+                self._client_ = self._connect()
+                self._pid = os.getpid()
+            return self._client_
+
+    def _connect(self):
+        redis = self._redis
+        if self.url is not None:
+            from urllib.parse import parse_qs, urlsplit
+            given = parse_qs(urlsplit(self.url).query)
+            kwargs = {name: DEFAULTS["redis_socket_timeout"]
+                      for name in ("socket_timeout", "socket_connect_timeout") if name not in given}
+            try:
+                import redis.backoff
+                import redis.retry
+                kwargs["retry"] = redis.retry.Retry(redis.backoff.NoBackoff(), 0)
+            except (ImportError, AttributeError):   # pragma: no cover - redis-py without Retry
+                pass
+            try:
+                return redis.Redis.from_url(self.url, **kwargs)
+            except ValueError as exc:
+                raise ContainerError(f"bad Redis URL {self.url!r}: {exc}") from exc
+        client = self._client_obj
+        if self._pid is not None and self._pid != os.getpid():
+            # The caller's client was made in the parent: a new pool with the same settings.
+            pool = client.connection_pool
+            client = redis.Redis(connection_pool=type(pool)(connection_class=pool.connection_class,
+                                                            **pool.connection_kwargs))
+            self._client_obj = client
+        return client
+
+    @staticmethod
+    def _describe(client):
+        kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", {})
+        if kwargs.get("path"):
+            return f"redis unix:{kwargs['path']} db {kwargs.get('db', 0)}"
+        return f"redis {kwargs.get('host', '?')}:{kwargs.get('port', '?')} db {kwargs.get('db', 0)}"
+
+    def close(self):
+        """Disconnect this process's connections (the container reconnects on demand)."""
+        with self._mutex:
+            client, self._client_ = self._client_, None
+        if client is not None and self._pid == os.getpid() and self._client_obj is None:
+            client.connection_pool.disconnect()
+
+    def _fault(self, exc):
+        errors = self._errors
+        text = str(exc)
+        unavailable = isinstance(exc, (errors.ConnectionError, errors.TimeoutError)) or (
+            isinstance(exc, errors.ResponseError)
+            and any(word in text for word in ("READONLY", "LOADING", "OOM", "MASTERDOWN", "BUSY",
+                                              "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS")))
+        if isinstance(exc, errors.ReadOnlyError) or type(exc).__name__ == "OutOfMemoryError":
+            unavailable = True
+        cls = StoreUnavailable if unavailable else ContainerError
+        name = type(exc).__name__
+        code = _REDIS_CODES.get(name)          # redis-py drops the reply's code from the message
+        return cls(f"{self.server}: {name}{f' ({code})' if code else ''}: {text}")
+
+    def _run(self, name, keys, args):
+        """Run one of _REDIS_SCRIPTS: EVALSHA, then EVAL when the server does not have it yet."""
+        client = self._client()
+        errors = self._errors
+        try:
+            try:
+                return client.evalsha(self._shas[name], len(keys), *keys, *args)
+            except errors.NoScriptError:
+                return client.eval(_REDIS_CHECKS + _REDIS_SCRIPTS[name], len(keys), *keys, *args)
+        except errors.RedisError as exc:
+            raise self._fault(exc) from exc
+
+    def _call(self, method, *args, **kwargs):
+        try:
+            return getattr(self._client(), method)(*args, **kwargs)
+        except self._errors.RedisError as exc:
+            raise self._fault(exc) from exc
+
+    def _keys(self, sid):
+        key = f"{self.prefix}{{{sid}}}"
+        return key, key + ":lock"
+
+    def _ttl_ms(self, expires, now):
+        return max(int((expires - now + self._margin) * 1000), 1000)
+
+    @staticmethod
+    def _token(held):
+        return "" if held is None else held.token or "released"
+
+    def _fenced(self, result, sid):
+        if result == -1:
+            raise LockLost(f"the lock of session {_short(sid)} was lost: its lease of {self.lease:g} s ran "
+                           f"out (the process was paused or cut off from {self.server} that long); "
+                           f"nothing was written")
+        return result
+
+    # -- reading -----------------------------------------------------------------
+
+    def load(self, sid):
+        return _redis_record(self._run("load", [self._keys(sid)[0]], []))
+
+    def lock(self, sid, timeout):
+        key, lock_key = self._keys(sid)
+        token = os.urandom(16).hex()
+        lease_ms = int(self.lease * 1000)
+        deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
+        delay = 0.0005
+        while True:
+            got = self._run("lock", [key, lock_key], [token, lease_ms])
+            if got == -1:
+                return None
+            if got == 1:
+                handle = _RedisLock(self, sid, lock_key, token)
+                _lease_keeper.add(handle)
+                return handle
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    if timeout <= 0:
+                        raise LockTimeout(f"session {_short(sid)} is locked by another request "
+                                          f"(not waiting)")
+                    raise LockTimeout(f"session {_short(sid)} is still locked after {timeout:g} s; the "
+                                      f"request holding it is slow or stuck (raise lock_timeout, or use "
+                                      f"lock='merge')")
+                time.sleep(min(delay, left))
+            else:
+                time.sleep(delay)
+            delay = min(delay * 2, DEFAULTS["poll_interval"])
+
+    def _scan(self):
+        """Yield batches of session sids with SCAN (never KEYS), resuming from nothing."""
+        cursor = 0
+        while True:
+            cursor, batch = self._scan_batch(cursor)
+            if batch:
+                yield batch
+            if cursor == 0:
+                return
+
+    def _scan_batch(self, cursor):
+        pattern = "".join("\\" + ch if ch in "*?[]\\" else ch for ch in self.prefix) + "{*}"
+        cursor, keys = self._call("scan", cursor, pattern, 500)
+        start = len(self.prefix.encode("utf-8")) + 1
+        return int(cursor), [key[start:-1].decode("ascii") for key in keys]
+
+    def _expiries(self, sids):
+        pipe = self._client().pipeline(transaction=False)
+        for sid in sids:
+            pipe.hget(self._keys(sid)[0], "e")
+        try:
+            values = pipe.execute()
+        except self._errors.RedisError as exc:
+            raise self._fault(exc) from exc
+        return [(sid, float(value)) for sid, value in zip(sids, values) if value is not None]
+
+    def sids(self, now=None):
+        now = time.time() if now is None else now
+        return [sid for batch in self._scan() for sid, expires in self._expiries(batch)
+                if expires >= now and is_valid_session_id(sid)]
+
+    # -- writing -----------------------------------------------------------------
+
+    def _create_args(self, record, ttl_ms):
+        fields, seq = _redis_fields(record.data)
+        return [ttl_ms, "c", repr(float(record.created)), "e", repr(float(record.expires)),
+                "t", repr(float(record.timeout)), "m", repr(float(record.max_age)),
+                "f", record.forward or "", "n", seq] + fields
+
+    def create(self, sid, record):
+        ttl_ms = self._ttl_ms(record.expires, record.created)
+        if not self._run("create", [self._keys(sid)[0]], self._create_args(record, ttl_ms)):
+            raise ContainerError(f"session {_short(sid)} exists already")
+
+    def update(self, sid, changed, deleted, meta, now, held=None, base=None):
+        key, lock_key = self._keys(sid)
+        args = [repr(float(now)), self._token(held), self._ttl_ms(meta.expires, now),
+                repr(float(meta.created)), repr(float(meta.expires)), repr(float(meta.timeout)),
+                repr(float(meta.max_age)), meta.forward or ""]
+        result = self._run("update", [key, lock_key], args + _redis_changes(changed, deleted))
+        return self._fenced(result, sid) == 1
+
+    def rotate(self, old, new, changed, deleted, meta, tombstone, now, held=None, base=None):
+        key, lock_key = self._keys(old)
+        args = [repr(float(now)), self._token(held), self._ttl_ms(meta.expires, now),
+                repr(float(meta.created)), repr(float(meta.expires)), repr(float(meta.timeout)),
+                repr(float(meta.max_age))]
+        if tombstone is None:
+            args += ["", "", "", "", "", ""]
+        else:
+            args += [self._ttl_ms(tombstone.expires, now), repr(float(tombstone.created)),
+                     repr(float(tombstone.expires)), repr(float(tombstone.timeout)),
+                     repr(float(tombstone.max_age)), tombstone.forward]
+        result = self._run("rotate", [key, lock_key, self._keys(new)[0]],
+                           args + _redis_changes(changed, deleted))
+        if result == -2:
+            raise ContainerError(f"session {_short(new)} exists already")
+        return self._fenced(result, old) == 1
+
+    def touch(self, sid, expires, timeout=None, now=None, held=None):
+        key, lock_key = self._keys(sid)
+        args = [repr(float(expires)), "" if timeout is None else repr(float(timeout)),
+                "" if now is None else repr(float(now)), self._token(held),
+                self._ttl_ms(expires, expires if now is None else now)]
+        return self._fenced(self._run("touch", [key, lock_key], args), sid) == 1
+
+    def delete(self, sid, held=None):
+        key, lock_key = self._keys(sid)
+        handle = held or self.lock(sid, DEFAULTS["lock_timeout"])
+        if handle is None:
+            return                                    # not stored
+        try:
+            # A tombstone goes with the session it forwards to (the Container contract). The forward is
+            # read first so that the script can name that session's key (Redis Cluster wants every
+            # key declared); the script checks it is still the same, else it is read again.
+            for _ in range(8):
+                record = self.load(sid)
+                forward = "" if record is None or record.forward is None else record.forward
+                keys = [key, lock_key] + ([self._keys(forward)[0]] if forward else [])
+                result = self._run("delete", keys, [self._token(handle), forward])
+                if result != 0:
+                    break
+            self._fenced(result, sid)
+        finally:
+            if held is None:
+                handle.release()
+
+    # -- expiry ------------------------------------------------------------------
+
+    def reap(self, now=None, budget=None, interval=0.0):
+        """Remove sessions expired at ``now`` that Redis has not dropped yet (those within
+        ``DEFAULTS["reap_margin"]`` of their expiry): SCAN in batches of about 500 keys, one pipelined
+        script per candidate that deletes it only if it is still expired and not locked (in use).
+
+        One reaper per store at a time (the key ``PREFIX reap.lock``, set with NX and a lease; the
+        others return 0); ``PREFIX last_reap`` holds when the last reap started, for ``interval``. With
+        ``budget`` seconds the walk stops after the batch that crossed it, and this container's next
+        reap resumes from the SCAN cursor it reached. ``last_reap_visited`` counts the candidates.
+        """
+        now = time.time() if now is None else now
+        reaper_key, last_key = f"{self.prefix}reap.lock", f"{self.prefix}last_reap"
+        token = os.urandom(16).hex()
+        if not self._call("set", reaper_key, token, px=int(max(self.lease, 60) * 1000), nx=True):
+            return 0
+        removed = visited = 0
+        try:
+            if interval:
+                last = self._call("get", last_key)
+                if last is not None and now - float(last) < interval:
+                    return 0
+            self._call("set", last_key, repr(float(now)))
+            deadline = None if budget is None else time.monotonic() + budget
+            cursor = self._reap_cursor
+            while True:
+                cursor, sids = self._scan_batch(cursor)
+                candidates = [sid for sid, expires in self._expiries(sids) if expires < now]
+                visited += len(candidates)
+                if candidates:   # the first with EVALSHA's fallback, so the pipeline finds the script
+                    removed += self._run("reap", list(self._keys(candidates[0])), [repr(float(now))])
+                    pipe = self._client().pipeline(transaction=False)
+                    for sid in candidates[1:]:
+                        pipe.evalsha(self._shas["reap"], 2, *self._keys(sid), repr(float(now)))
+                    try:
+                        removed += sum(pipe.execute())
+                    except self._errors.RedisError as exc:
+                        raise self._fault(exc) from exc
+                self._reap_cursor = cursor
+                if cursor == 0 or (deadline is not None and time.monotonic() > deadline):
+                    return removed
+        finally:
+            self.last_reap_visited = visited
+            self._run("lease", [reaper_key], [token, ""])
+
+
+def _redis_from_pool(connection_class, connection_kwargs, prefix, lease):
+    """Unpickle a RedisContainer that was made from a client: a new client with the same settings."""
+    redis = _require("redis", "redis")
+    pool = redis.ConnectionPool(connection_class=connection_class, **connection_kwargs)
+    return RedisContainer(redis.Redis(connection_pool=pool), prefix, lease)
+
+
 # Store URLs ------------------------------------------------------------------------
 
 #: URL scheme -> container class name (resolved when used, so later sections can add schemes).
@@ -2228,13 +2925,17 @@ _SCHEMES = {
     "file": "FileContainer",
     "sqlite": "SQLiteContainer",
     "lmdb": "LMDBContainer",
+    "redis": "RedisContainer",
+    "rediss": "RedisContainer",
+    "unix": "RedisContainer",
 }
 
 
 def open_store(store, **options):
     """Return a container for ``store``: a Container (returned as is) or a URL.
 
-    URLs: ``file:/path/to/dir``, ``sqlite:/path/to/file.db``, ``lmdb:/path/to/dir``, ``memory:``;
+    URLs: ``file:/path/to/dir``, ``sqlite:/path/to/file.db``, ``lmdb:/path/to/dir``, ``memory:``,
+    ``redis://host:port/db`` (also ``rediss://`` and ``unix:///path/to/socket``: see RedisContainer);
     ``options`` go to the container class.
     Raises ContainerError for an unknown scheme or an unusable store.
     """
@@ -2250,11 +2951,36 @@ def open_store(store, **options):
     cls = globals()[cls_name]
     if cls is MemoryContainer:
         return cls(**options)
+    if cls is RedisContainer:                         # a whole URL, as redis-py reads it
+        return cls(store, **options)
     if rest.startswith("//"):
         rest = rest[2:]
     if not rest:
         raise ContainerError(f"store URL {store!r} names no path")
-    return cls(rest, **options)
+    try:
+        return cls(rest, **options)
+    except PermissionError as exc:
+        user = _process_user()
+        raise ContainerError(
+            f"cannot create or open the session store {rest!r} as user {user}: {exc.strerror} "
+            f"({exc.filename or rest}); create it for that user first, for example "
+            f"install -d -m 0700 -o {user} {rest}") from exc
+
+
+def _user_name(uid):
+    """The name of user ``uid`` (the uid itself when it has none)."""
+    try:
+        import pwd
+        return pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError):
+        return str(uid)
+
+
+def _process_user():
+    """The name of the user this process runs as."""
+    if os.name != "posix":      # pragma: no cover
+        return os.environ.get("USERNAME", "?")
+    return _user_name(os.geteuid())
 
 
 _default_stores = {}
@@ -2308,14 +3034,18 @@ class Session(MutableMapping):
     """
 
     def __init__(self, sid, container, *, timeout, max_age, lock, lock_timeout, clock, max_size,
-                 reap_interval):
+                 reap_interval, codec=None):
         if lock not in LOCK_MODES:
             raise ValueError(f"lock must be one of {', '.join(LOCK_MODES)}, not {lock!r}")
+        if codec not in (None, "json", "tagged"):
+            raise ValueError(f"codec must be 'json' or 'tagged', not {codec!r}")
+        self._tagged = codec == "tagged"
+        self._decoded = {}            # tagged codec: key -> the value as the caller sees it
         self._incoming = sid          # what the client sent (maybe not an id at all)
         self.container = container
         self.mode = lock
         self._default_timeout = float(timeout)
-        self._max_age = float(max_age or 0)
+        self._max_age = self._default_max_age = float(max_age or 0)
         self._lock_timeout = lock_timeout
         self._clock = clock
         self._max_size = max_size
@@ -2343,7 +3073,15 @@ class Session(MutableMapping):
         return self._data
 
     def __getitem__(self, key):
-        return self._live()[key]
+        value = self._live()[key]
+        if not self._tagged:
+            return value
+        decoded = self._decoded.get(key, _MISSING)
+        if decoded is _MISSING:
+            decoded = _untag(value)
+            if decoded is not value:
+                self._decoded[key] = decoded
+        return decoded
 
     def __setitem__(self, key, value):
         data = self._live()
@@ -2351,6 +3089,12 @@ class Session(MutableMapping):
             raise ReadOnlySession(f"session {_short(self.id)} was opened with lock='read'")
         if type(key) is not str:
             raise TypeError(f"session keys must be str, not {type(key).__name__}: {key!r}")
+        if self._tagged:
+            tagged = _tag(value)
+            self._decoded.pop(key, None)
+            if tagged is not value:
+                self._decoded[key] = value
+            value = tagged
         _check_json(key, value)
         data[key] = value
 
@@ -2359,6 +3103,15 @@ class Session(MutableMapping):
         if self.mode == "read":
             raise ReadOnlySession(f"session {_short(self.id)} was opened with lock='read'")
         del data[key]
+        self._decoded.pop(key, None)
+
+    def _retag(self):
+        """Tagged codec: encode again the values handed out decoded (the caller may have edited them
+        in place), so that the write-back compares and stores what they are now."""
+        data = self._data
+        for key, value in self._decoded.items():
+            if key in data:
+                data[key] = _tag(value)
 
     def __iter__(self):
         return iter(self._live())
@@ -2441,7 +3194,7 @@ class Session(MutableMapping):
         self.is_new = False
         self.created, self.expires = record.created, record.expires
         self._timeout = self._stored_timeout = record.timeout
-        self._max_age = record.max_age
+        self._max_age = self._stored_max_age = record.max_age
         self._loaded = record.data
         self._data = data
         self._snapshot = dict(data)
@@ -2486,6 +3239,7 @@ class Session(MutableMapping):
         self._stored = None
         self.created = now
         self._timeout = self._stored_timeout = self._default_timeout
+        self._max_age = self._stored_max_age = self._default_max_age
         self.expires = self._expiry(now)
         self._loaded = "{}"
         self._data = {}
@@ -2539,13 +3293,35 @@ class Session(MutableMapping):
         self.id = new_session_id()
         return True
 
+    def expire_at(self, when):
+        """End the session at ``when`` (epoch seconds or a ``datetime``; a naive one is local time),
+        however it is used meanwhile: reads never slide its expiry past that time. The end is stored
+        with the session at write-back. A time that has passed ends the session now, as ``delete()``.
+        ``None`` removes such an end (back to the ``max_age`` the session was opened with).
+        """
+        self._live()
+        if self.mode == "read":
+            raise ReadOnlySession("cannot change the expiry of a read-only session")
+        if when is None:
+            self._max_age = self._default_max_age
+            return
+        if not isinstance(when, (int, float)):
+            when = when.timestamp()
+        if when <= self._clock():
+            self.delete()
+            return
+        self._max_age = max(float(when) - self.created, 1e-6)
+
     # -- write-back ------------------------------------------------------------------
 
     def save(self):
         """Write back what was done so far, as the end of a block would, and go on as if the session
-        had just been loaded (in exclusive mode holding the lock of the id it is now stored under)."""
+        had just been loaded (in exclusive mode holding the lock of the id it is now stored under).
+
+        Unlike the end of a block, an explicit save stores a new session even while it is empty.
+        """
         self._live()
-        self._save(self._clock())
+        self._save(self._clock(), create=True)
 
     def close(self, discard=False):
         """End the session: write back (unless ``discard``), release every lock, then maybe reap.
@@ -2559,27 +3335,29 @@ class Session(MutableMapping):
         self._close(self._clock(), discard)
 
     def _close(self, now, discard):
+        was_open = self._state is _OPEN
         try:
-            if not discard and self._state is _OPEN and self._data is not None:
+            if not discard and was_open:
+                self._retag()
                 self._write_back(now)
         finally:
             self._state = _CLOSED
             self._release()
             self._data = None
-        if not discard and self._reap_interval:
+        if was_open and not discard and self._reap_interval:
             self._maybe_reap()
 
     def __exit__(self, exc_type, exc, tb):
         self.close(discard=exc_type is not None)
         return False
 
-    def _save(self, now):
+    def _save(self, now, create=False):
         """Write back, then go on as if the block had just loaded what it wrote."""
+        self._retag()
         text = _encode_data(self._data)
         wrote = (self._stored is None or self._grace is not None or text != self._loaded
-                 or self._timeout != self._stored_timeout)
-        self._touched = False
-        self._write_back(now)
+                 or self._timeout != self._stored_timeout or self._max_age != self._stored_max_age)
+        self._write_back(now, create)
         moved = self._touched
         if self.lost or self.stale or self._stored is None:
             return
@@ -2595,19 +3373,22 @@ class Session(MutableMapping):
         self._loaded = text
         self._snapshot = dict(self._data)
         self._stored_timeout = self._timeout
+        self._stored_max_age = self._max_age
 
     def _too_large(self, size):
         return SessionTooLarge(f"session {_short(self.id)} serialises to {size} bytes, over its "
                                f"max_size of {self._max_size}; nothing was stored")
 
-    def _write_back(self, now):
-        """Store what the session changed: create, update, rotate or touch. Sets ``saved``/``lost``."""
+    def _write_back(self, now, create=False):
+        """Store what the session changed: create, update, rotate or touch. Sets ``saved``/``lost``.
+        A new session is stored when it holds data, or with ``create`` (an explicit save) when empty."""
+        self._touched = False
         if self.stale:
             if self._data or self._grace is not None or self._timeout != self._stored_timeout:
                 self.lost = True                       # a late request of a rotated id writes nothing
             return
         if self._stored is None:
-            if self._data:
+            if self._data or create:
                 text = _encode_data(self._data)
                 if len(text) > self._max_size:
                     raise self._too_large(len(text))
@@ -2631,7 +3412,8 @@ class Session(MutableMapping):
                                   now, held=self._held, base=base)
             if ok:
                 self._stored, self._grace = self.id, None
-        elif not changed and not deleted and self._timeout == self._stored_timeout:
+        elif not changed and not deleted and self._timeout == self._stored_timeout \
+                and self._max_age == self._stored_max_age:
             new_expiry = self._expiry(now)
             if new_expiry - self.expires >= _touch_interval(self._timeout):
                 self._touched = container.touch(self._stored, new_expiry, self._stored_timeout, now,
@@ -2751,7 +3533,7 @@ def _session_options(timeout, max_age, lock, lock_timeout, clock, max_size, reap
 def open_session(sid=None, store=None, *, timeout=None, max_age=None, lock="merge", lock_timeout=None,
                  clock=None, max_size=None, reap_interval=None, environ=None, cookie_name="sesskit",
                  secret=None, route=None, secure=None, httponly=True, samesite="Lax", path="/",
-                 domain=None, persistent=True) -> Session:
+                 domain=None, persistent=True, partitioned=False, refresh=False, codec=None) -> Session:
     """Open the session ``sid`` (or a new one) for one ``with`` block.
 
     :param sid: the id the client sent, or None. An id that is malformed, unknown or expired is never
@@ -2773,24 +3555,33 @@ def open_session(sid=None, store=None, *, timeout=None, max_age=None, lock="merg
     :param environ: a CGI environment (``os.environ``) or WSGI environ: the id is then read from the
         request's cookie (do not pass ``sid`` too), and the session gains ``cookie_header()``, which
         returns the ``Set-Cookie`` line the response needs. ``cookie_name``, ``secret``, ``route``,
-        ``secure``, ``httponly``, ``samesite``, ``path``, ``domain`` and ``persistent`` describe the
-        cookie as for ``SessionMiddleware`` (they apply only with ``environ``).
+        ``secure``, ``httponly``, ``samesite``, ``path``, ``domain``, ``persistent``, ``partitioned``
+        and ``refresh`` describe the cookie as for ``SessionMiddleware`` (they apply only with
+        ``environ``).
+    :param codec: ``"tagged"`` lets values also be tuples, bytes, datetimes, dates, UUIDs and Decimals
+        (at any depth), stored as one-key JSON objects such as ``{"~bytes": "/w=="}``, so that the
+        store still holds plain JSON; a dict whose only key starts with "~" is wrapped in
+        ``{"~dict": ...}``. Default: plain JSON (tuples come back as lists).
     :raises LockTimeout: a lock could not be had in time (the stored session is unchanged).
 
     An exception inside the block discards its changes and releases every lock. A session that another
     request deleted or that expired while the block ran is not resurrected by its write-back (``s.lost``).
-    A new session is stored only once it holds data.
+    A new session is stored only once it holds data, or when ``save()`` is called explicitly.
     """
     options = _session_options(timeout, max_age, lock, lock_timeout, clock, max_size, reap_interval)
-    container = _default_store() if store is None else open_store(store)
+    if store is not None:
+        container = open_store(store)
+    else:
+        container = _default_store() if environ is None else _request_store(environ)
     if environ is None:
-        return Session(sid, container, **options)
+        return Session(sid, container, codec=codec, **options)
     if sid is not None:
         raise ValueError("give open_session() either sid or environ, not both")
     _refuse_second_session(environ, cookie_name, lock)
     cookie = _Cookie(cookie_name, secret=secret, route=route, secure=secure, httponly=httponly,
-                     samesite=samesite, path=path, domain=domain, persistent=persistent)
-    return _web_session(environ, container, cookie, False, **options)
+                     samesite=samesite, path=path, domain=domain, persistent=persistent,
+                     partitioned=partitioned, refresh=refresh)
+    return _web_session(environ, container, cookie, False, codec=codec, **options)
 
 
 def _refuse_second_session(environ, cookie_name, lock):
@@ -2823,7 +3614,6 @@ def _refuse_second_session(environ, cookie_name, lock):
 # The MAC covers the id only: a route is a routing hint, never trusted, and an id loads on any node.
 
 _MAC_LENGTH = 16                # base64url characters: 12 bytes (96 bits) of HMAC-SHA256
-_MAX_COOKIE_HEADER = 16384      # characters of a Cookie header looked at; the rest is ignored
 _MAX_COOKIE_VALUES = 8          # values of our cookie looked at (a browser sends one per matching path)
 _SAMESITE = ("Lax", "Strict", "None")
 
@@ -2832,22 +3622,29 @@ def _cookie_values(header, name):
     """The values of cookie ``name`` in a ``Cookie`` request header, in order.
 
     Tolerant by design (unlike http.cookies.SimpleCookie, which drops every cookie of a header when one
-    piece does not parse): each ``;``-separated piece stands alone, garbage pieces are skipped, at most
-    ``_MAX_COOKIE_HEADER`` characters and ``_MAX_COOKIE_VALUES`` values are looked at. Never raises.
+    piece does not parse): each ``;``-separated piece stands alone and garbage pieces are skipped. The
+    whole header is searched, so that a long header (the cookies of other apps) never hides ours, but the
+    work is bounded: one pass of the regular expression engine, and at most ``_MAX_COOKIE_VALUES``
+    values are returned. Never raises.
     """
     if type(header) is not str:
         return []
+    pattern = _cookie_patterns.get(name)
+    if pattern is None:
+        import re       # already imported by json, so free
+        pattern = _cookie_patterns[name] = re.compile(r"(?:^|;)[ \t]*%s[ \t]*=([^;]*)" % re.escape(name))
     values = []
-    for piece in header[:_MAX_COOKIE_HEADER].split(";"):
-        key, eq, value = piece.partition("=")
-        if eq and key.strip() == name:
-            value = value.strip()
-            if len(value) >= 2 and value[0] == value[-1] == '"':
-                value = value[1:-1]
-            values.append(value)
-            if len(values) == _MAX_COOKIE_VALUES:
-                break
+    for match in pattern.finditer(header):
+        value = match.group(1).strip()
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = value[1:-1]
+        values.append(value)
+        if len(values) == _MAX_COOKIE_VALUES:
+            break
     return values
+
+
+_cookie_patterns = {}
 
 
 def _is_https(environ):
@@ -2864,14 +3661,37 @@ def _check_attribute(what, value):
     return value
 
 
+_WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def _http_date(when):
+    """``when`` (epoch seconds) as an HTTP date (RFC 9110 IMF-fixdate), without the locale's names."""
+    t = time.gmtime(when)
+    return (f"{_WEEKDAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year:04d} "
+            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT")
+
+
+def _secret_keys(secret):
+    """``secret=`` as a list of MAC keys (bytes): one str/bytes, or a list whose first signs."""
+    if secret is None:
+        return None
+    items = [secret] if isinstance(secret, (str, bytes, bytearray)) else list(secret)
+    keys = [item.encode("utf-8") if isinstance(item, str) else bytes(item) for item in items]
+    if not keys or not all(keys):
+        raise ValueError("secret must be a non-empty string, or a non-empty list of them")
+    return keys
+
+
 class _Cookie:
-    """How a session id travels in a cookie: the name, the attributes, the optional MAC key and route.
+    """How a session id travels in a cookie: the name, the attributes, the optional MAC keys and route.
 
     Validated once (ValueError names the bad option) and shared by all requests of a middleware.
+    ``secret`` may be a list: the first key signs, every key verifies (key rotation).
     """
 
     def __init__(self, name="sesskit", *, secret=None, route=None, secure=None, httponly=True,
-                 samesite="Lax", path="/", domain=None, persistent=True):
+                 samesite="Lax", path="/", domain=None, persistent=True, partitioned=False, refresh=False):
         if not isinstance(name, str) or not name or name.strip(_SID_ALPHABET + "."):
             raise ValueError(f"cookie_name must be letters, digits, '-', '_' or '.': {name!r}")
         if route is not None and (not isinstance(route, str) or not route or route.strip(_SID_ALPHABET)):
@@ -2882,63 +3702,81 @@ class _Cookie:
             raise ValueError(f"path must start with '/': {path!r}")
         if domain is not None:
             _check_attribute("domain", domain)
-        if secret is not None:
-            secret = secret.encode("utf-8") if isinstance(secret, str) else bytes(secret)
-            if not secret:
-                raise ValueError("secret must not be empty")
         self.name, self.route, self.secure, self.httponly = name, route, secure, bool(httponly)
         self.samesite, self.path, self.domain, self.persistent = samesite, path, domain, bool(persistent)
-        self._key = secret
+        self.partitioned, self.refresh = bool(partitioned), bool(refresh)
+        self._keys = _secret_keys(secret)
 
-    def _mac(self, sid):
+    @staticmethod
+    def _mac(key, sid):
         import hashlib   # only with a secret, so that `import sesskit` stays cheap
         import hmac
-        digest = hmac.new(self._key, sid.encode("ascii"), hashlib.sha256).digest()[:12]
+        digest = hmac.new(key, sid.encode("ascii"), hashlib.sha256).digest()[:12]
         return binascii.b2a_base64(digest, newline=False).translate(_URLSAFE).decode("ascii")
 
     def encode(self, sid):
-        """The cookie value for ``sid``."""
-        value = sid if self._key is None else sid + self._mac(sid)
+        """The cookie value for ``sid`` (signed with the first key)."""
+        value = sid if self._keys is None else sid + self._mac(self._keys[0], sid)
         return value if self.route is None else f"{value}.{self.route}"
 
     def decode(self, value):
-        """The session id in cookie value ``value``, or None when it is malformed or its MAC is wrong.
+        """The session id in cookie value ``value``, or None when it is malformed or no key's MAC matches.
 
-        Touches no store: forged and random values cost one HMAC at most.
+        Touches no store: forged and random values cost one HMAC per key at most.
         """
         head = value.partition(".")[0]
-        if self._key is None:
+        if self._keys is None:
             return head if is_valid_session_id(head) else None
         sid, mac = head[:SID_LENGTH], head[SID_LENGTH:]
         if len(mac) != _MAC_LENGTH or mac.strip(_SID_ALPHABET) or not is_valid_session_id(sid):
             return None
         import hmac
-        return sid if hmac.compare_digest(mac, self._mac(sid)) else None
+        return sid if any(hmac.compare_digest(mac, self._mac(key, sid)) for key in self._keys) else None
+
+    def candidates(self, environ):
+        """``(sid, value)`` for each of the request's values of our cookie that decodes, in order, the
+        first value of each id only.
+
+        A browser sends one value per matching Path and Domain, most specific path first; a stale one
+        from an old Path or Domain may come first, so the caller tries the next when one is unknown.
+        """
+        found = []
+        for value in _cookie_values(environ.get("HTTP_COOKIE"), self.name):
+            sid = self.decode(value)
+            if sid is not None and all(sid != seen for seen, _ in found):
+                found.append((sid, value))
+        return found
+
+    def read_all(self, environ):
+        """The session ids of ``candidates()``."""
+        return [sid for sid, _ in self.candidates(environ)]
 
     def read(self, environ):
         """The session id of a request: the first value of our cookie that decodes, else None."""
-        for value in _cookie_values(environ.get("HTTP_COOKIE"), self.name):
-            sid = self.decode(value)
-            if sid is not None:
-                return sid
-        return None
+        sids = self.read_all(environ)
+        return sids[0] if sids else None
 
-    def header(self, sid, max_age, https):
+    def header(self, sid, max_age, https, now=None):
         """A ``Set-Cookie`` value: ``sid`` for ``max_age`` seconds (None: until the browser closes), or
-        with ``sid`` None an expired cookie that makes the browser drop ours."""
+        with ``sid`` None an expired cookie that makes the browser drop ours. ``Expires`` goes beside
+        ``Max-Age`` for clients that know only the older attribute."""
         parts = [f"{self.name}={'' if sid is None else self.encode(sid)}", f"Path={self.path}"]
         if self.domain is not None:
             parts.append(f"Domain={self.domain}")
         if sid is None:
             parts.append("Max-Age=0; Expires=Thu, 01 Jan 1970 00:00:00 GMT")
         elif max_age is not None:
-            parts.append(f"Max-Age={max(0, int(max_age + 0.5))}")
+            seconds = max(0, int(max_age + 0.5))
+            when = (time.time() if now is None else now) + seconds
+            parts.append(f"Max-Age={seconds}; Expires={_http_date(when)}")
         if self.secure or (self.secure is None and https):
             parts.append("Secure")
         if self.httponly:
             parts.append("HttpOnly")
         if self.samesite is not None:
             parts.append(f"SameSite={self.samesite}")
+        if self.partitioned:
+            parts.append("Partitioned")
         return "; ".join(parts)
 
 
@@ -2983,10 +3821,21 @@ class _WebSession(Session):
     created = _loading("created")
     expires = _loading("expires")
 
+    _more = ()              # further ids the request's cookie header named, tried in order
+    _values = None          # {sid: the cookie value the client sent for it}
+
     def _live(self):
         if self._state is _UNLOADED and self._lazy:
             self.load()
         return Session._live(self)
+
+    def _load(self, now):
+        Session._load(self, now)
+        for sid in self._more:          # a stale value (old Path or Domain) must not shadow the live one
+            if not self.is_new or self.stale:
+                break
+            self._incoming = sid
+            Session._load(self, now)
 
     @property
     def timeout(self):
@@ -3072,17 +3921,69 @@ class _WebSession(Session):
             return cookie.header(None, None, self._https) if self.deleted else None
         expires = self._expiry(now)
         # the expiry moved only if this response's write-back or touch moved it: a record that another
-        # request deleted or rotated meanwhile is not touched, and its id must not be sent again
+        # request deleted or rotated meanwhile is not touched, and its id must not be sent again. The
+        # cookie is re-sent at such a touch, persistent or not, so that changed cookie settings reach
+        # existing clients; at once when the value the client holds is not what it would get now (a
+        # rotated secret, a new route); and on every request with ``refresh``.
         refreshed = (self.saved or self._touched) and expires - expires_before >= _touch_interval(
             self._timeout)
-        if self._stored != self._incoming or self._timeout != timeout_before or (
-                cookie.persistent and refreshed):
+        sent = (self._values or {}).get(self._stored)
+        if (self._stored != self._incoming or self._timeout != timeout_before or refreshed
+                or cookie.refresh or (sent is not None and sent != cookie.encode(self._stored))):
             return cookie.header(self._stored, expires - now if cookie.persistent else None, self._https)
         return None
 
 
+def _shared_store(store):
+    """The container of ``store`` (a URL, a Container, or None for the default store), one per URL and
+    process, so that framework adapters do not reopen the store on every request."""
+    if store is None:
+        return _default_store()
+    if isinstance(store, Container):
+        return store
+    key = (store, os.getpid())
+    container = _default_stores.get(key)
+    if container is None:
+        container = _default_stores[key] = open_store(store)
+    return container
+
+
+_warned_temporary = False
+
+
+def _request_store(environ):
+    """The store of a web request when none was configured: ``SESSKIT_STORE`` from the request's
+    environ (Apache's ``SetEnv`` lands there under mod_wsgi, not in ``os.environ``), else the embedded
+    default. Falling back to a temporary directory under a web server is said once per process, loudly
+    (to the server's error log and the "sesskit" logger): such a directory is private to the server's
+    user and may be wiped on restart (systemd's PrivateTmp)."""
+    global _warned_temporary
+    url = environ.get("SESSKIT_STORE")
+    if isinstance(url, str) and url:
+        return _shared_store(url)
+    container = _default_store()
+    if not os.environ.get("SESSKIT_STORE") and not _warned_temporary:
+        _warned_temporary = True
+        message = (f"sesskit: no session store configured (store=..., or SESSKIT_STORE in the "
+                   f"environment or, with Apache, SetEnv SESSKIT_STORE); sessions go to {container!r}, "
+                   f"a temporary directory private to user {_process_user()} that a restart may wipe")
+        errors = environ.get("wsgi.errors")
+        if errors is not None:
+            try:
+                errors.write(message + "\n")
+                errors.flush()
+            except (OSError, ValueError, AttributeError):
+                pass
+        import logging
+        logging.getLogger("sesskit").warning(message)
+    return container
+
+
 def _web_session(environ, container, cookie, lazy, **options):
-    session = _WebSession(cookie.read(environ), container, **options)
+    found = cookie.candidates(environ)
+    session = _WebSession(found[0][0] if found else None, container, **options)
+    session._more = [sid for sid, _ in found[1:]]
+    session._values = dict(found)
     session._cookie = cookie
     session._https = _is_https(environ)
     session._lazy = lazy
@@ -3160,14 +4061,17 @@ class SessionMiddleware:
     Cookie options: ``cookie_name``; ``secure`` (None: exactly when the request came over HTTPS);
     ``httponly``; ``samesite`` ("Lax", "Strict", "None" or None to omit); ``path``; ``domain``;
     ``persistent`` (True: Max-Age follows the session's expiry; False: a browser-session cookie);
-    ``secret`` (ids carry a keyed MAC; forged values are rejected before any store access); ``route``
-    (the cookie value ends in ``.route`` for sticky load balancing; ids with any route load anywhere).
+    ``secret`` (ids carry a keyed MAC; forged values are rejected before any store access; a list:
+    the first key signs, all verify); ``route`` (the cookie value ends in ``.route`` for sticky load
+    balancing; ids with any route load anywhere); ``partitioned`` (adds ``Partitioned``, for cookies
+    in third-party contexts, which browsers then also want ``Secure``); ``refresh`` (re-send the
+    cookie on every request that uses the session, not only when something changed).
     """
 
     def __init__(self, app, store=None, cookie_name="sesskit", timeout=None, secure=None, httponly=True,
                  samesite="Lax", path="/", domain=None, route=None, lock="merge", *, secret=None,
                  persistent=True, max_age=None, lock_timeout=None, max_size=None, reap_interval=None,
-                 clock=None, environ_key="sesskit.session"):
+                 clock=None, environ_key="sesskit.session", partitioned=False, refresh=False, codec=None):
         if not callable(lock) and lock not in LOCK_MODES:
             raise ValueError(f"lock must be one of {', '.join(LOCK_MODES)} or a function of the "
                              f"environ, not {lock!r}")
@@ -3175,13 +4079,15 @@ class SessionMiddleware:
         self.environ_key = environ_key
         self.lock = lock
         self.cookie = _Cookie(cookie_name, secret=secret, route=route, secure=secure, httponly=httponly,
-                              samesite=samesite, path=path, domain=domain, persistent=persistent)
+                              samesite=samesite, path=path, domain=domain, persistent=persistent,
+                              partitioned=partitioned, refresh=refresh)
         self._container = None if store is None else open_store(store)
         self._options = _session_options(timeout, max_age, "merge", lock_timeout, clock, max_size,
                                          reap_interval)
+        self._options["codec"] = codec      # "tagged": values beyond JSON, see open_session
 
     def __call__(self, environ, start_response):
-        container = self._container if self._container is not None else _default_store()
+        container = self._container if self._container is not None else _request_store(environ)
         options = self._options
         if callable(self.lock):
             options = dict(options, lock=self.lock(environ))
@@ -3209,6 +4115,471 @@ class SessionMiddleware:
             response.finish(exc)
             raise
         return response
+
+
+###############################################################################
+# Frameworks: Django and Flask ################################################
+###############################################################################
+
+# Both frameworks split a request's session into a load at first use and a save at the end, with the
+# whole dict in between. Their adapters keep that dict, as the frameworks expect, beside a sesskit Session
+# opened at load; at save they hand the Session each value that may have changed (it compares JSON, so
+# only keys that really changed are written) and each deleted key, then write back. So concurrent requests
+# of one session lose nothing, as in the ``with`` block. Neither framework is imported before its adapter
+# is used: Django's SessionStore and FlaskSessionInterface are built by the module's ``__getattr__``.
+
+# The tagged codec: values beyond JSON as one-key JSON objects, so that a plain JSON reader still sees JSON.
+# A dict whose only key starts with "~" is wrapped in {"~dict": ...} so it never reads back as a tag.
+_TAG_ESCAPE = "~dict"
+
+
+def _codec_types():
+    """The tagged codec's built-in types: (tag, type, to JSON, from JSON), most specific first."""
+    global _CODEC
+    if _CODEC is None:
+        import base64
+        import datetime
+        import decimal
+        import uuid
+        _CODEC = (
+            ("~tuple", tuple, None, None),       # items are (un)tagged recursively
+            ("~bytes", bytes, lambda v: base64.b64encode(v).decode("ascii"), base64.b64decode),
+            ("~datetime", datetime.datetime, datetime.datetime.isoformat, datetime.datetime.fromisoformat),
+            ("~date", datetime.date, datetime.date.isoformat, datetime.date.fromisoformat),
+            ("~uuid", uuid.UUID, str, uuid.UUID),
+            ("~decimal", decimal.Decimal, str, decimal.Decimal),
+        )
+    return _CODEC
+
+
+_CODEC = None
+
+
+def _tag(value, extra=()):
+    """``value`` with tuples, bytes, datetimes, dates, UUIDs and Decimals (and the ``extra`` types, given
+    as (tag, type, to JSON, from JSON)) turned into tagged JSON objects. Returns ``value`` itself when
+    nothing in it needed a tag; leaves other types alone (the Session then refuses them, naming the key)."""
+    kind = type(value)
+    if kind in _SCALARS:
+        return value
+    if kind is list:
+        items = [_tag(item, extra) for item in value]
+        return value if all(a is b for a, b in zip(items, value)) else items
+    if kind is dict:
+        items = {key: _tag(item, extra) for key, item in value.items()}
+        if len(items) == 1 and type(next(iter(items))) is str and next(iter(items)).startswith("~"):
+            return {_TAG_ESCAPE: items}
+        return value if all(items[key] is item for key, item in value.items()) else items
+    for tag, cls, dump, _ in itertools.chain(extra, _codec_types()):
+        if isinstance(value, cls):
+            if cls is tuple:
+                return {tag: [_tag(item, extra) for item in value]}
+            return {tag: dump(value)}
+    return value
+
+
+def _untag(value, extra=()):
+    """The inverse of ``_tag``: ``value`` itself when it holds no tag. A tag that does not decode is
+    left as the JSON object it is."""
+    kind = type(value)
+    if kind is list:
+        items = [_untag(item, extra) for item in value]
+        return value if all(a is b for a, b in zip(items, value)) else items
+    if kind is not dict:
+        return value
+    if len(value) == 1:
+        tag, inner = next(iter(value.items()))
+        if tag == _TAG_ESCAPE and type(inner) is dict:
+            return {key: _untag(item, extra) for key, item in inner.items()}
+        for name, cls, _, load in itertools.chain(extra, _codec_types()):
+            if tag == name:
+                try:
+                    if cls is tuple:
+                        return tuple(_untag(item, extra) for item in inner)
+                    return load(inner)
+                except (TypeError, ValueError, ArithmeticError):
+                    return value
+    items = {key: _untag(item, extra) for key, item in value.items()}
+    return value if all(items[key] is item for key, item in value.items()) else items
+
+
+def _sync_into(session, data, loaded, extra=()):
+    """Bring Session ``session`` to the content of dict ``data``: delete the keys ``data`` lacks and set
+    every value that may differ from ``loaded`` (the dict handed out at load). A value still bound to the
+    very immutable object it was loaded with is skipped; the Session compares the rest as JSON."""
+    for key in [key for key in session if key not in data]:
+        del session[key]
+    for key, value in data.items():
+        if type(value) in _SCALARS and loaded.get(key, _MISSING) is value:
+            continue
+        session[key] = _tag(value, extra)
+
+
+def _open_loaded(sid, container, lock="merge", timeout=None):
+    """A loaded Session of ``sid`` (a new one when ``sid`` is unknown) for a framework adapter."""
+    return open_session(sid, container, lock=lock, timeout=timeout).load()
+
+
+def _django_session_store():
+    """Build ``sesskit.SessionStore``, the Django session engine (``SESSION_ENGINE = "sesskit"``)."""
+    from django.conf import settings
+    from django.contrib.sessions.backends.base import SessionBase, UpdateError
+
+    class SessionStore(SessionBase):
+        """A Django session engine on a sesskit store; concurrent requests of one session lose no key.
+
+        Settings: ``SESSKIT_STORE`` (a store URL; default: the embedded default store) and
+        ``SESSKIT_LOCK`` ("merge", the default, "exclusive" or "read"). A subclass may set the class
+        attributes ``store`` and ``lock`` instead. ``SESSION_COOKIE_AGE`` is the sliding timeout;
+        ``set_expiry(seconds)`` changes it for one session, ``set_expiry(datetime)`` ends the session at
+        that time. ``cycle_key()`` is ``regenerate()``, ``flush()`` deletes the session, ``create()``
+        stores an empty one, ``clear_expired()`` (``manage.py clearsessions``) reaps the store.
+        Session ids are sesskit's (44 characters, checked before any store access).
+        """
+
+        store = None
+        lock = None
+
+        def __init__(self, session_key=None):
+            super().__init__(session_key)
+            self._opened = None     # the sesskit Session loaded for this key
+            self._loaded = {}       # the dict handed to Django at load, to see what changed
+
+        @classmethod
+        def _container(cls):
+            store = cls.store if cls.store is not None else getattr(settings, "SESSKIT_STORE", None)
+            return _shared_store(store)
+
+        def _lock_mode(self):
+            return self.lock or getattr(settings, "SESSKIT_LOCK", None) or "merge"
+
+        def _open(self, sid, lock=None):
+            session = _open_loaded(sid, self._container(), lock or self._lock_mode(),
+                                   settings.SESSION_COOKIE_AGE)
+            if session.mode == "exclusive":
+                from django.core.signals import request_finished
+                request_finished.connect(self._request_finished, weak=False)
+            return session
+
+        def _request_finished(self, **kwargs):
+            from django.core.signals import request_finished
+            request_finished.disconnect(self._request_finished)
+            self._close(discard=True)       # what Django wanted stored was saved; release the lock
+
+        def _close(self, discard=False):
+            opened, self._opened = self._opened, None
+            if opened is not None:
+                opened.close(discard=discard)
+
+        def _get_new_session_key(self):
+            return new_session_id()
+
+        def exists(self, session_key):
+            if not is_valid_session_id(session_key):
+                return False
+            if self._opened is not None and self._opened.id == session_key and not self._opened.is_new:
+                return True
+            session = _open_loaded(session_key, self._container(), "read")
+            try:
+                return not session.is_new
+            finally:
+                session.close()
+
+        def load(self):
+            self._close()
+            session = self._opened = self._open(self.session_key)
+            if session.is_new:
+                self._session_key = None       # unknown or expired: never adopted, nothing stored
+            self._loaded = {key: _untag(value) for key, value in session.items()}
+            return dict(self._loaded)
+
+        def create(self):
+            data = getattr(self, "_session_cache", {})
+            self._close()
+            session = self._opened = self._open(None)
+            self._write(session, data)
+            self.modified = True
+
+        def save(self, must_create=False):
+            if must_create or self.session_key is None:
+                return self.create()
+            data = self._get_session()          # loads first if this request has not yet
+            if self._opened is None or self._opened.is_new:
+                return self.create()
+            self._write(self._opened, data)
+
+        def _write(self, session, data):
+            _sync_into(session, data, self._loaded)
+            expiry = data.get("_session_expiry")
+            if session.mode != "read":
+                # set_expiry(): seconds are a sliding timeout, a datetime an end that reads never
+                # slide past (one that has passed ends the session), 0 only the cookie's business
+                sliding = type(expiry) is int and expiry > 0
+                session.timeout = expiry if sliding else settings.SESSION_COOKIE_AGE
+                if type(expiry) is str:
+                    from datetime import datetime
+                    session.expire_at(datetime.fromisoformat(expiry))   # naive: local time, as Django
+                    if session.deleted:
+                        self._close(discard=True)
+                        self._session_key = None
+                        return
+                else:
+                    session.expire_at(None)
+            session.save()
+            if session.lost:
+                raise UpdateError("the session was deleted or expired by another request meanwhile")
+            self._session_key = session.id
+            self._loaded = dict(data)
+
+        def delete(self, session_key=None):
+            own = session_key is None or session_key == self.session_key
+            if session_key is None:
+                session_key = self.session_key
+            opened = self._opened
+            if own and opened is not None and opened.id == session_key and not opened.is_new:
+                opened.delete()                 # under the lock this session may hold
+                self._close(discard=True)
+                return
+            if not is_valid_session_id(session_key):
+                return
+            session = _open_loaded(session_key, self._container(), "merge")
+            if not session.is_new:
+                session.delete()
+            session.close(discard=True)
+
+        def cycle_key(self):
+            data = self._session
+            opened = self._opened
+            if opened is None or opened.is_new:
+                self.create()
+                self._session_cache = data
+                return
+            _sync_into(opened, data, self._loaded)
+            opened.regenerate()
+            opened.save()
+            if opened.lost:
+                raise UpdateError("the session was deleted or expired by another request meanwhile")
+            self._session_key = opened.id
+            self._loaded = dict(data)
+
+        @classmethod
+        def clear_expired(cls):
+            cls._container().reap()
+
+    SessionStore.__module__ = __name__
+    return SessionStore
+
+
+def _flask_session_interface():
+    """Build ``sesskit.FlaskSessionInterface``."""
+    from flask.sessions import SessionInterface, SessionMixin
+    from markupsafe import Markup
+
+    markup = (("~markup", Markup, str, Markup),)
+
+    class FlaskSession(SessionMixin):
+        """The session of one Flask request: loaded from the store at first use, written back (only the
+        keys that changed) by ``save_session``. ``regenerate(grace=0)`` moves it to a new id (call it
+        after a login); ``clear()`` empties it and deletes it from the store (logout)."""
+
+        def __init__(self, opener, had_cookie):
+            self._opener = opener
+            self._had_cookie = had_cookie
+            self._session = None
+            self._data = None
+            self._loaded = {}
+            self.modified = False
+            self.accessed = False
+            self.new = not had_cookie
+
+        def _live(self):
+            if self._data is None:
+                session = self._session = self._opener()
+                self.new = session.is_new
+                self._loaded = {key: _untag(value, markup) for key, value in session.items()}
+                self._data = dict(self._loaded)
+            return self._data
+
+        def __getitem__(self, key):
+            return self._live()[key]
+
+        def __setitem__(self, key, value):
+            self._live()[key] = value
+            self.modified = True
+
+        def __delitem__(self, key):
+            del self._live()[key]
+            self.modified = True
+
+        def __iter__(self):
+            return iter(self._live())
+
+        def __len__(self):
+            return len(self._live())
+
+        def __contains__(self, key):
+            return key in self._live()
+
+        # Like Flask's own session, every mutating call counts as a change, even one that changed nothing
+        # (pop of a missing key), so that the response then expires the cookie of an empty session.
+        def pop(self, key, *default):
+            self.modified = True
+            return self._live().pop(key, *default)
+
+        def popitem(self):
+            self.modified = True
+            return self._live().popitem()
+
+        def setdefault(self, key, default=None):
+            self.modified = True
+            return self._live().setdefault(key, default)
+
+        def update(self, *args, **kwargs):
+            self.modified = True
+            self._live().update(*args, **kwargs)
+
+        def clear(self):
+            self.modified = True
+            self._live().clear()
+
+        def __repr__(self):
+            return f"<sesskit FlaskSession {self._data if self._data is not None else '(not loaded)'}>"
+
+        def regenerate(self, grace=0.0):
+            self._live()
+            self._session.regenerate(grace)
+            self.modified = True
+
+    class FlaskSessionInterface(SessionInterface):
+        """Server-side Flask sessions on a sesskit store: ``app.session_interface =
+        sesskit.FlaskSessionInterface(store="file:/var/lib/myapp/sessions")``.
+
+        The cookie carries only the session id, signed with the app's ``SECRET_KEY`` (verified with
+        ``SECRET_KEY_FALLBACKS`` too); without a secret key the app gets Flask's null session, as with
+        Flask's own sessions. ``SESSION_COOKIE_*`` settings shape the cookie, ``PERMANENT_SESSION_LIFETIME``
+        is the sliding timeout in the store and the cookie's lifetime for permanent sessions, and
+        ``SESSION_REFRESH_EACH_REQUEST`` re-sends the cookie of a permanent session. Values may be JSON,
+        tuples, bytes, datetimes, dates, UUIDs, Decimals and Markup (the tagged codec). ``lock`` is
+        "merge" (default), "exclusive" (held until the request ends) or "read".
+        """
+
+        session_class = FlaskSession
+
+        def __init__(self, store=None, lock="merge", route=None):
+            if lock not in LOCK_MODES:
+                raise ValueError(f"lock must be one of {', '.join(LOCK_MODES)}, not {lock!r}")
+            self.store, self.lock, self.route = store, lock, route
+            self._cookies = {}
+
+        def _cookie(self, app):
+            secrets = [app.secret_key, *(app.config.get("SECRET_KEY_FALLBACKS") or ())]
+            key = (self.get_cookie_name(app), self.get_cookie_domain(app), self.get_cookie_path(app),
+                   self.get_cookie_secure(app), self.get_cookie_httponly(app), self.get_cookie_samesite(app),
+                   bool(app.config.get("SESSION_COOKIE_PARTITIONED")), tuple(secrets))
+            cookie = self._cookies.get(key)
+            if cookie is None:
+                name, domain, path, secure, httponly, samesite, partitioned, _ = key
+                cookie = _Cookie(name, secret=secrets, route=self.route, secure=bool(secure),
+                                 httponly=httponly, samesite=samesite, path=path, domain=domain or None,
+                                 partitioned=partitioned)
+                if len(self._cookies) > 64:
+                    self._cookies.clear()
+                self._cookies[key] = cookie
+            return cookie
+
+        def open_session(self, app, request):
+            if not app.secret_key:
+                return None
+            cookie = self._cookie(app)
+            sids = cookie.read_all(request.environ)
+            container = _shared_store(self.store)
+            timeout = app.permanent_session_lifetime.total_seconds()
+            if self.lock == "exclusive":
+                self._close_at_teardown(app)
+
+            def opener():
+                for sid in sids[:-1]:           # a stale value (old Path or Domain) may come first
+                    session = _open_loaded(sid, container, self.lock, timeout)
+                    if not session.is_new:
+                        return session
+                    session.close(discard=True)
+                return _open_loaded(sids[-1] if sids else None, container, self.lock, timeout)
+            return FlaskSession(opener, bool(sids))
+
+        def _close_at_teardown(self, app):
+            if app.extensions.get("sesskit.teardown"):
+                return
+            app.extensions["sesskit.teardown"] = True
+
+            @app.teardown_request
+            def close_session(exc=None):
+                from flask.globals import request_ctx
+                session = getattr(request_ctx, "_session", None) if request_ctx else None
+                if isinstance(session, FlaskSession) and session._session is not None:
+                    session._session.close(discard=True)
+
+        def save_session(self, app, session, response):
+            if session.accessed:
+                response.vary.add("Cookie")
+            if session._data is None:
+                # Never used: no store I/O, unless a permanent session's cookie is to be refreshed on
+                # every request (Flask's default), which needs the session to know it is permanent.
+                if not (session._had_cookie and app.config["SESSION_REFRESH_EACH_REQUEST"]):
+                    return
+                if not session.permanent:
+                    session._session.close()
+                    return
+            data = session._live()
+            stored = session._session
+            cookie = self._cookie(app)
+            https = _flask_https()
+            if not data:
+                if session.modified:        # emptied: delete it from the store, expire the cookie
+                    if not stored.is_new:
+                        stored.delete()
+                    stored.close(discard=True)
+                    response.headers.add("Set-Cookie", cookie.header(None, None, https))
+                    response.vary.add("Cookie")
+                else:
+                    stored.close(discard=True)
+                return
+            timeout = app.permanent_session_lifetime.total_seconds()
+            _sync_into(stored, data, session._loaded, markup)
+            if stored.mode != "read":
+                stored.timeout = timeout
+            incoming = stored.id
+            was_new = stored.is_new
+            stored.save()
+            session._loaded = dict(data)
+            if stored.mode == "exclusive":
+                stored.close()
+            if stored.lost:
+                response.headers.add("Set-Cookie", cookie.header(None, None, https))
+                response.vary.add("Cookie")
+                return
+            if was_new or stored.id != incoming or self.should_set_cookie(app, session):
+                max_age = timeout if session.permanent else None
+                response.headers.add("Set-Cookie", cookie.header(stored.id, max_age, https))
+                response.vary.add("Cookie")
+
+    def _flask_https():
+        from flask import request
+        return request.scheme == "https"
+
+    FlaskSession.__module__ = FlaskSessionInterface.__module__ = __name__
+    return FlaskSessionInterface
+
+
+#: Names built on first access by ``__getattr__``, so that ``import sesskit`` imports no framework.
+_LAZY = {"SessionStore": _django_session_store, "FlaskSessionInterface": _flask_session_interface}
+
+
+def __getattr__(name):
+    build = _LAZY.get(name)
+    if build is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = globals()[name] = build()
+    return value
 
 
 # Demo application ------------------------------------------------------------------
@@ -3317,7 +4688,70 @@ def _cli_parse(args):
     show = commands.add_parser("show", help="print one session")
     show.add_argument("store", metavar="STORE")
     show.add_argument("sid", metavar="SID")
+    args = list(args)
+    if len(args) == 3 and args[0] == "show" and args[2].startswith("-") and is_valid_session_id(args[2]):
+        args.insert(2, "--")        # 1 id in 64 starts with "-", which argparse takes for an option
     return parser.parse_args(args)
+
+
+def _store_path(url):
+    """The path a store URL names (None for memory: or an unknown scheme)."""
+    scheme, _, rest = str(url).partition(":")
+    if scheme.lower() not in ("file", "sqlite", "lmdb") or not rest:
+        return None
+    return rest[2:] if rest.startswith("//") else rest
+
+
+def _store_owner(url):
+    """``(uid, gid)`` of an existing store's path, or None when it cannot be known."""
+    path = _store_path(url)
+    try:
+        st = os.stat(path) if path else None
+    except OSError:
+        return None
+    return None if st is None else (st.st_uid, st.st_gid)
+
+
+def _as_user(owner, store, work, out, err):
+    """Run ``work()`` in a child process that has become the user and group ``owner`` (for the store URL
+    ``store``); return its exit status.
+
+    The admin commands run as root act as the store's owner (the web server's user, typically): the
+    store refuses directories it does not own, and files root created in it would lock that user out.
+    """
+    # What the command may import later, imported now: the owner may not be able to read the Python
+    # installation (a pyenv under /root is 0700).
+    import encodings.ascii  # noqa: F401
+    import encodings.latin_1  # noqa: F401
+    import pwd  # noqa: F401
+    import shlex  # noqa: F401
+    import threading  # noqa: F401
+    scheme = str(store).partition(":")[0].lower()
+    if scheme == "sqlite":
+        import sqlite3  # noqa: F401
+    elif scheme == "lmdb":
+        try:
+            import lmdb  # noqa: F401
+        except ImportError:
+            pass
+    for stream in (out, err):
+        stream.flush()
+    pid = os.fork()
+    if pid == 0:                                            # pragma: no cover (the child)
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(owner[1])
+            os.setuid(owner[0])
+            code = work()
+        except BaseException as exc:
+            print(f"sesskit: {exc}", file=err)
+        finally:
+            for stream in (out, err):
+                stream.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1
 
 
 def _open_existing(url):
@@ -3363,9 +4797,21 @@ def _main(argv=None, out=None, err=None) -> int:
         args = _cli_parse(sys.argv[1:] if argv is None else argv)
     except SystemExit as exc:
         return 0 if exc.code in (0, None) else 2
-    try:
-        if args.command == "demo":
+    if args.command == "demo":
+        try:
             return _serve_demo(args.store, args.port, err)
+        except (SesskitError, OSError) as exc:
+            print(f"sesskit: {exc}", file=err)
+            return 1
+    owner = _store_owner(args.store) if os.name == "posix" and os.geteuid() == 0 else None
+    if owner is not None and owner[0] != 0:
+        return _as_user(owner, args.store, lambda: _admin(args, out, err), out, err)
+    return _admin(args, out, err)
+
+
+def _admin(args, out, err):
+    """Run the admin command ``args`` (stats, ls, show, reap); return the exit status."""
+    try:
         container = _open_existing(args.store)
         now = time.time()
         if args.command == "stats":
@@ -3395,6 +4841,16 @@ def _main(argv=None, out=None, err=None) -> int:
         return 0
     except (SesskitError, OSError) as exc:
         print(f"sesskit: {exc}", file=err)
+        owner = _store_owner(args.store)
+        if owner is not None and owner[0] != os.geteuid():
+            import shlex
+            import sys
+            words = [sys.executable, os.path.abspath(__file__), args.command, args.store]
+            if args.command == "show":
+                words += ["--", args.sid]
+            command = " ".join(shlex.quote(word) for word in words)
+            print(f"sesskit: the store belongs to {_user_name(owner[0])}; run the command as that "
+                  f"user: sudo -u {shlex.quote(_user_name(owner[0]))} {command}", file=err)
         return 1
 
 
