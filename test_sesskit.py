@@ -3013,6 +3013,7 @@ _SOAK_GRACE = 30.0            # seconds of grace of a login that has one
 _SOAK_HUNG = 30.0             # a step still running after this many seconds is hung
 _SOAK_THREADS = 4             # heartbeat slots per worker
 _SOAK_SLOTS = 256             # heartbeat slots in all; the last one is the stop flag
+_SOAK_READY = 128             # slot + this: set once the worker of that slot has started its first step
 _SOAK_SECRET = "soak-secret"
 _SOAK_LOG_PART = 8192         # bytes per log file: stays below the fault worker's RLIMIT_FSIZE
 _SOAK_VIOLATIONS = ("lost", "torn", "hung", "leaked_fds", "errors")
@@ -3142,6 +3143,7 @@ class _SoakWorker:
 
     def run(self):
         step = _SOAK_STEPS[self.role]
+        self.io.beat(self.slot + _SOAK_READY, 1.0)
         while not self.io.stopped():
             self.io.beat(self.slot)
             try:
@@ -3792,7 +3794,7 @@ class _Soak:
                 self.rnd.randrange(1 << 30), True))
             self.workers[i] = [role, "thread", 1, t]
             t.start()
-        deadline = time.monotonic() + self.seconds
+        deadline = self._ready() + self.seconds
         while time.monotonic() < deadline:
             time.sleep(0.05)
             self._watch()
@@ -3828,7 +3830,7 @@ class _Soak:
             self.workers[i] = [role, method, nthreads, None]
             self._start(i)
         killable = [i for i, w in self.workers.items() if w[0] != "auditor"]
-        deadline = time.monotonic() + self.seconds
+        deadline = self._ready() + self.seconds
         next_kill = time.monotonic() + self.rnd.uniform(0.05, 0.5)
         while time.monotonic() < deadline:
             time.sleep(0.01)
@@ -3854,6 +3856,17 @@ class _Soak:
                 final.kill()
                 final.join(30)
             final.close()
+
+    def _ready(self):
+        """Wait until every worker has started (spawn workers take a while to import on a busy machine),
+        so that the soak's seconds are seconds of work; return the time then."""
+        deadline = time.monotonic() + 120
+        while not all(self.io.started(i * _SOAK_THREADS + _SOAK_READY) for i in self.workers):
+            if time.monotonic() > deadline:
+                self.log.violation("errors", "the workers did not all start within 120 s")
+                break
+            time.sleep(0.05)
+        return time.monotonic()
 
     def _watch(self):
         """A step running longer than _SOAK_HUNG is hung; a worker that died by itself is an error."""
