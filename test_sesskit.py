@@ -4,18 +4,25 @@ Integration tests that need a server, a package or root privileges skip when tho
 under SESSKIT_REQUIRE_INTEGRATION=1 (set by .ci/run), where a missing piece fails the run instead.
 """
 
+import collections
 import contextlib
 import errno
+import gc
+import io
 import json
+import mmap
 import multiprocessing
 import os
 import random
+import resource
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import threading
 import time
+import traceback
 
 import pytest
 from hypothesis import given, settings, strategies as st, HealthCheck
@@ -3716,6 +3723,983 @@ if not (_have_redis() and os.path.exists(_REDIS_SERVER)) and not REQUIRE_INTEGRA
 
 
 ###############################################################################
+# Soak: kills, faults, damage and hostile input against every container
+###############################################################################
+# A stress run, skipped unless SESSKIT_SOAK=seconds is set (.ci/run sets 60). For that long per container,
+# worker processes (fork and spawn, some with threads) add unique keys to a few hot sessions in merge mode,
+# count in exclusive mode, log in (regenerate, with and without grace) and log out, while the test
+# SIGKILLs and restarts them at random moments, one worker writes under a small RLIMIT_FSIZE, a damager
+# corrupts victim sessions inside the store and an auditor feeds hostile ids and cookies, checks the
+# victims and the admin commands, and counts its own open descriptors. Then everything stops and a child
+# process (so that a hang is detected, not suffered) checks the store against what was acknowledged.
+# The memory container runs the same workers as threads of this process, without kills, faults or damage.
+#
+# Workers share state through files in a control directory:
+#   jar-<h>       the "browser cookie jar" of hot session h: the id its clients must send. Only the login
+#                 worker replaces it (atomically), after its rotation committed; pending-<h> names a
+#                 rotation in flight, which a restarted login worker (or the final check) settles from
+#                 the store: was the old id turned into a tombstone forwarding to the new one?
+#   log/<token>.* one file per worker thread, one line per event (acknowledged key, counter value, fault,
+#                 login, victim, "!" violation, ...), appended with single writes; parsed at the end.
+#   beats         a shared map: per worker thread the monotonic time its current step started (0 when
+#                 idle), and the stop flag. A step running longer than _SOAK_HUNG counts as hung.
+
+SOAK_SECONDS = float(os.environ.get("SESSKIT_SOAK") or 0)
+_SOAK_HOT = 3                 # hot sessions the writers share
+_SOAK_GRACE = 30.0            # seconds of grace of a login that has one
+_SOAK_HUNG = 30.0             # a step still running after this many seconds is hung
+_SOAK_THREADS = 4             # heartbeat slots per worker
+_SOAK_SLOTS = 256             # heartbeat slots in all; the last one is the stop flag
+_SOAK_READY = 128             # slot + this: set once the worker of that slot has started its first step
+_SOAK_SECRET = "soak-secret"
+_SOAK_LOG_PART = 8192         # bytes per log file: stays below the fault worker's RLIMIT_FSIZE
+_SOAK_VIOLATIONS = ("lost", "torn", "hung", "leaked_fds", "errors")
+
+
+class _SoakDiscard(Exception):
+    """Leave a block without writing (the block's changes are discarded)."""
+
+
+class _SoakIO:
+    """The control directory: cookie jar, pending rotations, heartbeats and the stop flag."""
+
+    def __init__(self, ctl):
+        self.ctl = ctl
+        with open(os.path.join(ctl, "beats"), "r+b") as f:
+            self._beats = mmap.mmap(f.fileno(), _SOAK_SLOTS * 8)
+
+    def beat(self, slot, value=None):
+        struct.pack_into("d", self._beats, slot * 8, time.monotonic() if value is None else value)
+
+    def started(self, slot):
+        return struct.unpack_from("d", self._beats, slot * 8)[0]
+
+    def stopped(self):
+        return self.started(_SOAK_SLOTS - 1) != 0
+
+    def stop(self):
+        self.beat(_SOAK_SLOTS - 1, 1.0)
+
+    def read(self, name):
+        try:
+            with open(os.path.join(self.ctl, name), encoding="ascii") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def write(self, name, text):
+        path = os.path.join(self.ctl, name)
+        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        with open(tmp, "w", encoding="ascii") as f:
+            f.write(text)
+        os.replace(tmp, path)
+
+    def remove(self, name):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.ctl, name))
+
+    def jar(self, h):
+        return self.read(f"jar-{h}")
+
+    def settle(self, store, h):
+        """Settle a rotation of hot session ``h`` that its login worker may not have seen commit."""
+        pending = self.read(f"pending-{h}")
+        if pending:
+            old, new = pending.split()
+            record = store.load(old)
+            if record is not None and record.forward == new:
+                self.write(f"jar-{h}", new)
+        self.remove(f"pending-{h}")
+
+
+class _SoakLog:
+    """The event log of one worker thread: one line per event, rolled over every few KB."""
+
+    def __init__(self, ctl, token):
+        self.base, self.part, self.fd = os.path.join(ctl, "log", token), 0, None
+        self._open()
+
+    def _open(self):
+        self.fd = os.open(f"{self.base}.{self.part}", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self.size = 0
+
+    def __call__(self, *fields):
+        line = (" ".join(map(str, fields)).replace("\n", " | ") + "\n").encode("utf-8", "replace")
+        if self.size + len(line) > _SOAK_LOG_PART:
+            os.close(self.fd)
+            self.part += 1
+            self._open()
+        os.write(self.fd, line)
+        self.size += len(line)
+
+    def violation(self, what, message, n=1):
+        assert what in _SOAK_VIOLATIONS
+        self("!", what, n, message)
+
+    def close(self):
+        os.close(self.fd)
+
+
+def _soak_events(ctl, prefix=""):
+    """Every complete logged line (of the logs whose name starts with ``prefix``) as a list of fields:
+    the event's letter, then up to two more (the last one may hold spaces)."""
+    events = []
+    logs = os.path.join(ctl, "log")
+    for name in sorted(os.listdir(logs), key=lambda n: (n.rpartition(".")[0], int(n.rpartition(".")[2]))):
+        if name.startswith(prefix):
+            with open(os.path.join(logs, name), "rb") as f:
+                for raw in f:
+                    if raw.endswith(b"\n"):        # a line cut by SIGKILL is not an event
+                        events.append(raw.decode("utf-8", "replace").rstrip("\n").split(" ", 2))
+    return events
+
+
+def _soak_victims(events):
+    """Damaged victims: sid -> [data they were created with, how they were damaged]."""
+    victims = {}
+    for e in events:
+        if e[0] == "V":
+            victims[e[1]] = [json.loads(e[2]), "not yet damaged"]
+    for e in events:
+        if e[0] == "D" and e[1] in victims:
+            victims[e[1]][1] = e[2]
+    return victims
+
+
+class _SoakWorker:
+    """One worker thread: its role's step run until the stop flag, each step heartbeaten."""
+
+    def __init__(self, role, kind, store, url, ctl, slot, seed, threaded):
+        self.role, self.kind, self.store, self.url, self.ctl = role, kind, store, url, ctl
+        self.slot, self.threaded, self.rnd = slot, threaded, random.Random(seed)
+        self.io = _SoakIO(ctl)
+        self.token = f"{role}{slot}-{os.getpid()}-{os.urandom(3).hex()}"
+        self.log = _SoakLog(ctl, self.token)
+        self.faulty = role == "fault"
+        self.state = {}
+
+    def run(self):
+        step = _SOAK_STEPS[self.role]
+        self.io.beat(self.slot + _SOAK_READY, 1.0)
+        while not self.io.stopped():
+            self.io.beat(self.slot)
+            try:
+                step(self)
+            except Exception:
+                self.log.violation("errors", f"{self.role}: {traceback.format_exc()}")
+                time.sleep(0.05)
+            finally:
+                self.io.beat(self.slot, 0.0)
+        if "acked" in self.state:
+            self.log("E", self.token, self.state["acked"])   # a counter that ended cleanly: exact
+        self.log.close()
+
+
+def _soak_thread(role, kind, store, url, ctl, slot, seed, threaded):
+    _SoakWorker(role, kind, store, url, ctl, slot, seed, threaded).run()
+
+
+def _soak_process(role, kind, url, ctl, worker, seed, nthreads, seconds):
+    """A worker process: ``nthreads`` threads of ``role`` sharing one container."""
+    signal.alarm(int(seconds) + 600)         # a safety net: no worker outlives a broken test run
+    if role == "fault":
+        _soak_limit_fsize(url, random.Random(seed))
+    store = sesskit.open_store(url)
+    threads = [threading.Thread(target=_soak_thread, args=(
+        role, kind, store, url, ctl, worker * _SOAK_THREADS + t, seed * 10 + t, nthreads > 1))
+        for t in range(nthreads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    store.close()
+
+
+def _soak_limit_fsize(url, rnd):
+    """A real write fault: files may grow only a little past the largest store file (RLIMIT_FSIZE, as
+    on a nearly full disk); writes beyond it fail with EFBIG (SIGXFSZ ignored)."""
+    root = url.partition(":")[2]
+    if os.path.isdir(root):
+        paths = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
+    else:
+        paths = [root, root + "-wal", root + "-shm"]
+    sizes = [os.path.getsize(p) for p in paths if os.path.isfile(p)]
+    limit = max(sizes, default=0) + rnd.randrange(16384, 196608)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+# -- worker steps ------------------------------------------------------------------------
+
+
+def _soak_write_hot(w, store, log, h, key):
+    """One merge-mode request of a hot session's client, adding ``key``; logged if acknowledged."""
+    try:
+        with sesskit.open_session(w.io.jar(h), store=store) as s:
+            if s.is_new:
+                # The jar named an id rotated twice meanwhile (or one past its grace): a real client
+                # would be logged out; this one just tries again with the jar's next value.
+                raise _SoakDiscard
+            s[key] = 1
+    except (_SoakDiscard, sesskit.SessionTooLarge):      # a long soak fills its hot sessions up
+        log("R")
+        return
+    except sesskit.LockTimeout:
+        log("T")
+        return
+    except sesskit.ContainerError:
+        if not w.faulty:
+            raise
+        log("F")
+        return
+    if s.saved and not s.lost:
+        log("K", h, key)
+
+
+def _soak_step_writer(w):
+    n = w.state["n"] = w.state.get("n", 0) + 1
+    _soak_write_hot(w, w.store, w.log, w.rnd.randrange(_SOAK_HOT), f"{w.token}-{n}")
+    if w.threaded and w.kind != "memory" and w.rnd.random() < 1 / 300:
+        _soak_fork_child(w)
+
+
+def _soak_fork_child(w):
+    """fork() while the other threads of this process use the store; the child writes through the
+    container it inherited, then exits. It must finish: a hang counts (issue 9, item 3)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            signal.alarm(60)                  # dies by itself if it hangs (nobody may wait for it)
+            log = _SoakLog(w.ctl, f"{w.token}-fork{os.getpid()}")
+            for i in range(3):
+                _soak_write_hot(w, w.store, log, w.rnd.randrange(_SOAK_HOT), f"{w.token}-f{os.getpid()}-{i}")
+            code = 0
+        except BaseException:
+            with contextlib.suppress(BaseException):
+                log.violation("errors", f"forked child: {traceback.format_exc()}")
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + _SOAK_HUNG - 5
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            w.log.violation("hung", f"a child forked while threads used the {w.kind} store hung")
+            return
+        time.sleep(0.01)
+    if status != 0:
+        w.log.violation("errors", f"a child forked while threads used the store exited with status {status}")
+
+
+def _soak_step_counter(w):
+    """One exclusive-mode increment of the counter session; each thread counts its own key too, so the
+    check is exact: ``n`` equals the sum of the per-thread keys, each equal to what was acknowledged."""
+    st = w.state
+    if "counter" not in st:
+        st.update(counter=w.io.read("counter"), acked=0, tried=None)
+    key = f"c-{w.token}"
+    try:
+        with sesskit.open_session(st["counter"], store=w.store, lock="exclusive", lock_timeout=30) as s:
+            if s.is_new:
+                w.log.violation("lost", "the counter session is gone")
+                raise _SoakDiscard
+            have = s.get(key, 0)
+            if have not in (st["acked"], st["tried"]):
+                w.log.violation("lost", f"counter {key} holds {have}, {st['acked']} acknowledged")
+            elif have != st["acked"]:        # a write that failed with ContainerError was stored
+                st["acked"] = have
+                w.log("C", w.token, have)
+            st["tried"] = have + 1
+            s["n"] += 1
+            s[key] = have + 1
+    except _SoakDiscard:
+        return
+    except sesskit.LockTimeout:
+        w.log("T")
+        return
+    except sesskit.ContainerError:
+        if not w.faulty:
+            raise
+        w.log("F")
+        return
+    if s.saved and not s.lost:
+        st["acked"] = st["tried"]
+        w.log("C", w.token, st["acked"])
+
+
+def _soak_step_fault(w):
+    """Under RLIMIT_FSIZE: hot writes, counter increments and big blobs; a failed write must raise
+    ContainerError, not be acknowledged, and leave the stored session old or new."""
+    what = w.rnd.random()
+    if what < 0.4:
+        _soak_step_writer(w)
+    elif what < 0.6:
+        _soak_step_counter(w)
+    else:
+        _soak_blob(w)
+
+
+def _soak_blob(w):
+    st = w.state
+    try:
+        if "blob" not in st:
+            with sesskit.open_session(None, store=w.store) as s:
+                s.update(v=0, blob="", check=0)
+            st.update(blob=s.id, v=0, vtried=None)
+        size = w.rnd.choice([10, 3000, 60_000, 200_000, 700_000])
+        with sesskit.open_session(st["blob"], store=w.store, lock="exclusive", lock_timeout=30) as s:
+            if s.is_new:
+                w.log.violation("lost", "a blob session is gone")
+                raise _SoakDiscard
+            if s.get("check") != len(s.get("blob", "")):
+                w.log.violation("torn", f"a blob session holds a blob of {len(s.get('blob', ''))} bytes "
+                                        f"that says {s.get('check')}")
+            if s["v"] not in (st["v"], st["vtried"]):
+                w.log.violation("lost", f"a blob session holds version {s['v']}, {st['v']} acknowledged")
+            st["v"] = s["v"]
+            st["vtried"] = s["v"] + 1
+            s.update(v=s["v"] + 1, blob="b" * size, check=size)
+    except _SoakDiscard:
+        return
+    except sesskit.LockTimeout:
+        w.log("T")
+        return
+    except sesskit.ContainerError:
+        w.log("F")
+        return
+    if s.saved and not s.lost:
+        st["v"] = st["vtried"]
+
+
+def _soak_step_login(w):
+    """Rotate a hot session (regenerate, with or without grace), then update the jar. A rotation that
+    a kill cut short is settled from the store by the next incarnation."""
+    if not w.state:
+        for h in range(_SOAK_HOT):
+            w.io.settle(w.store, h)
+        w.state["settled"] = True
+    time.sleep(w.rnd.uniform(0.1, 0.5))
+    h = w.rnd.randrange(_SOAK_HOT)
+    old = w.io.jar(h)
+    with sesskit.open_session(old, store=w.store) as s:
+        if s.is_new:
+            w.log.violation("lost", f"hot session {h} is gone at login")
+            return
+        s.regenerate(grace=w.rnd.choice([0.0, _SOAK_GRACE, _SOAK_GRACE]))
+        w.io.write(f"pending-{h}", f"{old} {s.id}")
+    if s.saved and not s.lost:
+        w.io.write(f"jar-{h}", s.id)
+        w.log("L")
+    w.io.remove(f"pending-{h}")
+
+
+def _soak_gone(w, sid, what):
+    if sid is not None:
+        with sesskit.open_session(sid, store=w.store, lock="read") as s:
+            if not s.is_new:
+                w.log.violation("errors", f"{what} came back after a logout")
+
+
+def _soak_step_logout(w):
+    """A session logged out while another request of it is in flight (and, sometimes, while a login
+    rotates it): the late write-back reports lost, and neither id loads again."""
+    store, rnd = w.store, w.rnd
+    with sesskit.open_session(None, store=store) as s:
+        s["user"] = w.token
+    sid, rotated = s.id, None
+    racer = sesskit.open_session(sid, store=store).load()       # a parallel request of the same browser
+    racer["late"] = 1
+    early = rnd.random() < 0.3
+    if early:
+        racer.close()
+    login = None
+    if rnd.random() < 0.5:
+        login = sesskit.open_session(sid, store=store).load()
+        login.regenerate(grace=rnd.choice([0.0, _SOAK_GRACE]))
+    logout = sesskit.open_session(sid, store=store).load()   # loaded before the login commits
+    if login is not None:
+        login.close()
+        rotated = login.id if login.saved else None
+    logout.delete()
+    logout.close()
+    if not early:
+        racer.close()
+        if racer.saved or not racer.lost:
+            w.log.violation("errors", f"a write-back after a logout reported saved={racer.saved} "
+                                      f"lost={racer.lost}")
+    _soak_gone(w, sid, "a logged-out session")
+    _soak_gone(w, rotated, "a logged-out session's rotated id")
+    w.log("O")
+
+
+# -- damage ----------------------------------------------------------------------------------
+
+
+def _soak_damage_file(store, sid, rnd):
+    """Damage a session file in place: flipped or overwritten bytes, a truncation, a bad header, or a
+    slot with a valid CRC over a payload that is not UTF-8 or not JSON; or a special file in its place."""
+    path = os.path.join(store.path, sid[:2], sid)
+    how = rnd.choice(["flip", "overwrite", "truncate", "header", "utf8", "json", "fifo", "directory"])
+    if how in ("fifo", "directory"):
+        os.unlink(path)
+        (os.mkfifo if how == "fifo" else os.mkdir)(path, 0o600 if how == "fifo" else 0o700)
+        return how
+    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+    try:
+        size = os.fstat(fd).st_size
+        if how == "flip":
+            for _ in range(rnd.randint(1, 8)):
+                offset = rnd.randrange(size)
+                os.pwrite(fd, bytes([os.pread(fd, 1, offset)[0] ^ (1 << rnd.randrange(8))]), offset)
+        elif how == "overwrite":
+            os.pwrite(fd, os.urandom(rnd.randint(1, 64)), rnd.randrange(size))
+        elif how == "truncate":
+            os.ftruncate(fd, rnd.randrange(size))
+        elif how == "header":
+            os.pwrite(fd, os.urandom(16), 0)
+        else:
+            meta = json.dumps([1, sid, time.time(), time.time() + 1800, 1800.0, 0.0, None])
+            data = b'{"victim": "\xff\xfe"}' if how == "utf8" else b'{"victim": [1,'
+            slot = sesskit._slot_bytes(1 << 40, meta.encode() + b"\n" + data)
+            os.pwrite(fd, slot, 16)
+    finally:
+        os.close(fd)
+    return how
+
+
+def _soak_damage_sqlite(store, sid, rnd):
+    """Damage a victim's rows through SQLite itself: invalid UTF-8, JSON that does not parse, text
+    where numbers belong, a forward to garbage."""
+    import sqlite3
+    how = rnd.choice(["utf8-value", "utf8-key", "json", "expires-text", "created-text", "forward"])
+    sql = {
+        "utf8-value": "UPDATE session_keys SET value = CAST(X'FFFE22' AS TEXT) WHERE sid = ?",
+        "utf8-key": "UPDATE session_keys SET key = CAST(X'22FF22' AS TEXT) "
+                    "WHERE rowid = (SELECT min(rowid) FROM session_keys WHERE sid = ?)",
+        "json": "UPDATE session_keys SET value = '[1,' WHERE sid = ?",
+        "expires-text": "UPDATE sessions SET expires = 'soon' WHERE sid = ?",
+        "created-text": "UPDATE sessions SET created = 'long ago' WHERE sid = ?",
+        "forward": "UPDATE sessions SET forward = CAST(X'2E2E2FFF' AS TEXT) WHERE sid = ?",
+    }[how]
+    con = sqlite3.connect(store.path, timeout=30, isolation_level=None)
+    try:
+        con.execute(sql, (sid,))
+    finally:
+        con.close()
+    return how
+
+
+def _soak_damage_lmdb(store, sid, rnd):
+    """Damage a victim's value through LMDB itself (the container's own environment: a process must not
+    open one twice): bytes that are not UTF-8, JSON that does not parse, a value cut inside its header,
+    a forward that is not ASCII."""
+    how = rnd.choice(["utf8", "json", "short", "forward"])
+    key = sid.encode("ascii")
+
+    def damage(txn, env):
+        value = txn.get(key, db=env.sessions)
+        head = value[:sesskit._LMDB_HEADER.size]
+        new = {"utf8": head + b'{"victim": "\xff\xfe"}', "json": head + b'{"victim": [1,',
+               "short": value[:rnd.randrange(1, len(head))],
+               "forward": head[:32] + b"\xff" * 44 + value[len(head):]}[how]
+        txn.put(key, new, db=env.sessions)
+    store._txn(damage, write=True)
+    return how
+
+
+#: The containers the soak runs against, with how it damages a stored session of each. Adding a kind
+#: is one line here (the memory container runs in-process, without kills, faults or damage).
+_SOAK_DAMAGE = {
+    "file": _soak_damage_file,
+    "sqlite": _soak_damage_sqlite,
+    "lmdb": _soak_damage_lmdb,
+}
+SOAK_KINDS = ["memory", *_SOAK_DAMAGE]
+
+
+def _soak_step_damager(w):
+    """Make a victim session, log what it holds, then damage it in the store."""
+    data = {"victim": w.token, "pad": "p" * w.rnd.randrange(0, 3000)}
+    with sesskit.open_session(None, store=w.store) as s:
+        s.update(data)
+    w.log("V", s.id, json.dumps(data))
+    w.log("D", s.id, _SOAK_DAMAGE[w.kind](w.store, s.id, w.rnd))
+    time.sleep(w.rnd.uniform(0.05, 0.3))
+
+
+# -- the auditor: hostile input, damaged victims, admin commands, descriptors ---------------------
+
+
+def _soak_fds(ctl):
+    """This process's open descriptors, those of the soak's own control files left out."""
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if not os.readlink(f"/proc/self/fd/{name}").startswith(ctl):
+                count += 1
+    return count
+
+
+def _soak_hostile_ids(real):
+    return ["../../pwned", "..", "/", "", real[:2] + "/../../pwned/" + real[17:],
+            ("../" * 15)[:44], "\x00" * 44, real[:43] + "\x00", "é" * 44, real[:43] + "é", real + "A",
+            real[:43], "A" * 100_000, real + "." + "A" * 16, real.swapcase(), sesskit.new_session_id(),
+            "%2e%2e%2f" + real[9:], real[:20] + "/" + real[21:], real.encode(), 12345, [real]]
+
+
+def _soak_hostile_cookies(real):
+    forged = real + "A" * 16
+    junk = ["../../pwned", "\x00" * 44, forged, "é" * 60, real[:43] + "\u2028", '"' + forged + '"']
+    return [f"sesskit={real}", f"sesskit={forged}", f"sesskit={forged}.node1",
+            f"sesskit={real}.x/../../pwned", "sesskit=../../pwned", "sesskit=" + "\x00" * 60,
+            "sesskit=" + "A" * 20_000, "; ".join(f"sesskit={j}" for j in junk * 5),
+            f'sesskit="{forged}"', "sesskit==", ";;=;", "sesskit", "=" * 5000, "sesskit=é" * 10,
+            f"other=1; sesskit={forged}; sesskit={real}"]
+
+
+def _soak_no_file(w, store, bad):
+    """No file may appear for a hostile id: under its name in the store, nor where it points."""
+    if type(store) is sesskit.FileContainer and type(bad) is str and "\x00" not in bad and len(bad) < 4096:
+        for path in (os.path.join(store.path, bad[:2], bad), os.path.join(store.path, bad)):
+            if os.path.lexists(path) and os.path.realpath(path) != os.path.realpath(store.path) \
+                    and not os.path.isdir(path):
+                w.log.violation("errors", f"a file exists for the hostile id {bad[:60]!r}")
+
+
+def _soak_fresh(w, s, what):
+    if not (s.is_new and sesskit.is_valid_session_id(s.id) and not s.saved):
+        w.log.violation("errors", f"hostile {what} gave is_new={s.is_new} saved={s.saved}")
+
+
+def _soak_hostile(w, store):
+    """Hostile ids and cookies: each must give a fresh empty session, raise nothing, store nothing."""
+    import wsgiref.util
+    real = w.io.jar(w.rnd.randrange(_SOAK_HOT))
+    n = 0
+    for bad in _soak_hostile_ids(real):
+        with sesskit.open_session(bad, store=store, reap_interval=0) as s:
+            pass
+        _soak_fresh(w, s, f"id {bad!r:.60}")
+        _soak_no_file(w, store, bad)
+        n += 1
+    seen = []
+
+    def app(environ, start_response):
+        session = environ["sesskit.session"]
+        seen.append((session.is_new, session.id))
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+    middleware = sesskit.SessionMiddleware(app, store=store, secret=_SOAK_SECRET, reap_interval=0)
+    for cookie in _soak_hostile_cookies(real):
+        environ = {"HTTP_COOKIE": cookie}
+        wsgiref.util.setup_testing_defaults(environ)
+        with sesskit.open_session(store=store, environ=environ, secret=_SOAK_SECRET, reap_interval=0) as s:
+            pass
+        _soak_fresh(w, s, f"cookie {cookie!r:.60}")
+        headers = []
+        response = middleware(dict(environ), lambda status, h, exc_info=None: headers.extend(h))
+        try:
+            b"".join(response)
+        finally:
+            response.close()
+        if seen and not seen.pop()[0]:
+            w.log.violation("errors", f"hostile cookie {cookie!r:.60} loaded a session (middleware)")
+        if any(name == "Set-Cookie" for name, _ in headers):
+            w.log.violation("errors", f"hostile cookie {cookie!r:.60} got a Set-Cookie (middleware)")
+        n += 2
+    return n
+
+
+def _soak_check_victims(store, log, victims):
+    """A damaged session loads as absent or intact, never raises, and is never touched by anyone else."""
+    for sid, (data, how) in victims.items():
+        try:
+            with sesskit.open_session(sid, store=store, lock="read", reap_interval=0) as s:
+                if not s.is_new and dict(s) != data:
+                    log.violation("torn", f"victim {sid[:12]} damaged by {how} loads as neither absent "
+                                          f"nor intact")
+        except Exception as exc:
+            log.violation("torn", f"victim {sid[:12]} damaged by {how}: loading raised {exc!r:.300}")
+
+
+def _soak_admin(store, url, kind, log):
+    """reap, count, sids and the CLI's ls and stats must keep working whatever the store holds."""
+    for what, action in (("reap", store.reap),
+                         ("count", store.count), ("sids", lambda: list(store.sids()))):
+        try:
+            action()
+        except Exception as exc:
+            log.violation("torn", f"{what}() raised {exc!r:.300}")
+    if kind != "memory":
+        for command in ("ls", "stats"):
+            out, err = io.StringIO(), io.StringIO()
+            try:
+                code = sesskit._main([command, url], out=out, err=err)
+            except Exception as exc:
+                log.violation("torn", f"the CLI's {command} raised {exc!r:.300}")
+                continue
+            if code != 0:
+                log.violation("torn", f"the CLI's {command} exited {code}: {err.getvalue()[:300]}")
+
+
+def _soak_step_auditor(w):
+    """One round with containers of its own, closed at its end; the open descriptors after the first
+    round are the baseline, each later round logs how many more are open than that."""
+    store = sesskit.open_store(w.url)
+    try:
+        w.log("H", _soak_hostile(w, store))
+        _soak_check_victims(store, w.log, _soak_victims(_soak_events(w.ctl, "damager")))
+        _soak_admin(store, w.url, w.kind, w.log)
+        with sesskit.open_session(None, store=store) as s:          # the ordinary operations too
+            s["a"] = 1
+        with sesskit.open_session(s.id, store=store, lock="exclusive") as s:
+            s["a"] += 1
+            s.regenerate()
+        with sesskit.open_session(s.id, store=store, lock="read") as s:
+            assert s["a"] == 2
+        with sesskit.open_session(s.id, store=store) as s:
+            s.delete()
+    finally:
+        store.close()
+    gc.collect()
+    fds = _soak_fds(w.ctl)
+    if "fds" not in w.state:
+        w.state["fds"] = fds
+    else:
+        w.log("X", fds - w.state["fds"])
+    time.sleep(0.05)
+
+
+_SOAK_STEPS = {"writer": _soak_step_writer, "counter": _soak_step_counter, "fault": _soak_step_fault,
+               "login": _soak_step_login, "logout": _soak_step_logout, "damager": _soak_step_damager,
+               "auditor": _soak_step_auditor}
+
+# role, start method, threads; the auditor is never killed (it measures its descriptors over the run)
+_SOAK_PROCESSES = [
+    ("writer", "fork", 1), ("writer", "spawn", 2), ("writer", "fork", 2), ("writer", "spawn", 1),
+    ("counter", "spawn", 2), ("login", "fork", 1), ("logout", "spawn", 1), ("fault", "fork", 1),
+    ("damager", "spawn", 1), ("auditor", "spawn", 1),
+]
+_SOAK_THREAD_ROLES = ["writer"] * 4 + ["counter"] * 2 + ["login", "logout", "auditor"]
+
+
+# -- the final check -------------------------------------------------------------------------
+
+
+def _soak_final(kind, url, ctl):
+    """After every worker stopped: what was acknowledged is stored, and every session loads."""
+    log = _SoakLog(ctl, "final")
+    io_ = _SoakIO(ctl)
+    store = sesskit.open_store(url)
+    events = _soak_events(ctl)
+    victims = _soak_victims(events)
+    now = time.time()
+    # lost: every acknowledged key is in the session its client's jar names now
+    for h in range(_SOAK_HOT):
+        io_.settle(store, h)
+        record = store.load(io_.jar(h))
+        data = {}
+        if record is None or record.forward is not None or record.expires < now:
+            log.violation("lost", f"hot session {h} is gone")
+        else:
+            data = json.loads(record.data)
+        acked = {e[2] for e in events if e[0] == "K" and e[1] == str(h)}
+        missing = acked - set(data)
+        if missing:
+            log.violation("lost", f"{len(missing)} of {len(acked)} acknowledged keys are missing from hot "
+                                  f"session {h}, e.g. {sorted(missing)[:3]}", n=len(missing))
+    # the counter: n is the sum of the per-thread keys, each the acknowledged value (or one more, for a
+    # thread killed between its write and its log line)
+    data = json.loads(store.load(io_.read("counter")).data)
+    counted = {k[2:]: v for k, v in data.items() if k.startswith("c-")}
+    if data["n"] != sum(counted.values()):
+        log.violation("lost", f"the counter is {data['n']}, its threads' keys sum to {sum(counted.values())}",
+                      n=abs(data["n"] - sum(counted.values())))
+    acked, clean = {}, {}
+    for e in events:
+        if e[0] == "C":
+            acked[e[1]] = max(acked.get(e[1], 0), int(e[2]))
+        elif e[0] == "E":
+            clean[e[1]] = int(e[2])
+    for token, value in acked.items():
+        have = counted.get(token, 0)
+        if have != value and (token in clean or have != value + 1):
+            log.violation("lost", f"counter key of {token} holds {have}, {value} acknowledged",
+                          n=max(value - have, 1))
+    # torn: every stored session loads as a dict (victims: as absent or intact)
+    for sid in list(store.sids(0.0)):
+        if not sesskit.is_valid_session_id(sid):
+            log.violation("errors", f"a session is stored under the malformed id {sid!r:.60}")
+            continue
+        if sid in victims:
+            continue
+        try:
+            record = store.load(sid)
+            if record is not None and record.forward is None:
+                data = json.loads(record.data)
+                if type(data) is not dict:
+                    log.violation("torn", f"session {sid[:8]}... holds {type(data).__name__}, not a dict")
+                elif "blob" in data and data.get("check") != len(data["blob"]):
+                    log.violation("torn", f"blob session {sid[:8]}... holds a torn blob")
+        except Exception as exc:
+            log.violation("torn", f"loading session {sid[:8]}... raised {exc!r:.300}")
+    if kind == "file":
+        _soak_final_files(store, victims, log)
+    _soak_check_victims(store, log, victims)
+    _soak_admin(store, url, kind, log)
+    for d, dirs, files in os.walk(os.path.dirname(ctl)):
+        for name in dirs + files:
+            if "pwned" in name:
+                log.violation("errors", f"hostile input made {os.path.join(d, name)}")
+    store.close()
+    log("Z")
+    log.close()
+
+
+def _soak_final_files(store, victims, log):
+    """Every session file holds a slot whose CRC matches (victims aside); nothing else is in the store."""
+    for sub in os.listdir(store.path):
+        path = os.path.join(store.path, sub)
+        if sub.startswith(".reap-"):
+            continue
+        if not os.path.isdir(path) or len(sub) != 2:
+            log.violation("errors", f"unexpected entry {sub!r:.60} in the file store")
+            continue
+        for name in os.listdir(path):
+            if name in victims or name.endswith(".tmp"):
+                continue
+            if not sesskit.is_valid_session_id(name) or name[:2] != sub:
+                log.violation("errors", f"unexpected file {name!r:.60} in the file store")
+                continue
+            with open(os.path.join(path, name), "rb") as f:
+                blob = f.read()
+            if sesskit._parse_session_file(blob)[0] is None and not _soak_cut_creation(blob):
+                log.violation("torn", f"session file {name[:8]}... has no slot with a valid CRC")
+
+
+def _soak_cut_creation(blob):
+    """Whether a session file without a valid slot is a creation that SIGKILL cut short (between its
+    open and the end of its one write): it loads as absent, which is right, as the session was never
+    acknowledged, and the reaper removes it (its mtime was never set to an expiry)."""
+    if len(blob) < 32:
+        return True
+    cap = struct.unpack_from("<4sI", blob)[1]
+    seq, length, _ = struct.unpack_from("<QII", blob, 16)
+    return seq == 1 and len(blob) < 32 + length and len(blob) <= 16 + cap
+
+
+def _soak_final_process(kind, url, ctl, seconds):
+    signal.alarm(int(seconds) + 600)
+    _soak_final(kind, url, ctl)
+
+
+# -- the run ---------------------------------------------------------------------------------
+
+
+class _Soak:
+    """One soak of one container kind: start the workers, kill and restart them, watch for hangs, stop,
+    check; ``run()`` returns the summary counts and the violations."""
+
+    def __init__(self, kind, tmp_path, seconds, seed):
+        self.kind, self.seconds = kind, seconds
+        self.rnd = random.Random(seed)
+        self.ctl = str(tmp_path / "ctl")
+        os.makedirs(os.path.join(self.ctl, "log"))
+        with open(os.path.join(self.ctl, "beats"), "wb") as f:
+            f.write(bytes(_SOAK_SLOTS * 8))
+        self.io = _SoakIO(self.ctl)
+        self.log = _SoakLog(self.ctl, "parent")
+        self.url = _store_url(kind, tmp_path)
+        self.store = sesskit.open_store(self.url)     # memory: the container every thread uses
+        self.kills = 0
+        self.workers = {}       # index -> [role, method, threads, Process or Thread]
+
+    def run(self):
+        for h in range(_SOAK_HOT):
+            self.io.write(f"jar-{h}", _seed(self.store, {"hot": h}))
+        self.io.write("counter", _seed(self.store, {"n": 0}))
+        try:
+            if self.kind == "memory":
+                self._run_threads()
+                _soak_final(self.kind, self.store, self.ctl)
+            else:
+                self.store.close()
+                self._run_processes()
+        finally:
+            self._stop_all()
+        self.log.close()
+        return self._tally()
+
+    # -- threads (memory) ---------------------------------------------------------------
+
+    def _run_threads(self):
+        for i, role in enumerate(_SOAK_THREAD_ROLES):
+            t = threading.Thread(target=_soak_thread, daemon=True, args=(
+                role, self.kind, self.store, self.store, self.ctl, i * _SOAK_THREADS,
+                self.rnd.randrange(1 << 30), True))
+            self.workers[i] = [role, "thread", 1, t]
+            t.start()
+        deadline = self._ready() + self.seconds
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            self._watch()
+        self._stop_all()
+
+    # -- processes ------------------------------------------------------------------------
+
+    def _start(self, i):
+        role, method, nthreads, _ = self.workers[i]
+        p = multiprocessing.get_context(method).Process(
+            target=_soak_process, daemon=True,
+            args=(role, self.kind, self.url, self.ctl, i, self.rnd.randrange(1 << 30), nthreads,
+                  self.seconds))
+        p.start()
+        self.workers[i][3] = p
+
+    def _restart(self, i):
+        """SIGKILL worker ``i``, wait for it, clear its heartbeats and start a new one (unless stopping)."""
+        p = self.workers[i][3]
+        if p.is_alive():
+            os.kill(p.pid, signal.SIGKILL)
+        p.join(30)
+        p.close()
+        for slot in range(i * _SOAK_THREADS, (i + 1) * _SOAK_THREADS):
+            self.io.beat(slot, 0.0)
+        self._start(i)
+
+    def _busy(self, i):
+        return any(self.io.started(slot) for slot in range(i * _SOAK_THREADS, (i + 1) * _SOAK_THREADS))
+
+    def _run_processes(self):
+        for i, (role, method, nthreads) in enumerate(_SOAK_PROCESSES):
+            self.workers[i] = [role, method, nthreads, None]
+            self._start(i)
+        killable = [i for i, w in self.workers.items() if w[0] != "auditor"]
+        deadline = self._ready() + self.seconds
+        next_kill = time.monotonic() + self.rnd.uniform(0.05, 0.5)
+        while time.monotonic() < deadline:
+            time.sleep(0.01)
+            self._watch()
+            if time.monotonic() >= next_kill:
+                # only a worker inside a step: mid-operation, and never one still starting up (a spawn
+                # worker needs a second or more to import, and would otherwise never get to work)
+                busy = [i for i in killable if self._busy(i)]
+                if busy:
+                    self._restart(self.rnd.choice(busy))
+                    self.kills += 1
+                    next_kill = time.monotonic() + self.rnd.uniform(0.1, 0.6)
+        self._stop_all()
+        final = multiprocessing.get_context("spawn").Process(
+            target=_soak_final_process, args=(self.kind, self.url, self.ctl, self.seconds))
+        final.start()
+        try:
+            final.join(120)
+            if final.is_alive():
+                self.log.violation("hung", "the final check did not finish in 120 s")
+        finally:
+            if final.is_alive():
+                final.kill()
+                final.join(30)
+            final.close()
+
+    def _ready(self):
+        """Wait until every worker has started (spawn workers take a while to import on a busy machine),
+        so that the soak's seconds are seconds of work; return the time then."""
+        deadline = time.monotonic() + 120
+        while not all(self.io.started(i * _SOAK_THREADS + _SOAK_READY) for i in self.workers):
+            if time.monotonic() > deadline:
+                self.log.violation("errors", "the workers did not all start within 120 s")
+                break
+            time.sleep(0.05)
+        return time.monotonic()
+
+    def _watch(self):
+        """A step running longer than _SOAK_HUNG is hung; a worker that died by itself is an error."""
+        now = time.monotonic()
+        for i, (role, method, _, w) in list(self.workers.items()):
+            for slot in range(i * _SOAK_THREADS, (i + 1) * _SOAK_THREADS):
+                started = self.io.started(slot)
+                if started and now - started > _SOAK_HUNG:
+                    self.log.violation("hung", f"a {role} step ({method}) ran for over {_SOAK_HUNG:.0f} s")
+                    if method == "thread":
+                        self.io.beat(slot, 0.0)      # cannot be killed; reported once per step
+                    else:
+                        self._restart(i)
+                    break
+            else:
+                if method != "thread" and w.exitcode is not None:
+                    self.log.violation("errors", f"a {role} worker ({method}) exited by itself with "
+                                                 f"{w.exitcode}")
+                    self._restart(i)
+
+    def _stop_all(self):
+        """Raise the stop flag, give every worker _SOAK_HUNG seconds to finish its step, kill the rest."""
+        if self.io.stopped():
+            return
+        self.io.stop()
+        deadline = time.monotonic() + _SOAK_HUNG + 10
+        for i, (role, method, _, w) in self.workers.items():
+            if w is None:
+                continue
+            w.join(max(deadline - time.monotonic(), 0.1))
+            if w.is_alive():
+                self.log.violation("hung", f"a {role} worker ({method}) did not stop")
+                if method != "thread":
+                    w.kill()
+                    w.join(30)
+            if method != "thread":
+                w.close()
+
+    # -- the summary ---------------------------------------------------------------------
+
+    def _tally(self):
+        events = _soak_events(self.ctl)
+        letters = collections.Counter(e[0] for e in events)
+        fds = [int(e[1]) for e in _soak_events(self.ctl, "auditor") if e[0] == "X"]
+        counts = dict(kills=self.kills, io_faults=letters["F"], damaged=letters["D"],
+                      hostile=sum(int(e[1]) for e in events if e[0] == "H"),
+                      acked=letters["K"] + letters["C"], logins=letters["L"], logouts=letters["O"],
+                      refused=letters["R"], timeouts=letters["T"])
+        counts.update(dict.fromkeys(_SOAK_VIOLATIONS, 0))
+        seen = collections.Counter()      # a violation found again (the auditor's rounds) counts once
+        for e in events:
+            if e[0] == "!":
+                n, _, message = e[2].partition(" ")
+                if not seen[e[1], message]:
+                    counts[e[1]] += int(n)
+                seen[e[1], message] += 1
+        violations = [f"{what}: {message}" + (f" (seen {times} times)" if times > 1 else "")
+                      for (what, message), times in seen.items()]
+        counts["leaked_fds"] = max(fds[-1:] or [0])      # the last round against the first
+        if not letters["Z"]:
+            violations.append("the final check did not finish")
+        return counts, violations
+
+
+@pytest.mark.skipif(not SOAK_SECONDS, reason="a stress run: set SESSKIT_SOAK=seconds to run it "
+                                             "(CI runs 60 s per container)")
+class TestSoak:
+    @pytest.mark.parametrize("kind", SOAK_KINDS)
+    def test_soak(self, kind, tmp_path, capsys):
+        _need_kind(kind)
+        seed = random.randrange(1 << 30)
+        counts, violations = _Soak(kind, tmp_path, SOAK_SECONDS, seed).run()
+        line = f"{kind}: " + " ".join(f"{name}={value}" for name, value in counts.items())
+        with capsys.disabled():
+            print(f"\nsoak {line} (seed {seed}, {SOAK_SECONDS:g} s)")
+        assert not violations and not any(counts[v] for v in _SOAK_VIOLATIONS), \
+            line + "\n" + "\n".join(violations[:40])
+        # and it did what it claims: an idle soak proves nothing
+        assert counts["acked"] and counts["hostile"] and counts["logins"] and counts["logouts"], line
+        if kind != "memory":
+            assert counts["kills"] and counts["io_faults"] and counts["damaged"], line
+
+
+###############################################################################
 # Import cost and laziness
 ###############################################################################
 
@@ -3741,7 +4725,6 @@ class TestImport:
 ###############################################################################
 
 import http.cookiejar                                   # noqa: E402  (web tests only)
-import io                                               # noqa: E402
 import re                                               # noqa: E402
 import shutil                                           # noqa: E402
 import socket                                           # noqa: E402
