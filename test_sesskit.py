@@ -352,6 +352,24 @@ def _hold_lock(url, sid, locked, release, mode):
         s["holder"] = os.getpid()
 
 
+def _killed_holder_frees_the_lock(url, busy_wait, free_wait):
+    """A process holding a session's exclusive lock is SIGKILLed: the lock is busy before and free
+    after (at once for OS locks, after the lease for Redis), and the session's data is intact."""
+    sid = _seed(url, {"a": 1})
+    ctx = multiprocessing.get_context("fork")
+    locked, release = ctx.Event(), ctx.Event()
+    with _processes(ctx, _hold_lock, [(url, sid, locked, release, "crash")]) as procs:
+        assert locked.wait(30), "holder never locked"
+        with pytest.raises(sesskit.LockTimeout):
+            with sesskit.open_session(sid, store=url, lock="exclusive", lock_timeout=busy_wait):
+                pass
+        os.kill(procs[0].pid, signal.SIGKILL)
+        procs[0].join(10)
+        with sesskit.open_session(sid, store=url, lock="exclusive", lock_timeout=free_wait) as s:
+            s["after"] = True
+    assert _stored(url, sid) == {"a": 1, "after": True}
+
+
 class TestLocking:
     def test_lock_timeout_across_processes(self, tmp_path):
         url = _store_url("file", tmp_path)
@@ -377,20 +395,7 @@ class TestLocking:
         assert _stored(url, sid)["holder"] > 0
 
     def test_killed_holder_releases_lock(self, tmp_path):
-        url = _store_url("file", tmp_path)
-        sid = _seed(url, {"a": 1})
-        ctx = multiprocessing.get_context("fork")
-        locked, release = ctx.Event(), ctx.Event()
-        with _processes(ctx, _hold_lock, [(url, sid, locked, release, "crash")]) as procs:
-            assert locked.wait(30), "holder never locked"
-            with pytest.raises(sesskit.LockTimeout):
-                with sesskit.open_session(sid, store=url, lock="exclusive", lock_timeout=0):
-                    pass
-            os.kill(procs[0].pid, signal.SIGKILL)
-            procs[0].join(10)
-            with sesskit.open_session(sid, store=url, lock="exclusive", lock_timeout=5) as s:
-                s["after"] = True
-        assert _stored(url, sid) == {"a": 1, "after": True}
+        _killed_holder_frees_the_lock(_store_url("file", tmp_path), busy_wait=0, free_wait=5)
 
     def test_threads_of_one_process_exclude_each_other(self, tmp_path):
         store = sesskit.FileContainer(tmp_path / "s")
@@ -3139,20 +3144,8 @@ class TestRedisContainer:
         store.lock(sid, 0).release()                # and released at the end
 
     def test_a_killed_holder_frees_the_lock_after_its_lease(self, redis_server):
-        url = _redis_url(redis_server, f"kill{os.getpid()}:", lease=1)
-        sid = _seed(url, {"a": 1})
-        ctx = multiprocessing.get_context("fork")
-        locked, release = ctx.Event(), ctx.Event()
-        with _processes(ctx, _hold_lock, [(url, sid, locked, release, "crash")]) as procs:
-            assert locked.wait(30), "holder never locked"
-            with pytest.raises(sesskit.LockTimeout):
-                with sesskit.open_session(sid, store=url, lock="exclusive", lock_timeout=0.2):
-                    pass
-            os.kill(procs[0].pid, signal.SIGKILL)
-            procs[0].join(10)
-            with sesskit.open_session(sid, store=url, lock="exclusive", lock_timeout=10) as s:
-                s["after"] = True
-        assert _stored(url, sid) == {"a": 1, "after": True}
+        _killed_holder_frees_the_lock(_redis_url(redis_server, f"kill{os.getpid()}:", lease=1),
+                                      busy_wait=0.2, free_wait=10)
 
     def test_count_sids_and_reap_use_scan_in_batches(self, store, monkeypatch):
         client = store._client()
