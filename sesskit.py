@@ -103,6 +103,18 @@ class ContainerError(SesskitError, OSError):
     """A storage backend failed, or refused an unsafe configuration; the stored data is unchanged."""
 
 
+class StoreUnavailable(ContainerError):
+    """The session server could not be reached or refused the command (connection refused or lost, a
+    timeout, a failover in progress: READONLY, LOADING; out of memory: OOM). Whether the failed write
+    was applied is unknown only when the connection broke after it was sent; it is then applied
+    completely or not at all."""
+
+
+class LockLost(LockTimeout):
+    """An exclusive block's lock lease ran out (its process was paused, or the server unreachable,
+    longer than the lease) and another request may have taken the lock: the write was refused."""
+
+
 ###############################################################################
 # Utilities: JSON, clock ######################################################
 ###############################################################################
@@ -3055,18 +3067,6 @@ def _redis_changes(changed, deleted):
     for key, value in (changed or {}).items():
         args += (_encode_str(key), _encode_fast(value))
     return args
-
-
-class StoreUnavailable(ContainerError):
-    """The session server could not be reached or refused the command (connection refused or lost, a
-    timeout, a failover in progress: READONLY, LOADING; out of memory: OOM). Whether the failed write
-    was applied is unknown only when the connection broke after it was sent; it is then applied
-    completely or not at all."""
-
-
-class LockLost(LockTimeout):
-    """An exclusive block's lock lease ran out (its process was paused, or the server unreachable,
-    longer than the lease) and another request may have taken the lock: the write was refused."""
 
 
 class _RedisLock:

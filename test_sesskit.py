@@ -5092,6 +5092,26 @@ class TestMiddleware:
             fresh.get("/boom")
         assert fresh.cookie is None and store.count() == 1
 
+    def test_a_store_fault_fails_the_request_and_keeps_the_session(self):
+        """A write-back that the store refuses (here StoreUnavailable, as from a Redis failover) raises
+        out of the middleware, so the server answers 5xx, and the stored session is as it was."""
+        class Failing(sesskit.MemoryContainer):
+            down = False
+
+            def update(self, *args, **kwargs):
+                if self.down:
+                    raise sesskit.StoreUnavailable("redis 127.0.0.1:6379 db 0: READONLY")
+                return super().update(*args, **kwargs)
+        store = Failing()
+        client = _Client(_middleware(store))
+        client.get("/set?k=a&v=1")
+        store.down = True
+        with pytest.raises(sesskit.StoreUnavailable):
+            client.get("/set?k=b&v=2")
+        store.down = False
+        assert client.get("/get")["data"] == {"a": "1"}
+        assert client.get("/set?k=b&v=2") and client.get("/get")["data"] == {"a": "1", "b": "2"}
+
     def test_streaming_body_changes_saved_at_close_or_discarded_on_error(self):
         store = sesskit.MemoryContainer()
         client = _Client(_middleware(store))
