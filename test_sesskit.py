@@ -3154,6 +3154,25 @@ class TestRedisContainer:
                 s["after"] = True
         assert _stored(url, sid) == {"a": 1, "after": True}
 
+    @pytest.mark.parametrize("field, value", [
+        ('"a"', b"garbage"), ('"a"', b"x:1"), ('"a"', b":1"), ('"a"', b'1:"\xff"'), ("n", b"many"),
+        ("n", b"1"), ("n", b"1e15"), ("n", b"99999999999999"), ('"z"', b"1:2"), ("e", b"soon"), ("e", b"-inf"),
+        ("f", b"\xff"), ("c", b"x")])
+    def test_a_damaged_hash_loads_as_absent(self, store, field, value):
+        """Found by the soak: a hash damaged inside the server loads as no session (never raises,
+        never as part of its data), and listing, counting, reaping and writing go on around it."""
+        sid, other = _seed(store, {"a": 1, "b": 2}), _seed(store, {"o": 1})
+        store._call("hset", store._keys(sid)[0], field, value)
+        if field[0] == '"' or field == "n" and value != b"99999999999999":   # (that one: intact, and
+            assert store.load(sid) is None                                   # no busy loop up to it)
+        assert store.count() in (1, 2) and other in store.sids()         # listed by its expiry alone
+        store.reap()                                                    # raises nothing
+        store.touch(sid, time.time() + 5000)
+        with sesskit.open_session(sid, store=store, reap_interval=0) as s:
+            assert s.is_new or dict(s) == {"a": 1, "b": 2}
+            s["c"] = 3
+        assert _stored(store, other) == {"o": 1}
+
     def test_count_sids_and_reap_use_scan_in_batches(self, store, monkeypatch):
         client = store._client()
         monkeypatch.setattr(client, "keys", lambda *a, **k: pytest.fail("KEYS blocks the server"))
