@@ -4327,10 +4327,10 @@ def _soak_damage_redis(store, sid, rnd):
     key = store._keys(sid)[0]
     field = sesskit._encode_str("victim")
     seq = store._call("hget", key, field).split(b":", 1)[0]
-    if how == "utf8-key":
+    if how == "utf8-key":                # in one transaction: a kill between the two is no damage of its own
         value = store._call("hget", key, field)
-        store._call("hdel", key, field)
-        store._call("hset", key, b'"vict\xff\xfem"', value)
+        store._client().pipeline(transaction=True).hdel(key, field).hset(key, b'"vict\xff\xfem"', value) \
+            .execute()
     elif how == "no-meta":
         store._call("hdel", key, "c", "e", "t", "m", "f", "n")
     else:
