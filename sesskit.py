@@ -2897,7 +2897,8 @@ class LMDBContainer(_DatabaseContainer):
 _REDIS_CHECKS = """
 local function live(key, now)
   local m = redis.call('HMGET', key, 'e', 'f')
-  return m[1] and m[2] == '' and tonumber(m[1]) >= tonumber(now)
+  local e = tonumber(m[1])
+  return e and m[2] == '' and e >= tonumber(now)
 end
 local function owned(lock, token)
   return token == '' or redis.call('GET', lock) == token
@@ -2928,21 +2929,24 @@ _REDIS_SCRIPTS = {
     "load": """
 local h = redis.call('HGETALL', KEYS[1])
 if #h == 0 then return false end
-local by_seq, meta = {}, {}
+local by_seq, seqs, meta = {}, {}, {}
 for i = 1, #h, 2 do
   local f, v = h[i], h[i + 1]
   if string.byte(f, 1) == 34 then
-    local colon = string.find(v, ':', 1, true)
-    by_seq[tonumber(string.sub(v, 1, colon - 1))] = f .. string.sub(v, colon)
+    local digits = string.match(v, '^(%d+):')
+    local seq = tonumber(digits)
+    if not seq or by_seq[seq] then return false end     -- damaged (not written by sesskit): no session
+    by_seq[seq] = f .. string.sub(v, #digits + 1)
+    seqs[#seqs + 1] = seq
   else
     meta[f] = v
   end
 end
-local parts, k = {}, 0
-for seq = 1, tonumber(meta.n) or 0 do
-  local part = by_seq[seq]
-  if part then k = k + 1; parts[k] = part end
-end
+local n = string.match(meta.n or '', '^%d+$') and tonumber(meta.n)
+table.sort(seqs)
+if not n or (#seqs > 0 and (seqs[1] < 1 or seqs[#seqs] > n)) then return false end
+local parts = {}
+for k, seq in ipairs(seqs) do parts[k] = by_seq[seq] end
 return {meta.c or '', meta.e or '', meta.t or '', meta.m or '', meta.f or '',
         '{' .. table.concat(parts, ',') .. '}'}
 """,
@@ -2986,8 +2990,8 @@ return 1
     "touch": """
 if not owned(KEYS[2], ARGV[4]) then return -1 end
 local m = redis.call('HMGET', KEYS[1], 'e', 't', 'f')
-if not m[1] or m[3] ~= '' then return 0 end
 local stored = tonumber(m[1])
+if not stored or m[3] ~= '' then return 0 end
 if stored >= tonumber(ARGV[1]) then return 0 end
 if ARGV[3] ~= '' and stored < tonumber(ARGV[3]) then return 0 end
 if ARGV[2] ~= '' and tonumber(m[2]) ~= tonumber(ARGV[2]) then return 0 end
@@ -3027,8 +3031,8 @@ return 1
     # KEYS: hash, lock. ARGV: now -> 1 removed, 0 not expired, absent, or locked (in use)
     "reap": """
 if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
-local e = redis.call('HGET', KEYS[1], 'e')
-if e and tonumber(e) < tonumber(ARGV[1]) then redis.call('DEL', KEYS[1]) return 1 end
+local e = tonumber(redis.call('HGET', KEYS[1], 'e'))
+if e and e < tonumber(ARGV[1]) then redis.call('DEL', KEYS[1]) return 1 end
 return 0
 """,
 }
@@ -3420,7 +3424,13 @@ class RedisContainer(Container):
             values = pipe.execute()
         except self._errors.RedisError as exc:
             raise self._fault(exc) from exc
-        return [(sid, float(value)) for sid, value in zip(sids, values) if value is not None]
+        expiries = []
+        for sid, value in zip(sids, values):
+            try:
+                expiries.append((sid, float(value)))
+            except (TypeError, ValueError):      # no expiry, or a damaged one: no session (its TTL ends it)
+                pass
+        return expiries
 
     def sids(self, now=None):
         now = time.time() if now is None else now

@@ -3147,6 +3147,26 @@ class TestRedisContainer:
         _killed_holder_frees_the_lock(_redis_url(redis_server, f"kill{os.getpid()}:", lease=1),
                                       busy_wait=0.2, free_wait=10)
 
+    @pytest.mark.parametrize("field, value", [
+        ('"a"', b"garbage"), ('"a"', b"x:1"), ('"a"', b":1"), ('"a"', b'1:"\xff"'), ("n", b"many"),
+        ("n", b"1"), ("n", b"1e15"), ("n", b"99999999999999"), ('"z"', b"1:2"), ("e", b"soon"),
+        ("e", b"-inf"),
+        ("f", b"\xff"), ("c", b"x")])
+    def test_a_damaged_hash_loads_as_absent(self, store, field, value):
+        """Found by the soak: a hash damaged inside the server loads as no session (never raises,
+        never as part of its data), and listing, counting, reaping and writing go on around it."""
+        sid, other = _seed(store, {"a": 1, "b": 2}), _seed(store, {"o": 1})
+        store._call("hset", store._keys(sid)[0], field, value)
+        if field[0] == '"' or field == "n" and value != b"99999999999999":   # (that one: intact, and
+            assert store.load(sid) is None                                   # no busy loop up to it)
+        assert store.count() in (1, 2) and other in store.sids()         # listed by its expiry alone
+        store.reap()                                                    # raises nothing
+        store.touch(sid, time.time() + 5000)
+        with sesskit.open_session(sid, store=store, reap_interval=0) as s:
+            assert s.is_new or dict(s) == {"a": 1, "b": 2}
+            s["c"] = 3
+        assert _stored(store, other) == {"o": 1}
+
     def test_count_sids_and_reap_use_scan_in_batches(self, store, monkeypatch):
         client = store._client()
         monkeypatch.setattr(client, "keys", lambda *a, **k: pytest.fail("KEYS blocks the server"))
@@ -3741,6 +3761,8 @@ SOAK_SECONDS = float(os.environ.get("SESSKIT_SOAK") or 0)
 _SOAK_HOT = 3                 # hot sessions the writers share
 _SOAK_GRACE = 30.0            # seconds of grace of a login that has one
 _SOAK_HUNG = 30.0             # a step still running after this many seconds is hung
+_SOAK_LOCK_TIMEOUT = 20.0     # lock_timeout of the exclusive steps: generous (a killed Redis holder's lock
+                              # stays for its 5 s lease), yet a wait ends in LockTimeout before it is hung
 _SOAK_THREADS = 4             # heartbeat slots per worker
 _SOAK_SLOTS = 256             # heartbeat slots in all; the last one is the stop flag
 _SOAK_READY = 128             # slot + this: set once the worker of that slot has started its first step
@@ -3896,7 +3918,7 @@ def _soak_process(role, kind, url, ctl, worker, seed, nthreads, seconds):
     """A worker process: ``nthreads`` threads of ``role`` sharing one container."""
     signal.alarm(int(seconds) + 600)         # a safety net: no worker outlives a broken test run
     if role == "fault":
-        _soak_limit_fsize(url, random.Random(seed))
+        url = _SOAK_FAULTS.get(kind, _soak_limit_fsize)(url, random.Random(seed))
     store = sesskit.open_store(url)
     threads = [threading.Thread(target=_soak_thread, args=(
         role, kind, store, url, ctl, worker * _SOAK_THREADS + t, seed * 10 + t, nthreads > 1))
@@ -3920,6 +3942,89 @@ def _soak_limit_fsize(url, rnd):
     limit = max(sizes, default=0) + rnd.randrange(16384, 196608)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return url
+
+
+class _SoakFaultyLink:
+    """A real network fault for a network store, which RLIMIT_FSIZE does not reach: the fault worker talks
+    to the server through this TCP relay (threads of its own process), which now and then cuts a
+    connection before a request reaches the server (not applied), cuts it after the request went through
+    but before its reply (applied, and the client cannot know), or holds a reply past the client's
+    socket_timeout (applied, timed out). Only the fault worker's connections suffer; the server and every
+    other worker go on as usual."""
+
+    def __init__(self, host, port, rnd, rate=0.03, stall=1.5):
+        import socket
+        self.upstream, self.rnd, self.rate, self.stall = (host, port), rnd, rate, stall
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import socket
+        while True:
+            client, _ = self.listener.accept()
+            try:
+                server = socket.create_connection(self.upstream)
+            except OSError:
+                client.close()
+                continue
+            state = {"cut_reply": None}
+            threading.Thread(target=self._requests, args=(client, server, state), daemon=True).start()
+            threading.Thread(target=self._replies, args=(server, client, state), daemon=True).start()
+
+    @staticmethod
+    def _cut(*socks):
+        import socket
+        for sock in socks:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def _requests(self, client, server, state):
+        try:
+            while True:
+                chunk = client.recv(65536)
+                if not chunk:
+                    break
+                fault = self.rnd.random() < self.rate and self.rnd.choice(["request", "reply", "stall"])
+                if fault == "request":
+                    break                                       # never reaches the server
+                if fault:
+                    state["cut_reply"] = fault
+                server.sendall(chunk)
+        except OSError:
+            pass
+        self._cut(client, server)
+
+    def _replies(self, server, client, state):
+        try:
+            while True:
+                chunk = server.recv(65536)
+                if not chunk:
+                    break
+                fault = state["cut_reply"]
+                if fault == "stall":
+                    time.sleep(self.stall)                      # past the client's socket_timeout
+                if fault:
+                    break                                       # the reply is lost
+                client.sendall(chunk)
+        except OSError:
+            pass
+        self._cut(client, server)
+
+
+def _soak_fault_redis(url, rnd):
+    """The fault worker reaches the server through a _SoakFaultyLink, with a short socket_timeout."""
+    from urllib.parse import urlsplit
+    parts = urlsplit(url)
+    link = _SoakFaultyLink(parts.hostname, parts.port, rnd)
+    _soak_fault_redis.link = link                      # kept alive with the worker
+    return url.replace(parts.netloc, f"127.0.0.1:{link.port}", 1) + "&socket_timeout=0.5"
+
+
+#: How the fault worker of a kind meets real write faults (default: RLIMIT_FSIZE on the store's files).
+_SOAK_FAULTS = {"redis": _soak_fault_redis}
 
 
 # -- worker steps ------------------------------------------------------------------------
@@ -3996,7 +4101,8 @@ def _soak_step_counter(w):
         st.update(counter=w.io.read("counter"), acked=0, tried=None)
     key = f"c-{w.token}"
     try:
-        with sesskit.open_session(st["counter"], store=w.store, lock="exclusive", lock_timeout=30) as s:
+        with sesskit.open_session(st["counter"], store=w.store, lock="exclusive",
+                                  lock_timeout=_SOAK_LOCK_TIMEOUT) as s:
             if s.is_new:
                 w.log.violation("lost", "the counter session is gone")
                 raise _SoakDiscard
@@ -4044,7 +4150,8 @@ def _soak_blob(w):
                 s.update(v=0, blob="", check=0)
             st.update(blob=s.id, v=0, vtried=None)
         size = w.rnd.choice([10, 3000, 60_000, 200_000, 700_000])
-        with sesskit.open_session(st["blob"], store=w.store, lock="exclusive", lock_timeout=30) as s:
+        with sesskit.open_session(st["blob"], store=w.store, lock="exclusive",
+                                  lock_timeout=_SOAK_LOCK_TIMEOUT) as s:
             if s.is_new:
                 w.log.violation("lost", "a blob session is gone")
                 raise _SoakDiscard
@@ -4204,12 +4311,38 @@ def _soak_damage_lmdb(store, sid, rnd):
     return how
 
 
+def _soak_damage_redis(store, sid, rnd):
+    """Damage a victim's hash through the server itself (the layout of sesskit's "# Redis" section): a
+    key field's value that is not UTF-8, not JSON, or has no or a non-numeric sequence number, a key
+    field named by bytes that are not UTF-8, text where the expiry or the sequence counter belongs, the
+    metadata deleted, a forward that is not ASCII or not a session id."""
+    how = rnd.choice(["utf8-value", "utf8-key", "json", "no-seq", "seq-text", "expires-text", "n-text",
+                      "no-meta", "forward-utf8", "forward-garbage"])
+    key = store._keys(sid)[0]
+    field = sesskit._encode_str("victim")
+    seq = store._call("hget", key, field).split(b":", 1)[0]
+    if how == "utf8-key":                # in one transaction: a kill between the two is no damage of its own
+        value = store._call("hget", key, field)
+        store._client().pipeline(transaction=True).hdel(key, field).hset(key, b'"vict\xff\xfem"', value) \
+            .execute()
+    elif how == "no-meta":
+        store._call("hdel", key, "c", "e", "t", "m", "f", "n")
+    else:
+        name, value = {"utf8-value": (field, seq + b':"\xff\xfe"'), "json": (field, seq + b":[1,"),
+                       "no-seq": (field, b"garbage"), "seq-text": (field, b"x:1"),
+                       "expires-text": ("e", b"soon"), "n-text": ("n", b"many"),
+                       "forward-utf8": ("f", b"../\xff"), "forward-garbage": ("f", b"../../pwned")}[how]
+        store._call("hset", key, name, value)
+    return how
+
+
 #: The containers the soak runs against, with how it damages a stored session of each. Adding a kind
 #: is one line here (the memory container runs in-process, without kills, faults or damage).
 _SOAK_DAMAGE = {
     "file": _soak_damage_file,
     "sqlite": _soak_damage_sqlite,
     "lmdb": _soak_damage_lmdb,
+    "redis": _soak_damage_redis,
 }
 SOAK_KINDS = ["memory", *_SOAK_DAMAGE]
 
@@ -4677,8 +4810,10 @@ class _Soak:
                                              "(CI runs 60 s per container)")
 class TestSoak:
     @pytest.mark.parametrize("kind", SOAK_KINDS)
-    def test_soak(self, kind, tmp_path, capsys):
+    def test_soak(self, kind, tmp_path, capsys, request):
         _need_kind(kind)
+        if kind == "redis":
+            request.getfixturevalue("redis_server")      # the run's server; stopped at the end
         seed = random.randrange(1 << 30)
         counts, violations = _Soak(kind, tmp_path, SOAK_SECONDS, seed).run()
         line = f"{kind}: " + " ".join(f"{name}={value}" for name, value in counts.items())
