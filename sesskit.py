@@ -1985,14 +1985,16 @@ class SQLiteContainer(_DatabaseContainer):
     Guarantees:
 
     * Atomicity: every write (create, the merge of one write-back, touch, delete, one reaper batch) is
-      one transaction (``BEGIN IMMEDIATE``); a reader sees a session wholly before or after a write,
-      because ``load`` is one statement.
+      one transaction (``BEGIN IMMEDIATE``, or a single statement); a session is one row, so a reader
+      sees it wholly before or after a write.
     * Locking: a session's lock (exclusive mode, ``delete``, the reaper) is a stripe lock file (see
       "Database containers" above), not SQLite's write lock, so an exclusive block never stops other
-      sessions; SQLite's lock is held only for each write. A merge write-back is a single transaction
-      that re-checks and rewrites only the rows of the keys it changed or deleted; SQLite's lock makes
-      it atomic, so it takes no session lock and may land while an exclusive block of the same session
-      runs. Nothing is lost either way: each write-back applies only its own keys.
+      sessions; SQLite's lock is held only for each write. A merge write-back is a single transaction:
+      an UPDATE conditional on the row still holding the text the block loaded (then the merge is the
+      block's own dict) or, when another write landed since, one that re-reads the row, re-checks it
+      and merges only the keys this block changed or deleted. SQLite's lock makes it atomic, so it takes
+      no session lock and may land while an exclusive block of the same session runs. Nothing is lost
+      either way: each write-back applies only its own keys.
     * Crashes: a process killed at any instant leaves the last committed state; its locks die with it.
     * Processes and threads: one connection per thread and per process, WAL so readers never wait for
       writers, a busy timeout plus a bounded retry on "database is locked". ``fork()`` waits for the
