@@ -1885,39 +1885,48 @@ def _after_fork_in_child():
 
 # SQLite --------------------------------------------------------------------------------
 # Layout: PATH is the database file (WAL mode, so PATH-wal and PATH-shm sit beside it) and PATH.locks/ the
-# directory of stripe and reaper lock files. One row per session in ``sessions`` (its metadata, expiry
-# indexed) and one row per session key in ``session_keys`` (key and value as JSON text), so a merge
-# write-back touches only the rows of the keys it changed. ``load`` reads both in one statement, hence one
-# snapshot, and rebuilds the JSON object in key insertion order (rowid; an update keeps a key's row).
+# directory of stripe and reaper lock files. One row per session in ``sessions``: its metadata (expiry
+# indexed) and ``data``, the JSON text of its dict. Chosen by measurement (issue 8) over one row per key:
+# a request then costs one SELECT to load and, when nobody wrote the session since, one conditional
+# UPDATE to write back (see SQLiteContainer.update), against a join on load and an UPDATE plus upserts in
+# an explicit transaction per write-back.
+#
+# Databases made by sesskit before that kept one row per key in a ``session_keys`` table; opening one
+# migrates it in one transaction (see _SQLITE_MIGRATE). Stop every process of the old version first: one
+# still running fails with "no such table: session_keys" (a ContainerError) once the migration is done.
 
 _SQLITE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
     sid TEXT PRIMARY KEY NOT NULL, created REAL NOT NULL, expires REAL NOT NULL,
-    timeout REAL NOT NULL, max_age REAL NOT NULL, forward TEXT) WITHOUT ROWID;
+    timeout REAL NOT NULL, max_age REAL NOT NULL, forward TEXT, data TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS sessions_by_expiry ON sessions (expires);
-CREATE TABLE IF NOT EXISTS session_keys (
-    sid TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (sid, key));
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY NOT NULL, value) WITHOUT ROWID;
 """
-# SQLite itself joins a session's rows into the text of its JSON object, in key insertion order (rowid):
-# one row comes back however many keys the session has.
-_SQL_LOAD = ("SELECT created, expires, timeout, max_age, forward, (SELECT group_concat(key || ':' || value, "
-             "',') FROM (SELECT key, value FROM session_keys WHERE sid = s.sid ORDER BY rowid)) "
-             "FROM sessions s WHERE sid = ?")
+# From one row per key (sessions without data, session_keys) to one row per session, in one transaction:
+# SQLite joins each session's rows into the text of its JSON object in key insertion order (rowid), so the
+# text is copied as it is stored (a damaged row stays damaged, and loads as absent).
+_SQLITE_MIGRATE = """
+CREATE TABLE sessions_v2 (
+    sid TEXT PRIMARY KEY NOT NULL, created REAL NOT NULL, expires REAL NOT NULL,
+    timeout REAL NOT NULL, max_age REAL NOT NULL, forward TEXT, data TEXT NOT NULL);
+INSERT INTO sessions_v2 SELECT sid, created, expires, timeout, max_age, forward,
+    '{' || coalesce((SELECT group_concat(key || ':' || value, ',') FROM (SELECT key, value FROM session_keys
+    WHERE sid = s.sid ORDER BY rowid)), '') || '}' FROM sessions s;
+DROP TABLE session_keys;
+DROP TABLE sessions;
+ALTER TABLE sessions_v2 RENAME TO sessions;
+CREATE INDEX sessions_by_expiry ON sessions (expires);
+"""
+_SQL_LOAD = "SELECT created, expires, timeout, max_age, forward, data FROM sessions WHERE sid = ?"
 _SQL_EXISTS = "SELECT 1 FROM sessions WHERE sid = ?"
-_SQL_INSERT_SESSION = "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?)"
-_SQL_INSERT_KEY = "INSERT INTO session_keys (sid, key, value) VALUES (?, ?, ?)"
-_SQL_UPDATE_SESSION = ("UPDATE sessions SET created = ?, expires = ?, timeout = ?, max_age = ?, forward = ? "
-                       "WHERE sid = ? AND forward IS NULL AND expires >= ?")
-_SQL_UPSERT_KEY = ("INSERT INTO session_keys (sid, key, value) VALUES (?, ?, ?) "
-                   "ON CONFLICT (sid, key) DO UPDATE SET value = excluded.value")
-_SQL_DELETE_KEY = "DELETE FROM session_keys WHERE sid = ? AND key = ?"
-_SQL_WRITABLE = "SELECT 1 FROM sessions WHERE sid = ? AND forward IS NULL AND expires >= ?"
-_SQL_COPY_KEYS = ("INSERT INTO session_keys (sid, key, value) SELECT ?, key, value FROM session_keys "
-                  "WHERE sid = ? ORDER BY rowid")
-_SQL_TOMBSTONE = ("UPDATE sessions SET created = ?, expires = ?, timeout = ?, max_age = ?, forward = ? "
-                  "WHERE sid = ?")
-_SQL_DELETE_KEYS = "DELETE FROM session_keys WHERE sid = ?"
+_SQL_INSERT = "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?)"
+_SQL_CURRENT = "SELECT expires, forward, data FROM sessions WHERE sid = ?"
+# A write-back as one statement: it lands only if the stored text is still the one the caller loaded (and
+# the session is writable), and then its result is simply the caller's dict.
+_SQL_SWAP = ("UPDATE sessions SET created = ?, expires = ?, timeout = ?, max_age = ?, forward = ?, data = ? "
+             "WHERE sid = ? AND data = ? AND forward IS NULL AND expires >= ?")
+_SQL_REWRITE = ("UPDATE sessions SET created = ?, expires = ?, timeout = ?, max_age = ?, forward = ?, data = ? "
+                "WHERE sid = ?")
 _SQL_DELETE_SESSION = "DELETE FROM sessions WHERE sid = ?"
 _SQL_TOUCH = ("UPDATE sessions SET expires = ? WHERE sid = ? AND expires < ? AND forward IS NULL "
               "AND (? IS NULL OR timeout = ?) AND (? IS NULL OR expires >= ?)")
@@ -1926,7 +1935,6 @@ _SQL_TOUCH = ("UPDATE sessions SET expires = ? WHERE sid = ? AND expires < ? AND
 _SQL_EXPIRED = ("SELECT expires, CAST(sid AS BLOB) FROM sessions WHERE expires < ? "
                 "AND (expires, sid) > (?, CAST(? AS TEXT)) ORDER BY expires, sid LIMIT ?")
 _SQL_REAP_ONE = "DELETE FROM sessions WHERE sid = CAST(? AS TEXT) AND expires < ?"
-_SQL_DELETE_KEYS_OF = "DELETE FROM session_keys WHERE sid = CAST(? AS TEXT)"
 _SQL_LIVE = "FROM sessions WHERE expires >= ? AND typeof(expires) IN ('real', 'integer')"
 _SQLITE_RETRIES = 20       # extra attempts after "database is locked" outlasted the busy timeout
 # A reader that keeps one snapshot for long (a backup, an sqlite3 shell) stops checkpoints from getting past
@@ -1989,14 +1997,16 @@ class SQLiteContainer(_DatabaseContainer):
     Guarantees:
 
     * Atomicity: every write (create, the merge of one write-back, touch, delete, one reaper batch) is
-      one transaction (``BEGIN IMMEDIATE``); a reader sees a session wholly before or after a write,
-      because ``load`` is one statement.
+      one transaction (``BEGIN IMMEDIATE``, or a single statement); a session is one row, so a reader
+      sees it wholly before or after a write.
     * Locking: a session's lock (exclusive mode, ``delete``, the reaper) is a stripe lock file (see
       "Database containers" above), not SQLite's write lock, so an exclusive block never stops other
-      sessions; SQLite's lock is held only for each write. A merge write-back is a single transaction
-      that re-checks and rewrites only the rows of the keys it changed or deleted; SQLite's lock makes
-      it atomic, so it takes no session lock and may land while an exclusive block of the same session
-      runs. Nothing is lost either way: each write-back applies only its own keys.
+      sessions; SQLite's lock is held only for each write. A merge write-back is a single transaction:
+      an UPDATE conditional on the row still holding the text the block loaded (then the merge is the
+      block's own dict) or, when another write landed since, one that re-reads the row, re-checks it
+      and merges only the keys this block changed or deleted. SQLite's lock makes it atomic, so it takes
+      no session lock and may land while an exclusive block of the same session runs. Nothing is lost
+      either way: each write-back applies only its own keys.
     * Crashes: a process killed at any instant leaves the last committed state; its locks die with it.
     * Processes and threads: one connection per thread and per process, WAL so readers never wait for
       writers, a busy timeout plus a bounded retry on "database is locked". ``fork()`` waits for the
@@ -2065,6 +2075,21 @@ class SQLiteContainer(_DatabaseContainer):
         if con.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
             con.execute("PRAGMA journal_mode=WAL")
         con.executescript(_SQLITE_SCHEMA)
+        if self._old_layout(con):
+            self._transaction(self._migrate)
+
+    @staticmethod
+    def _old_layout(con):
+        return con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'session_keys'"
+                           ).fetchone() is not None
+
+    def _migrate(self, con):
+        """Turn a database of one row per key into one of one row per session (see _SQLITE_MIGRATE),
+        unless another process did it while we waited for the write lock."""
+        if self._old_layout(con):
+            for statement in _SQLITE_MIGRATE.split(";"):
+                if statement.strip():
+                    con.execute(statement)
 
     def _conn(self):
         """This thread's connection, opened on first use in this thread and process."""
@@ -2170,14 +2195,25 @@ class SQLiteContainer(_DatabaseContainer):
     # -- reading -----------------------------------------------------------------
 
     def load(self, sid):
-        rows = self._query(_SQL_LOAD, (sid,), damaged=())
-        if not rows:
+        gate = _sqlite_gate
+        gate.enter()
+        try:
+            row = self._conn().execute(_SQL_LOAD, (sid,)).fetchone()
+        except self._sqlite3.Error:
+            row = _MISSING                   # retried, or explained, below
+        finally:
+            gate.leave()
+        if row is _MISSING:
+            rows = self._query(_SQL_LOAD, (sid,), damaged=())
+            row = rows[0] if rows else None
+        if row is None:
             return None                      # missing, or not UTF-8 (damaged)
-        created, expires, timeout, max_age, forward, items = rows[0]
+        created, expires, timeout, max_age, forward, data = row
         if (type(created) is not float or type(expires) is not float or type(timeout) is not float
-                or type(max_age) is not float or not (forward is None or is_valid_session_id(forward))):
+                or type(max_age) is not float or type(data) is not str
+                or not (forward is None or is_valid_session_id(forward))):
             return None                      # damaged: a damaged record loads as absent
-        return Record(f"{{{items or ''}}}", created, expires, timeout, max_age, forward)
+        return Record(data, created, expires, timeout, max_age, forward)
 
     def _is_stored(self, sid):
         return bool(self._query(_SQL_EXISTS, (sid,)))
@@ -2194,77 +2230,96 @@ class SQLiteContainer(_DatabaseContainer):
 
     # -- writing -----------------------------------------------------------------
 
-    @staticmethod
-    def _session_row(sid, record):
-        return (sid, record.created, record.expires, record.timeout, record.max_age, record.forward)
-
-    @staticmethod
-    def _key_rows(sid, data_text):
-        return [(sid, _encode_str(key), _encode_fast(value))
-                for key, value in _decode_fast(data_text).items()]
-
-    def _insert(self, con, items):
+    def _insert(self, con, rows):
         try:
-            con.executemany(_SQL_INSERT_SESSION, [row for row, _ in items])
+            con.executemany(_SQL_INSERT, rows)
         except self._sqlite3.IntegrityError:
             raise ContainerError("a session with this id exists already") from None
-        con.executemany(_SQL_INSERT_KEY, [key_row for _, key_rows in items for key_row in key_rows])
+
+    @staticmethod
+    def _row(sid, record, data=None):
+        return (sid, record.created, record.expires, record.timeout, record.max_age, record.forward,
+                record.data if data is None else data)
 
     def create(self, sid, record):
-        item = (self._session_row(sid, record), self._key_rows(sid, record.data))
-        self._transaction(self._insert, [item])
+        self._transaction(self._insert, [self._row(sid, record)])
 
     def _bulk_create(self, records):
         """Store many new ``(sid, Record)`` pairs in one transaction (tests and imports)."""
-        items = [(self._session_row(sid, rec), self._key_rows(sid, rec.data)) for sid, rec in records]
-        items.sort()                           # in key order, the B-trees grow at their right edge
-        self._transaction(self._insert, items)
+        rows = sorted(self._row(sid, rec) for sid, rec in records)   # the B-trees grow at their right edge
+        self._transaction(self._insert, rows)
 
-    @staticmethod
-    def _apply(con, session_row, upserts, deletions):
-        if con.execute(_SQL_UPDATE_SESSION, session_row).rowcount != 1:
+    def _current(self, con, sid, now):
+        """The stored data text of ``sid`` if its record is ``writable(now)``, else None (missing, a
+        tombstone, expired or damaged: never written over)."""
+        try:
+            row = con.execute(_SQL_CURRENT, (sid,)).fetchone()
+        except self._sqlite3.OperationalError as exc:
+            if "decode" not in str(exc):
+                raise
+            return None                      # not UTF-8: damaged
+        if row is None or row[1] is not None or type(row[0]) is not float or row[0] < now \
+                or type(row[2]) is not str:
+            return None
+        return row[2]
+
+    def _merge(self, con, sid, changed, deleted, meta, now, base):
+        text = self._current(con, sid, now)
+        if text is None:
             return False                     # missing, a tombstone or expired: never resurrected
-        if deletions:
-            con.executemany(_SQL_DELETE_KEY, deletions)
-        if upserts:
-            con.executemany(_SQL_UPSERT_KEY, upserts)
+        try:
+            data = _merge_data(text, changed, deleted, base)
+        except ValueError:
+            return False                     # damaged JSON: loads as absent, so never written over
+        con.execute(_SQL_REWRITE, (meta.created, meta.expires, meta.timeout, meta.max_age, meta.forward,
+                                   data, sid))
         return True
 
     def update(self, sid, changed, deleted, meta, now, held=None, base=None):
-        # Everything is encoded before the transaction starts, so SQLite's write lock covers SQL only.
-        session_row = (meta.created, meta.expires, meta.timeout, meta.max_age, meta.forward, sid, now)
-        upserts = [(sid, _encode_str(key), _encode_fast(value)) for key, value in changed.items()]
-        deletions = [(sid, _encode_str(key)) for key in deleted if key not in changed]
-        # One transaction; SQLite's write lock makes it atomic, so a merge-mode write-back takes no
-        # session lock (see the class docstring).
-        return self._transaction(self._apply, session_row, upserts, deletions)
+        # The common case is one statement, without an explicit transaction: when the stored text is still
+        # the one this block loaded (``base``), the merge is the block's own dict, so it is written with
+        # that condition in the UPDATE itself (encoded before, so SQLite's write lock covers SQL only).
+        # Otherwise (a concurrent write-back landed since) one transaction re-reads the record, merges
+        # only this block's keys into it and writes it: SQLite's write lock makes it atomic, so a
+        # merge-mode write-back takes no session lock (see the class docstring).
+        if base is not None:
+            data = base[0] if not changed and not deleted else _encode_fast(base[1])
+            params = (meta.created, meta.expires, meta.timeout, meta.max_age, meta.forward, data, sid,
+                      base[0], now)
+            gate = _sqlite_gate
+            gate.enter()
+            try:
+                swapped = self._conn().execute(_SQL_SWAP, params).rowcount == 1
+            except self._sqlite3.Error:
+                swapped = None               # retried, or explained, below
+            finally:
+                gate.leave()
+            if swapped is None:
+                swapped = self._retry(lambda: self._conn().execute(_SQL_SWAP, params).rowcount == 1)
+            if swapped:
+                return True
+        return self._transaction(self._merge, sid, changed or {}, deleted or (), meta, now, base)
 
-    @staticmethod
-    def _rotate_rows(con, old, new_row, upserts, deletions, tombstone, now):
-        if con.execute(_SQL_WRITABLE, (old, now)).fetchone() is None:
+    def _rotate_rows(self, con, old, new, changed, deleted, meta, tombstone, now, base):
+        text = self._current(con, old, now)
+        if text is None:
             return False                     # missing, a tombstone or expired: never resurrected
-        new = new_row[0]
-        con.execute(_SQL_INSERT_SESSION, new_row)
-        con.execute(_SQL_COPY_KEYS, (new, old))
-        if deletions:
-            con.executemany(_SQL_DELETE_KEY, [(new, key) for key in deletions])
-        if upserts:
-            con.executemany(_SQL_UPSERT_KEY, [(new, key, value) for key, value in upserts])
-        con.execute(_SQL_DELETE_KEYS, (old,))
+        try:
+            data = _merge_data(text, changed, deleted, base)
+        except ValueError:
+            return False                     # damaged JSON: loads as absent
+        con.execute(_SQL_INSERT, self._row(new, meta, data))
         if tombstone is None:
             con.execute(_SQL_DELETE_SESSION, (old,))
         else:
-            con.execute(_SQL_TOMBSTONE, (tombstone.created, tombstone.expires, tombstone.timeout,
-                                         tombstone.max_age, tombstone.forward, old))
+            con.execute(_SQL_REWRITE, self._row(old, tombstone)[1:] + (old,))
         return True
 
     def rotate(self, old, new, changed, deleted, meta, tombstone, now, held=None, base=None):
         # One transaction: no write-back of ``old`` can land between the copy and the tombstone.
-        new_row = (new, meta.created, meta.expires, meta.timeout, meta.max_age, None)
-        upserts = [(_encode_str(key), _encode_fast(value)) for key, value in changed.items()]
-        deletions = [_encode_str(key) for key in deleted if key not in changed]
         try:
-            return self._transaction(self._rotate_rows, old, new_row, upserts, deletions, tombstone, now)
+            return self._transaction(self._rotate_rows, old, new, changed or {}, deleted or (), meta,
+                                     tombstone, now, base)
         except ContainerError as exc:
             if isinstance(exc.__cause__, self._sqlite3.IntegrityError):
                 raise ContainerError(f"session {_short(new)} exists already") from None
@@ -2279,7 +2334,6 @@ class SQLiteContainer(_DatabaseContainer):
         row = con.execute("SELECT CAST(forward AS BLOB) FROM sessions WHERE sid = ?", (sid,)).fetchone()
         forward = row and row[0] and row[0].decode("latin-1")
         for victim in (sid, forward) if forward and is_valid_session_id(forward) else (sid,):
-            con.execute(_SQL_DELETE_KEYS, (victim,))
             con.execute(_SQL_DELETE_SESSION, (victim,))
 
     def delete(self, sid, held=None):
@@ -2297,9 +2351,7 @@ class SQLiteContainer(_DatabaseContainer):
         removed = 0
         for sid in sids:
             key = sid if type(sid) is bytes else sid.encode("ascii")
-            if con.execute(_SQL_REAP_ONE, (key, cutoff)).rowcount:
-                con.execute(_SQL_DELETE_KEYS_OF, (key,))
-                removed += 1
+            removed += con.execute(_SQL_REAP_ONE, (key, cutoff)).rowcount
         return removed
 
     def _last_reap(self):

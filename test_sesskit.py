@@ -2229,7 +2229,7 @@ class TestDatabaseContainers:
 
 
 class TestSQLiteContainer:
-    def test_merge_writes_only_changed_rows(self, tmp_path):
+    def test_write_back_rewrites_one_row(self, tmp_path):
         store = sesskit.SQLiteContainer(tmp_path / "s.db")
         sid = _seed(store, {f"k{i}": i for i in range(50)})
         con = store._conn()
@@ -2237,10 +2237,75 @@ class TestSQLiteContainer:
         with sesskit.open_session(sid, store=store, reap_interval=0) as s:
             s["k7"] = "new"
             del s["k9"]
-        assert con.total_changes - before == 3              # the session row, one upsert, one delete
+        assert con.total_changes - before == 1              # the session's row, nothing else
         before = con.total_changes
         store.touch(sid, time.time() + 10_000)
         assert con.total_changes - before == 1
+        assert list(_stored(store, sid)) == [f"k{i}" for i in range(50) if i != 9]   # order kept
+
+    def test_write_back_after_a_concurrent_one_merges_only_its_own_keys(self, tmp_path):
+        """The row changed between this block's load and its write-back, so the one-statement write
+        (conditional on the text loaded) does not land and the transaction merges into the new row."""
+        store = sesskit.SQLiteContainer(tmp_path / "s.db")
+        sid = _seed(store, {"a": 1, "b": 2, "c": 3})
+        with sesskit.open_session(sid, store=store, reap_interval=0) as s:
+            s["a"] = "mine"
+            del s["b"]
+            s["new"] = [1]
+            with sesskit.open_session(sid, store=store, reap_interval=0) as other:
+                other["c"] = "theirs"
+                other["d"] = 4
+                other["b"] = "theirs too"
+            assert other.saved
+        assert s.saved and not s.lost
+        assert _stored(store, sid) == {"a": "mine", "c": "theirs", "d": 4, "new": [1]}
+
+    def test_database_of_one_row_per_key_is_migrated_on_open(self, tmp_path):
+        """Databases made before issue 8 kept one row per key (tables sessions + session_keys); opening
+        one converts it in one transaction: data, key order, metadata, tombstones and damage kept."""
+        import sqlite3
+        path = tmp_path / "s.db"
+        live, rotated, empty, damaged = (sesskit.new_session_id() for _ in range(4))
+        con = sqlite3.connect(str(path), isolation_level=None)
+        os.chmod(path, 0o600)
+        con.executescript("""
+            PRAGMA journal_mode=WAL;
+            CREATE TABLE sessions (
+                sid TEXT PRIMARY KEY NOT NULL, created REAL NOT NULL, expires REAL NOT NULL,
+                timeout REAL NOT NULL, max_age REAL NOT NULL, forward TEXT) WITHOUT ROWID;
+            CREATE INDEX sessions_by_expiry ON sessions (expires);
+            CREATE TABLE session_keys (
+                sid TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (sid, key));
+            CREATE TABLE meta (name TEXT PRIMARY KEY NOT NULL, value) WITHOUT ROWID;
+        """)
+        con.executemany("INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?)", [
+            (live, T0, T0 + 100, 100.0, 0.0, None), (rotated, T0, T0 + 50, 10.0, 0.0, live),
+            (empty, T0, T0 + 100, 100.0, 5000.0, None), (damaged, T0, T0 + 100, 100.0, 0.0, None)])
+        con.executemany("INSERT INTO session_keys VALUES (?, ?, ?)", [
+            (live, '"z"', '1'), (live, '"a"', '{"x":[1,2]}'), (live, '"m"', '"\\u00e9"'),
+            (damaged, '"k"', '[1,')])
+        con.close()
+        store = sesskit.SQLiteContainer(path)
+        tables = {row[0] for row in store._conn().execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert tables == {"sessions", "meta"}
+        record = store.load(live)
+        assert record.data == '{"z":1,"a":{"x":[1,2]},"m":"\\u00e9"}'
+        assert (record.created, record.expires, record.timeout, record.forward) == (T0, T0 + 100, 100.0, None)
+        assert json.loads(record.data) == {"z": 1, "a": {"x": [1, 2]}, "m": "\u00e9"}
+        assert store.load(rotated).forward == live and store.load(rotated).data == "{}"
+        assert store.load(empty).data == "{}" and store.load(empty).max_age == 5000.0
+        assert store.load(damaged) is not None
+        with sesskit.open_session(damaged, store=store, clock=FakeClock(T0 + 1), reap_interval=0) as s:
+            assert s.is_new                                  # damaged JSON still loads as absent
+        with sesskit.open_session(live, store=store, clock=FakeClock(T0 + 1), reap_interval=0) as s:
+            s["b"] = 2
+        assert s.saved and json.loads(store.load(live).data) == {"z": 1, "a": {"x": [1, 2]}, "m": "\u00e9",
+                                                                   "b": 2}
+        assert store.reap(T0 + 200 + MARGIN) == 4            # the expiry index came along
+        store.close()
+        again = sesskit.SQLiteContainer(path)                 # a migrated database opens as it is
+        assert again.count(T0) == 0
+        again.close()
 
     def test_wal_durability_and_connections(self, tmp_path):
         store = sesskit.SQLiteContainer(tmp_path / "s.db")
@@ -2621,10 +2686,10 @@ class TestDatabaseHardening:
         for sid in good:
             store.create(sid, _record({"k": 1}, timeout=10))
         raw = __import__("sqlite3").connect(str(tmp_path / "s.db"), isolation_level=None)
-        raw.execute("UPDATE session_keys SET value = CAST(x'22ff22' AS TEXT) WHERE sid = ? AND key = '\"k\"'",
-                    (bad_utf8,))
+        raw.execute("UPDATE sessions SET data = CAST(x'7b226b223a22ff222c226e223a317d' AS TEXT) WHERE sid = ?",
+                    (bad_utf8,))                                     # {"k":"\xff","n":1}
         raw.execute("UPDATE sessions SET expires = 'soon' WHERE sid = ?", (bad_expires,))
-        raw.execute("INSERT INTO sessions VALUES (CAST(x'ff' || ? AS TEXT), ?, ?, 10, 0, NULL)",
+        raw.execute("INSERT INTO sessions VALUES (CAST(x'ff' || ? AS TEXT), ?, ?, 10, 0, NULL, '{}')",
                     (good[0][1:], T0, T0 + 10))                      # a damaged id
         raw.close()
         for sid in (bad_utf8, bad_expires):
@@ -4277,10 +4342,9 @@ def _soak_damage_sqlite(store, sid, rnd):
     import sqlite3
     how = rnd.choice(["utf8-value", "utf8-key", "json", "expires-text", "created-text", "forward"])
     sql = {
-        "utf8-value": "UPDATE session_keys SET value = CAST(X'FFFE22' AS TEXT) WHERE sid = ?",
-        "utf8-key": "UPDATE session_keys SET key = CAST(X'22FF22' AS TEXT) "
-                    "WHERE rowid = (SELECT min(rowid) FROM session_keys WHERE sid = ?)",
-        "json": "UPDATE session_keys SET value = '[1,' WHERE sid = ?",
+        "utf8-value": "UPDATE sessions SET data = CAST(X'7B2276223A22FFFE227D' AS TEXT) WHERE sid = ?",
+        "utf8-key": "UPDATE sessions SET data = CAST(X'7B22FF223A317D' AS TEXT) WHERE sid = ?",
+        "json": "UPDATE sessions SET data = '{\"victim\": [1,' WHERE sid = ?",
         "expires-text": "UPDATE sessions SET expires = 'soon' WHERE sid = ?",
         "created-text": "UPDATE sessions SET created = 'long ago' WHERE sid = ?",
         "forward": "UPDATE sessions SET forward = CAST(X'2E2E2FFF' AS TEXT) WHERE sid = ?",
