@@ -1879,6 +1879,10 @@ def _after_fork_in_child():
     if _sqlite_gate is not None:
         _sqlite_unsafe = _sqlite_unsafe or not _fork_blocked[1]
         _sqlite_gate = _TxnGate()          # the old one may have been locked by a thread the child lacks
+    for shared in _lmdb_envs.values():
+        # the inherited copies' gates are blocked by this fork (or count transactions of threads the
+        # child lacks): fresh ones, or every later fork of the child would wait for them in vain
+        shared.gate = _TxnGate()
     _lmdb_envs_lock.release()
     _fork_lock.release()
 

@@ -2645,6 +2645,31 @@ class TestDatabaseHardening:
             assert data[f"inherited{i}"] == i and data[f"fresh{i}"] == i
         store.close()
 
+    def test_a_child_forks_again_without_waiting_for_its_parents_environments(self, tmp_path):
+        """A process that inherited open LMDB environments forks at once: the gates of the inherited
+        copies were blocked by the fork that made it and must not hold its own forks back."""
+        _need_kind("lmdb")
+        store = sesskit.open_store(_store_url("lmdb", tmp_path))
+        sid = _seed(store, {"a": 1})
+        pid = os.fork()
+        if pid == 0:                                   # the child: fork again, bounded by an alarm
+            code = 1
+            try:
+                sesskit.DEFAULTS["sqlite_busy_timeout"] = 60.0      # a wait for a gate would be 61 s
+                signal.alarm(20)
+                grandchild = os.fork()
+                if grandchild == 0:
+                    os._exit(0)
+                os.waitpid(grandchild, 0)
+                with sesskit.open_session(sid, store=_store_url("lmdb", tmp_path)) as s:
+                    s["child"] = 1
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "the child's fork waited for inherited gates"
+        assert _stored(store, sid) == {"a": 1, "child": 1}
+
     def test_sqlite_fork_child_writes_survive_the_parent_closing(self, tmp_path):
         """SQLite keeps its POSIX lock state per process, and a forked child inherits the parent's copy:
         a connection the child opens believes it holds locks only the parent holds. When the parent
@@ -3704,7 +3729,7 @@ class SessionMachine(RuleBasedStateMachine):
         with self._open(old) as s:
             s["late"] = value
         if now < forwards_until and new in self._live():
-            assert s.id == new and s.saved and not s.stale      # forwarded
+            assert s.id == new and not s.lost and not s.stale   # forwarded (saved if "late" changed)
             self.model[new][0]["late"] = json.loads(json.dumps(value))
             self.model[new][1] = now + self.TIMEOUT
         elif now <= remembered_until and now >= forwards_until:
