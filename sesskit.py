@@ -773,7 +773,14 @@ def _slot_limit():
     wrote: it reads as no session, and no reader ever reads more than that bound (issue 9: a 2 GiB
     sparse file used to be read whole by load, count, ls and reap).
     """
-    return max(_MIN_SLOT, 1 << (2 * DEFAULTS["max_size"] + _META_ROOM + _SLOT_HEADER.size - 1).bit_length())
+    max_size = DEFAULTS["max_size"]
+    if _slot_limit_cache[0] != max_size:      # computed again only when the setting changes
+        _slot_limit_cache[:] = [max_size, max(
+            _MIN_SLOT, 1 << (2 * max_size + _META_ROOM + _SLOT_HEADER.size - 1).bit_length())]
+    return _slot_limit_cache[1]
+
+
+_slot_limit_cache = [None, 0]
 
 
 def _parse_session_file(blob):
