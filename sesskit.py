@@ -5354,7 +5354,8 @@ def _serve_demo(store, port, out):
         def log_message(self, format, *args):   # quiet: one line per request is noise in a demo
             pass
 
-    app = SessionMiddleware(_demo_app, store=store)
+    # the demo says where its sessions go, so the default store is given explicitly (no warning)
+    app = SessionMiddleware(_demo_app, store=store if store is not None else _default_store())
     with make_server("127.0.0.1", port, app, server_class=Server, handler_class=Handler) as server:
         where = store if store is not None else f"the default store, {_default_store()!r}"
         print(f"sesskit demo on http://127.0.0.1:{server.server_port}/ (sessions in {where}); "
