@@ -177,13 +177,7 @@ def _start_redis(directory, port=None, *extra):
 
 
 def _stop_redis(proc):
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+    _stop(proc, grace=20)
 
 
 _redis_shared = {}        # the suite's redis-server: started on first use, stopped at the end
@@ -5553,11 +5547,12 @@ def _start_demo(args, cwd, env=None, timeout=30):
         raise
 
 
-def _stop(proc):
+def _stop(proc, grace=10):
+    """Terminate ``proc``, kill it if it has not ended after ``grace`` seconds, and close its stderr."""
     if proc.poll() is None:
         proc.terminate()
         try:
-            proc.wait(10)
+            proc.wait(grace)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
