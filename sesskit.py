@@ -105,9 +105,9 @@ class ContainerError(SesskitError, OSError):
 
 class StoreUnavailable(ContainerError):
     """The session server could not be reached or refused the command (connection refused or lost, a
-    timeout, a failover in progress: READONLY, LOADING; out of memory: OOM). Whether the failed write
-    was applied is unknown only when the connection broke after it was sent; it is then applied
-    completely or not at all."""
+    timeout, a failover in progress: READONLY, LOADING, MASTERDOWN; out of memory: OOM). Whether the
+    failed write was applied is unknown only when the connection broke after it was sent; it is then
+    applied completely or not at all."""
 
 
 class LockLost(LockTimeout):
@@ -3383,15 +3383,16 @@ class RedisContainer(Container):
     def _fault(self, exc):
         errors = self._errors
         text = str(exc)
-        unavailable = isinstance(exc, (errors.ConnectionError, errors.TimeoutError)) or (
+        name = type(exc).__name__
+        code = _REDIS_CODES.get(name)          # redis-py drops the reply's code from the message
+        # By class where redis-py has one (its message lacks the code: MasterDownError's says "Link
+        # with MASTER is down"), else by the code that a script's error reply still carries.
+        unavailable = code is not None or isinstance(exc, (errors.ConnectionError,
+                                                           errors.TimeoutError)) or (
             isinstance(exc, errors.ResponseError)
             and any(word in text for word in ("READONLY", "LOADING", "OOM", "MASTERDOWN", "BUSY",
                                               "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS")))
-        if isinstance(exc, errors.ReadOnlyError) or type(exc).__name__ == "OutOfMemoryError":
-            unavailable = True
         cls = StoreUnavailable if unavailable else ContainerError
-        name = type(exc).__name__
-        code = _REDIS_CODES.get(name)          # redis-py drops the reply's code from the message
         return cls(f"{self.server}: {name}{f' ({code})' if code else ''}: {text}")
 
     def _run(self, name, keys, args):

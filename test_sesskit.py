@@ -136,8 +136,9 @@ def _need_kind(kind):
         _need(os.path.exists(_REDIS_SERVER), "Redis (apt install redis-server)")
 
 
-def _wait_redis(port, proc, timeout=20, host="127.0.0.1"):
-    """Wait until the server on ``port`` answers PING (it refuses commands while LOADING)."""
+def _wait_redis(port, proc, timeout=20, host="127.0.0.1", loaded=True):
+    """Wait until the server on ``port`` answers PING (it refuses commands while LOADING; with
+    ``loaded=False`` that refusal is enough)."""
     import socket
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -146,7 +147,7 @@ def _wait_redis(port, proc, timeout=20, host="127.0.0.1"):
         try:
             with socket.create_connection((host, port), timeout=0.5) as conn:
                 conn.sendall(b"PING\r\n")
-                if conn.recv(64).startswith(b"+PONG"):
+                if conn.recv(64).startswith(b"+PONG" if loaded else (b"+PONG", b"-LOADING")):
                     return
         except OSError:
             pass
@@ -154,9 +155,10 @@ def _wait_redis(port, proc, timeout=20, host="127.0.0.1"):
     raise RuntimeError(f"redis-server on port {port} did not answer within {timeout} s")
 
 
-def _start_redis(directory, port=None, *extra):
+def _start_redis(directory, port=None, *extra, loaded=True):
     """Start Debian's redis-server on a free loopback port with ``directory`` as its working dir (not
-    daemonised: the caller owns the process). Returns (process, port)."""
+    daemonised: the caller owns the process); ``loaded=False`` returns while it still loads its
+    dataset. Returns (process, port)."""
     import socket
     if port is None:
         with socket.socket() as sock:
@@ -169,7 +171,7 @@ def _start_redis(directory, port=None, *extra):
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
-        _wait_redis(port, proc)
+        _wait_redis(port, proc, loaded=loaded)
     except BaseException:
         _stop_redis(proc)
         raise
@@ -3059,6 +3061,46 @@ def _host_tag(sid):
     return base64.urlsafe_b64decode(sid)[24:27]
 
 
+def _every_call(store, sid, other):
+    """Every container call, by name: on session ``sid`` (stored) and ``other`` (not stored)."""
+    now = time.time()
+    meta = sesskit.Record(None, now, now + 100, 100.0)
+    return {
+        "load": lambda: store.load(sid),
+        "lock": lambda: store.lock(sid, 0),
+        "create": lambda: store.create(other, _record({"new": 1}, now=now)),
+        "update": lambda: store.update(sid, {"x": 1}, ["n"], meta, now),
+        "rotate": lambda: store.rotate(sid, other, {"x": 1}, [], meta, None, now),
+        "touch": lambda: store.touch(sid, now + 1e6),
+        "delete": lambda: store.delete(sid),
+        "count": store.count, "sids": store.sids, "reap": store.reap}
+
+
+def _served(app, path, cookie=None):
+    """The status line a WSGI server (wsgiref's handler) sends for ``path``: an exception out of the
+    application becomes its 500."""
+    from wsgiref.handlers import SimpleHandler
+    environ = {"PATH_INFO": path.partition("?")[0], "QUERY_STRING": path.partition("?")[2],
+               "REQUEST_METHOD": "GET"}
+    setup_testing_defaults(environ)
+    if cookie is not None:
+        environ["HTTP_COOKIE"] = cookie
+    out, errors = io.BytesIO(), io.StringIO()
+    SimpleHandler(io.BytesIO(), out, errors, environ).run(app)
+    return out.getvalue().split(b"\r\n", 1)[0].decode().partition(" ")[2], errors.getvalue()
+
+
+def _replication(store):
+    return store._call("info", "replication")
+
+
+def _wait_until(condition, what, timeout=20):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.05)
+
+
 class TestRedisContainer:
     @pytest.fixture
     def store(self, redis_server, tmp_path):
@@ -3319,6 +3361,101 @@ class TestRedisContainer:
                 store.update(sid, {"b": 2}, [], _record({}, now=time.time()), time.time())
         finally:
             store._call("replicaof", "no", "one")
+
+    def test_a_loading_server_refuses_every_call_and_keeps_every_session(self, tmp_path):
+        """Restarted on a dataset that loads slowly (key-load-delay), the server answers LOADING: every
+        container call raises StoreUnavailable naming it, a request through the middleware is a 500,
+        nothing is half-applied, and once loaded every session is there and writes work again."""
+        _need_kind("redis")
+        directory = tmp_path / "rdb"
+        proc, port = _start_redis(directory)
+        try:
+            store = sesskit.open_store(_redis_url(port, socket_timeout=2))
+            sids = [_seed(store, {"n": i, "name": f"s{i}"}) for i in range(4)]
+            client = _Client(_middleware(store))
+            client.get("/set?k=a&v=1")
+            pipe = store._client().pipeline(transaction=False)
+            for i in range(30000):                  # with key-load-delay 150 µs: about 4.5 s to load
+                pipe.set(f"filler:{i}", "x")
+            pipe.execute()
+            store._call("save")
+            before = {sid: _stored(store, sid) for sid in sids}
+            _stop_redis(proc)
+            store.close()
+            proc, _ = _start_redis(directory, port, "--key-load-delay", 150,
+                                   "--loading-process-events-interval-bytes", 1024, loaded=False)
+            other = sesskit.new_session_id()
+            for name, call in _every_call(store, sids[0], other).items():
+                with pytest.raises(sesskit.StoreUnavailable,
+                                   match=rf"127\.0\.0\.1:{port} .*LOADING") as info:
+                    call()
+                assert type(info.value.__cause__).__name__ == "BusyLoadingError", name
+            status, log = _served(client.app, "/set?k=b&v=2", client.cookie)
+            assert status == "500 Internal Server Error" and "LOADING" in log
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
+                conn.sendall(b"PING\r\n")
+                assert conn.recv(64).startswith(b"-LOADING"), "loaded before the calls: proves nothing"
+            _wait_redis(port, proc, timeout=30)
+            assert {sid: _stored(store, sid) for sid in sids} == before     # nothing half-applied
+            assert store.load(other) is None
+            assert client.get("/get")["data"] == {"a": "1"}                 # the session survived
+            client.get("/set?k=b&v=2")
+            assert client.get("/get")["data"] == {"a": "1", "b": "2"}       # and writes work again
+            meta = sesskit.Record(None, time.time(), time.time() + 100, 100.0)
+            assert store.update(sids[0], {"x": 1}, ["n"], meta, time.time())
+            assert store.rotate(sids[0], other, {}, [], meta, None, time.time())
+            assert _stored(store, other) == {"name": "s0", "x": 1}
+        finally:
+            _stop_redis(proc)
+
+    def test_a_replica_refuses_writes_and_answers_masterdown_without_its_master(self, tmp_path):
+        """A replica refuses every write (READONLY); cut off from its master with
+        replica-serve-stale-data no it refuses everything (MASTERDOWN): StoreUnavailable naming it,
+        a 500 through the middleware, and once the master is back every session is as before."""
+        _need_kind("redis")
+        durable = ("--appendonly", "yes", "--appendfsync", "always")
+        master, mport = _start_redis(tmp_path / "m", None, *durable)
+        replica = None
+        try:
+            replica, rport = _start_redis(tmp_path / "r", None, "--replicaof", "127.0.0.1", mport,
+                                          "--replica-serve-stale-data", "no")
+            primary = sesskit.open_store(_redis_url(mport))
+            store = sesskit.open_store(_redis_url(rport, socket_timeout=2))
+            sids = [_seed(primary, {"n": i}) for i in range(3)]
+            writer = _Client(_middleware(primary))
+            writer.get("/set?k=a&v=1")
+            reader = _Client(_middleware(store))
+            reader.cookie = writer.cookie
+            assert primary._call("wait", 1, 10000) == 1
+            before = {sid: _stored(primary, sid) for sid in sids}
+            assert {sid: _stored(store, sid) for sid in sids} == before     # a replica serves reads
+            other = sesskit.new_session_id()
+            for name, call in _every_call(store, sids[0], other).items():
+                if name in ("create", "update", "rotate", "touch", "delete", "lock"):
+                    with pytest.raises(sesskit.StoreUnavailable,
+                                       match=rf"127\.0\.0\.1:{rport} .*READONLY"):
+                        call()
+            master.kill()                                          # the master is gone
+            master.wait(10)
+            _wait_until(lambda: _replication(store)["master_link_status"] == "down", "the link down")
+            for name, call in _every_call(store, sids[0], other).items():
+                # reap starts with a plain SET (its reaper lock), refused as a write first
+                code = "READONLY" if name == "reap" else "MASTERDOWN"
+                with pytest.raises(sesskit.StoreUnavailable, match=rf"127\.0\.0\.1:{rport} .*{code}"):
+                    call()
+            status, log = _served(reader.app, "/get", reader.cookie)
+            assert status == "500 Internal Server Error" and "MASTERDOWN" in log
+            master, _ = _start_redis(tmp_path / "m", mport, *durable)        # back, from its AOF
+            _wait_until(lambda: _replication(store)["master_link_status"] == "up", "the link")
+            assert {sid: _stored(store, sid) for sid in sids} == before     # nothing half-applied
+            assert store.load(other) is None and primary.load(other) is None
+            assert reader.get("/get")["data"] == {"a": "1"}                 # the session survived
+            writer.get("/set?k=b&v=2")
+            assert writer.get("/get")["data"] == {"a": "1", "b": "2"}
+        finally:
+            for proc in (master, replica):
+                if proc is not None:
+                    _stop_redis(proc)
 
     def test_several_hosts_share_one_redis(self, tmp_path):
         """Three hosts (network and UTS namespaces, 3 worker processes each) and a Redis host: one
