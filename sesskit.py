@@ -69,6 +69,8 @@ DEFAULTS = {
     "lmdb_max_readers": 1024,   # concurrent LMDB read transactions over all processes (set at creation)
     "redis_lease": 5.0,         # seconds a Redis session lock outlives a holder that stopped renewing it
     "redis_socket_timeout": 5.0,  # seconds to connect to Redis, and to wait for one reply
+    "redis_wait_timeout": 1.0,  # seconds a write waits for its replicas (``replicas=``; at most half
+                                # the socket timeout)
 }
 
 #: The lock modes of ``open_session``.
@@ -3100,6 +3102,9 @@ return 0
 """,
 }
 
+#: The scripts that write a session: with ``replicas=N`` each is followed by WAIT.
+_REDIS_WRITES = frozenset(("create", "update", "rotate", "touch", "delete"))
+
 #: redis-py exception -> the Redis error code it stands for, named in StoreUnavailable's message.
 _REDIS_CODES = {"ReadOnlyError": "READONLY", "OutOfMemoryError": "OOM", "BusyLoadingError": "LOADING",
                 "MasterDownError": "MASTERDOWN", "TryAgainError": "TRYAGAIN",
@@ -3226,13 +3231,26 @@ class RedisContainer(Container):
     """Sessions in Redis: one store shared by many hosts, with the same guarantees as on one machine.
 
     :param client_or_url: a ``redis://[:password@]host:port/db``, ``rediss://`` (TLS) or
-        ``unix:///path/to/socket`` URL, or a ``redis.Redis`` client. URL query options go to redis-py,
-        except ``prefix`` and ``lease``, which are this container's. A URL's client gets
+        ``unix:///path/to/socket`` URL, a Sentinel URL (below), or a ``redis.Redis`` client, also one
+        from ``redis.sentinel.Sentinel(...).master_for(name)``. URL query options go to redis-py,
+        except ``prefix``, ``lease`` and ``replicas``, which are this container's. A URL's client gets
         ``socket_timeout`` and ``socket_connect_timeout`` of ``DEFAULTS["redis_socket_timeout"]`` unless
         the URL sets them, and no automatic retries (see Faults).
     :param prefix: put before every key (several stores can share one database).
     :param lease: seconds an exclusive lock outlives a holder that stops renewing it,
         ``DEFAULTS["redis_lease"]``.
+    :param replicas: 0 (the default) or N: every write of a session (create, write-back, rotation,
+        touch, delete) is followed by ``WAIT N`` on the same connection, and succeeds only once N
+        replicas have it; if fewer confirm within ``DEFAULTS["redis_wait_timeout"]`` seconds (at most
+        half the socket timeout) it raises ``StoreUnavailable``: the write is applied on the primary,
+        and may reach the replicas or be lost in a failover, so its outcome is unknown.
+
+    Sentinel URL: ``redis+sentinel://[[user]:password@]host:port[,host:port...]/service?db=0`` names
+    the Sentinels and the service (the ``sentinel monitor`` name); the client asks them for the
+    primary of ``service`` on every new connection, so it follows a failover. The user and password
+    are the Redis servers'; ``sentinel_password`` in the query is the Sentinels' own. The other query
+    options go to the connections (``socket_*`` also to those to the Sentinels). No TLS in this form:
+    pass a client made with ``Sentinel(..., ssl=True)`` instead.
 
     Guarantees:
 
@@ -3253,8 +3271,15 @@ class RedisContainer(Container):
       holder paused (stopped, swapped out, cut off from the server) for longer than its lease loses the
       lock, and another request may then run its block at the same time; the paused holder's write-back
       is then refused (its changes are lost and it is told), so no update is silently overwritten, but
-      the two blocks did overlap. With Redis replication, a failover may lose the last writes
-      acknowledged by the old primary (Redis replicates asynchronously), locks included.
+      the two blocks did overlap. Locks are not waited for (``replicas``): a lock lost in a failover
+      is a lock lost (``LockLost``), as above.
+    * Replication and failover: Redis replicates asynchronously, so by default a failover (Sentinel
+      promoting a replica) loses the writes the old primary acknowledged in the last moments before it
+      died, those that had not reached the promoted replica yet. With ``replicas=N`` no acknowledged
+      write is lost as long as one of the N replicas that confirmed it is the one promoted (Sentinel
+      promotes the replica with the most data); the cost is one replication round trip per write, and
+      writes fail (``StoreUnavailable``) whenever fewer than N replicas are connected, for example after
+      a failover until the old primary is back as a replica.
     * Expiry: the caller's clock decides (the record stores ``expires``); Redis TTLs remove abandoned
       sessions ``DEFAULTS["reap_margin"]`` after their expiry, so ``reap`` finds little. ``reap``,
       ``count`` and ``sids`` walk the keys with SCAN (never KEYS), in batches.
@@ -3265,7 +3290,9 @@ class RedisContainer(Container):
       could report a failure for what succeeded).
     * Processes and threads: the redis-py client and its connection pool are thread-safe; the container
       makes a new client when it finds itself in another process (after ``fork()``), so no connection is
-      ever shared by parent and child. Pickles as its URL.
+      ever shared by parent and child. A client passed in is left to the parent; the child gets a new
+      one with the same settings (for a Sentinel client: the same Sentinels, service and options).
+      Pickles as its URL, or as the settings of the client passed in.
     * Redis Cluster: all keys of one session share the hash tag ``{sid}``, except that ``rotate`` writes
       two sessions' keys in one script and so needs both on one node (a single server, or Sentinel).
 
@@ -3276,7 +3303,7 @@ class RedisContainer(Container):
     Needs ``pip install redis`` (imported only when this container is made).
     """
 
-    def __init__(self, client_or_url, prefix=None, lease=None):
+    def __init__(self, client_or_url, prefix=None, lease=None, replicas=None):
         self._redis = _require("redis", "redis")
         import hashlib
         import redis.exceptions
@@ -3292,6 +3319,9 @@ class RedisContainer(Container):
         self.lease = float(options.get("lease", DEFAULTS["redis_lease"]) if lease is None else lease)
         if not self.lease > 0:
             raise ValueError("lease must be a positive number of seconds")
+        self.replicas = int(options.get("replicas", 0) if replicas is None else replicas)
+        if self.replicas < 0:
+            raise ValueError("replicas must be 0 or more")
         self._margin = DEFAULTS["reap_margin"]
         self._shas = {name: hashlib.sha1((_REDIS_CHECKS + src).encode()).hexdigest()
                       for name, src in _REDIS_SCRIPTS.items()}
@@ -3304,14 +3334,15 @@ class RedisContainer(Container):
 
     @staticmethod
     def _split_url(url):
-        """Take this container's options (prefix, lease) out of a URL's query string."""
+        """Take this container's options (prefix, lease, replicas) out of a URL's query string."""
         from urllib.parse import parse_qsl, urlencode
-        if url.partition(":")[0].lower() not in ("redis", "rediss", "unix"):
-            raise ContainerError(f"not a Redis URL: {url!r} (redis://, rediss:// or unix://)")
+        if url.partition(":")[0].lower() not in ("redis", "rediss", "unix", "redis+sentinel"):
+            raise ContainerError(f"not a Redis URL: {url!r} (redis://, rediss://, unix:// or "
+                                 f"redis+sentinel://)")
         base, _, query_text = url.partition("?")
         query, ours = [], {}
         for name, value in parse_qsl(query_text, keep_blank_values=True):
-            if name in ("prefix", "lease"):
+            if name in ("prefix", "lease", "replicas"):
                 ours[name] = value
             else:
                 query.append((name, value))
@@ -3319,10 +3350,10 @@ class RedisContainer(Container):
 
     def __reduce__(self):
         if self.url is None:
-            pool = self._client().connection_pool
-            return (_redis_from_pool, (pool.connection_class, pool.connection_kwargs, self.prefix,
-                                       self.lease))
-        query = f"prefix={__import__('urllib.parse').parse.quote(self.prefix)}&lease={self.lease!r}"
+            return (_redis_from_settings, (_redis_settings(self._client()), self.prefix, self.lease,
+                                           self.replicas))
+        query = (f"prefix={__import__('urllib.parse').parse.quote(self.prefix)}&lease={self.lease!r}"
+                 f"&replicas={self.replicas}")
         return (RedisContainer, (self.url + ("&" if "?" in self.url else "?") + query,))
 
     def __repr__(self):
@@ -3354,21 +3385,25 @@ class RedisContainer(Container):
             except (ImportError, AttributeError):   # pragma: no cover - redis-py without Retry
                 pass
             try:
+                if self.url.lower().startswith("redis+sentinel:"):
+                    return _redis_sentinel_client(self.url, kwargs)
                 return redis.Redis.from_url(self.url, **kwargs)
             except ValueError as exc:
                 raise ContainerError(f"bad Redis URL {self.url!r}: {exc}") from exc
         client = self._client_obj
         if self._pid is not None and self._pid != os.getpid():
-            # The caller's client was made in the parent: a new pool with the same settings.
-            pool = client.connection_pool
-            client = redis.Redis(connection_pool=type(pool)(connection_class=pool.connection_class,
-                                                            **pool.connection_kwargs))
-            self._client_obj = client
+            # The caller's client was made in the parent: a new one with the same settings.
+            client = self._client_obj = _redis_from_settings(_redis_settings(client))
         return client
 
     @staticmethod
     def _describe(client):
-        kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", {})
+        pool = getattr(client, "connection_pool", None)
+        kwargs = getattr(pool, "connection_kwargs", {})
+        manager = getattr(pool, "sentinel_manager", None)
+        if manager is not None:
+            nodes = ",".join(f"{host}:{port}" for host, port in _redis_sentinel_nodes(manager))
+            return f"redis sentinel {pool.service_name} via {nodes} db {kwargs.get('db', 0)}"
         if kwargs.get("path"):
             return f"redis unix:{kwargs['path']} db {kwargs.get('db', 0)}"
         return f"redis {kwargs.get('host', '?')}:{kwargs.get('port', '?')} db {kwargs.get('db', 0)}"
@@ -3379,6 +3414,9 @@ class RedisContainer(Container):
             client, self._client_ = self._client_, None
         if client is not None and self._pid == os.getpid() and self._client_obj is None:
             client.connection_pool.disconnect()
+            for sentinel in getattr(getattr(client.connection_pool, "sentinel_manager", None),
+                                    "sentinels", ()):
+                sentinel.connection_pool.disconnect()
 
     def _fault(self, exc):
         errors = self._errors
@@ -3393,19 +3431,57 @@ class RedisContainer(Container):
             and any(word in text for word in ("READONLY", "LOADING", "OOM", "MASTERDOWN", "BUSY",
                                               "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS")))
         cls = StoreUnavailable if unavailable else ContainerError
-        return cls(f"{self.server}: {name}{f' ({code})' if code else ''}: {text}")
+        return cls(f"{self._where()}: {name}{f' ({code})' if code else ''}: {text}")
+
+    def _where(self):
+        """The server, and with Sentinel the primary it last named."""
+        address = getattr(getattr(self._client_, "connection_pool", None), "master_address", None)
+        return f"{self.server} (primary {address[0]}:{address[1]})" if address else self.server
 
     def _run(self, name, keys, args):
         """Run one of _REDIS_SCRIPTS: EVALSHA, then EVAL when the server does not have it yet."""
         client = self._client()
         errors = self._errors
         try:
+            if self.replicas and name in _REDIS_WRITES:
+                return self._run_waiting(client, name, keys, args)
             try:
                 return client.evalsha(self._shas[name], len(keys), *keys, *args)
             except errors.NoScriptError:
                 return client.eval(_REDIS_CHECKS + _REDIS_SCRIPTS[name], len(keys), *keys, *args)
         except errors.RedisError as exc:
             raise self._fault(exc) from exc
+
+    def _run_waiting(self, client, name, keys, args):
+        """Run a write script, then WAIT for ``self.replicas`` replicas, in one round trip on one
+        connection (a pipeline): WAIT counts the replicas that have that connection's writes."""
+        timeout = DEFAULTS["redis_wait_timeout"]
+        socket_timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
+        if socket_timeout:
+            timeout = min(timeout, socket_timeout / 2)
+        wait_ms = max(int(timeout * 1000), 1)           # WAIT n 0 would wait for ever
+        for attempt in ("evalsha", "eval"):
+            pipe = client.pipeline(transaction=False)
+            if attempt == "evalsha":
+                pipe.evalsha(self._shas[name], len(keys), *keys, *args)
+            else:
+                pipe.eval(_REDIS_CHECKS + _REDIS_SCRIPTS[name], len(keys), *keys, *args)
+            pipe.execute_command("WAIT", self.replicas, wait_ms)
+            result, confirmed = pipe.execute(raise_on_error=False)
+            if not (attempt == "evalsha" and isinstance(result, self._errors.NoScriptError)):
+                break
+        if isinstance(result, Exception):
+            raise result
+        if result == 1:                                   # it wrote: the replicas must have it
+            if isinstance(confirmed, Exception):
+                raise confirmed
+            if confirmed < self.replicas:
+                raise StoreUnavailable(
+                    f"{self._where()}: only {confirmed} of {self.replicas} replicas confirmed the "
+                    f"write ({name}) within {wait_ms / 1000:g} s (WAIT): it is applied on the primary "
+                    f"and may yet reach them, or be lost if the primary fails over now; its outcome is "
+                    f"unknown")
+        return result
 
     def _call(self, method, *args, **kwargs):
         try:
@@ -3614,11 +3690,77 @@ class RedisContainer(Container):
             self._run("lease", [reaper_key], [token, ""])
 
 
-def _redis_from_pool(connection_class, connection_kwargs, prefix, lease):
-    """Unpickle a RedisContainer that was made from a client: a new client with the same settings."""
+def _redis_sentinel_nodes(manager):
+    """The (host, port) of each Sentinel a ``redis.sentinel.Sentinel`` asks."""
+    return [(node.connection_pool.connection_kwargs.get("host"),
+             node.connection_pool.connection_kwargs.get("port")) for node in manager.sentinels]
+
+
+def _redis_sentinel_client(url, defaults):
+    """The client of a ``redis+sentinel://`` URL (see RedisContainer)."""
+    from urllib.parse import unquote, urlsplit
+    import redis.connection
+    import redis.sentinel
+    parts = urlsplit(url)
+    service = unquote(parts.path.strip("/"))
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    nodes = []
+    for node in filter(None, hosts.split(",")):
+        host, _, port = node.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"a Sentinel is host:port, not {node!r}")
+        nodes.append((host.strip("[]"), int(port)))
+    if not nodes or not service or "/" in service:
+        raise ValueError("expected redis+sentinel://host:port[,host:port...]/service")
+    # redis-py's own URL parser turns the query's options into typed keyword arguments.
+    options = redis.connection.parse_url(f"redis://{userinfo + '@' if userinfo else ''}localhost/"
+                                         f"?{parts.query}")
+    options.pop("host", None)
+    sentinel_password = options.pop("sentinel_password", None)
+    options = {**defaults, **options}
+    sentinel_kwargs = {name: value for name, value in options.items()
+                       if name.startswith("socket_") or name == "retry"}
+    if sentinel_password is not None:
+        sentinel_kwargs["password"] = unquote(sentinel_password)
+    manager = redis.sentinel.Sentinel(nodes, sentinel_kwargs=sentinel_kwargs)
+    return manager.master_for(service, **options)
+
+
+#: What redis-py's pools add to their connection arguments for themselves (a Sentinel pool's proxy;
+#: 8.x: a registry, a notifications handler holding locks, the original address and timeouts): a new
+#: pool makes its own, so a copy for a forked child or a pickle leaves them out.
+_REDIS_POOL_MADE = frozenset(("connection_pool", "himport_registry", "maint_notifications_pool_handler",
+                              "orig_host_address", "orig_socket_timeout", "orig_socket_connect_timeout"))
+
+
+def _redis_settings(client):
+    """What makes a client like ``client``, without its connections (picklable): a plain pool's class
+    and keyword arguments, or a Sentinel client's Sentinels, service and options."""
+    pool = client.connection_pool
+    kwargs = {name: value for name, value in pool.connection_kwargs.items()
+              if name not in _REDIS_POOL_MADE}
+    manager = getattr(pool, "sentinel_manager", None)
+    if manager is None:
+        return ("pool", type(pool), pool.connection_class, kwargs)
+    return ("sentinel", type(manager), _redis_sentinel_nodes(manager), manager.sentinel_kwargs,
+            manager.min_other_sentinels, getattr(manager, "_force_master_ip", None), pool.service_name,
+            type(pool), pool.connection_class, pool.check_connection, kwargs)
+
+
+def _redis_from_settings(settings, prefix=None, lease=None, replicas=None):
+    """A new client from _redis_settings(); with a prefix (unpickling), a RedisContainer on it."""
     redis = _require("redis", "redis")
-    pool = redis.ConnectionPool(connection_class=connection_class, **connection_kwargs)
-    return RedisContainer(redis.Redis(connection_pool=pool), prefix, lease)
+    if settings[0] == "pool":
+        _, pool_class, connection_class, kwargs = settings
+        client = redis.Redis(connection_pool=pool_class(connection_class=connection_class, **kwargs))
+    else:
+        (_, manager_class, nodes, sentinel_kwargs, min_others, force_ip, service, pool_class,
+         connection_class, check, kwargs) = settings
+        manager = manager_class(nodes, min_other_sentinels=min_others, sentinel_kwargs=sentinel_kwargs,
+                                **({"force_master_ip": force_ip} if force_ip else {}))
+        client = manager.master_for(service, connection_pool_class=pool_class,
+                                    connection_class=connection_class, check_connection=check, **kwargs)
+    return client if prefix is None else RedisContainer(client, prefix, lease, replicas)
 
 
 # Store URLs ------------------------------------------------------------------------
@@ -3632,6 +3774,7 @@ _SCHEMES = {
     "redis": "RedisContainer",
     "rediss": "RedisContainer",
     "unix": "RedisContainer",
+    "redis+sentinel": "RedisContainer",
 }
 
 
@@ -3639,7 +3782,8 @@ def open_store(store, **options):
     """Return a container for ``store``: a Container (returned as is) or a URL.
 
     URLs: ``file:/path/to/dir``, ``sqlite:/path/to/file.db``, ``lmdb:/path/to/dir``, ``memory:``,
-    ``redis://host:port/db`` (also ``rediss://`` and ``unix:///path/to/socket``: see RedisContainer);
+    ``redis://host:port/db`` (also ``rediss://``, ``unix:///path/to/socket`` and, through Redis
+    Sentinel, ``redis+sentinel://host:port[,host:port...]/service?db=0``: see RedisContainer);
     ``options`` go to the container class.
     Raises ContainerError for an unknown scheme or an unusable store.
     """
