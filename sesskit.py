@@ -3721,7 +3721,7 @@ def _redis_sentinel_client(url, defaults):
     sentinel_kwargs = {name: value for name, value in options.items()
                        if name.startswith("socket_") or name == "retry"}
     if sentinel_password is not None:
-        sentinel_kwargs["password"] = unquote(sentinel_password)
+        sentinel_kwargs["password"] = sentinel_password
     manager = redis.sentinel.Sentinel(nodes, sentinel_kwargs=sentinel_kwargs)
     return manager.master_for(service, **options)
 

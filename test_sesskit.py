@@ -3787,6 +3787,15 @@ class TestRedisReplication:
         assert pickle.loads(pickle.dumps(by_url)).prefix == "sc:"
         direct = sesskit.open_store(_redis_url(sentinel_servers["master"][1], "sc:"))
         assert set(_stored(direct, sid)) == expected      # it is the primary's data
+        named = sesskit.open_store("redis+sentinel://u:p%40ss@h1:1,[::1]:2/my%20app?db=3&socket_timeout=1.5"
+                                   "&sentinel_password=s%25p&prefix=n:&replicas=2")
+        pool = named._client().connection_pool
+        assert (pool.service_name, named.prefix, named.replicas) == ("my app", "n:", 2)
+        assert pool.sentinel_manager.sentinel_kwargs["password"] == "s%p"
+        assert sesskit._redis_sentinel_nodes(pool.sentinel_manager) == [("h1", 1), ("::1", 2)]
+        kwargs = pool.connection_kwargs
+        assert (kwargs["username"], kwargs["password"], kwargs["db"], kwargs["socket_timeout"]) == (
+            "u", "p@ss", 3, 1.5)
         with pytest.raises(sesskit.ContainerError, match="bad Redis URL"):
             sesskit.open_store("redis+sentinel://127.0.0.1:1,nonsense/sk")._client()
         with pytest.raises(sesskit.ContainerError, match="bad Redis URL"):
