@@ -3041,11 +3041,33 @@ def _network_hosts(count):
             _sh(["ip", "netns", "del", ns], check=False)
 
 
+def _as_host(ns, hostname):
+    """The command prefix that runs a command in network namespace ``ns`` under its own host name (a
+    new UTS namespace, which the command's children share)."""
+    return ["ip", "netns", "exec", ns, "unshare", "--uts", "--", "sh", "-c", 'hostname "$0" && exec "$@"',
+            hostname]
+
+
 def _on_host(ns, hostname, script, *args, timeout=180):
-    """Run the host script in namespace ``ns`` with its own host name (a new UTS namespace)."""
-    cmd = ["ip", "netns", "exec", ns, "unshare", "--uts", "--", "sh", "-c",
-           'hostname "$0" && exec "$@"', hostname, sys.executable, script, HERE, *map(str, args)]
+    """Run the host script in namespace ``ns`` with its own host name."""
+    cmd = [*_as_host(ns, hostname), sys.executable, script, HERE, *map(str, args)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@contextlib.contextmanager
+def _namespace_redis(ns, addresses, directory):
+    """Run redis-server on port 6379 of ``addresses`` in network namespace ``ns``; stop it on the way
+    out. It may not answer yet when this yields."""
+    os.makedirs(directory, exist_ok=True)
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", ns, _REDIS_SERVER, "--bind", *addresses, "--port", "6379",
+         "--dir", str(directory), "--save", "", "--appendonly", "no", "--protected-mode", "no",
+         "--logfile", os.path.join(str(directory), "log")],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield server
+    finally:
+        _stop_redis(server)
 
 
 def _report(proc, timeout=180):
@@ -3330,57 +3352,48 @@ class TestRedisContainer:
         script = tmp_path / "host.py"
         script.write_text(_HOST_SCRIPT)
         names, workers, n = ["host-a", "host-b", "host-c"], 3, 30
-        with _network_hosts(3) as (redis_ns, hosts):
-            rdir = tmp_path / "redis-net"
-            rdir.mkdir()
-            server = subprocess.Popen(
-                ["ip", "netns", "exec", redis_ns, _REDIS_SERVER, "--bind", "10.249.1.1", "10.249.2.1",
-                 "10.249.3.1", "--port", "6379", "--dir", str(rdir), "--save", "", "--appendonly", "no",
-                 "--protected-mode", "no", "--logfile", str(rdir / "log")],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            try:
-                urls = [f"redis://10.249.{i}.1:6379/0?prefix=mh:" for i in (1, 2, 3)]
-                sync = tmp_path / "sync"
+        binds = [f"10.249.{i}.1" for i in (1, 2, 3)]
+        with _network_hosts(3) as (redis_ns, hosts), \
+                _namespace_redis(redis_ns, binds, tmp_path / "redis-net"):
+            urls = [f"redis://10.249.{i}.1:6379/0?prefix=mh:" for i in (1, 2, 3)]
+            sync = tmp_path / "sync"
 
-                def run(i, phase, sid="-", *extra, workers=workers, n=n):
-                    return _on_host(hosts[i], names[i], script, urls[i], sid, phase, workers, n, sync,
-                                    *extra)
+            def run(i, phase, sid="-", *extra, workers=workers, n=n):
+                return _on_host(hosts[i], names[i], script, urls[i], sid, phase, workers, n, sync,
+                                *extra)
 
-                for _ in range(100):                              # the server starts
-                    proc = run(0, "seed")
-                    out, err = proc.communicate(timeout=60)
-                    if proc.returncode == 0:
-                        break
-                    assert "StoreUnavailable" in err, err[-3000:]
-                    time.sleep(0.1)
-                hot = json.loads(out.strip().splitlines()[-1])["results"][0][1]
-                counter = _report(run(1, "seed"))["results"][0][1]
-                procs = [run(i, "merge", hot) for i in range(3)]
-                procs += [run(i, "count", counter) for i in range(3)]
-                reports = [_report(p) for p in procs]
-                assert [r["host"] for r in reports] == names * 2
-                assert len({_host_tag(r["sample_id"]) for r in reports[:3]}) == 3   # ids carry the host
-                for r in reports:
-                    assert [status for status, _ in r["results"]] == ["ok"] * workers, r
-                data, forward = _report(run(2, "peek", hot))["results"][0][1]
-                expected = {f"{h}-{w}-{i}" for h in names for w in range(workers) for i in range(n)}
-                assert forward is None and expected - set(data) == set(), f"lost {len(expected - set(data))}"
-                assert _report(run(2, "peek", counter))["results"][0][1][0]["n"] == 3 * workers * n
+            for _ in range(100):                              # the server starts
+                proc = run(0, "seed")
+                out, err = proc.communicate(timeout=60)
+                if proc.returncode == 0:
+                    break
+                assert "StoreUnavailable" in err, err[-3000:]
+                time.sleep(0.1)
+            hot = json.loads(out.strip().splitlines()[-1])["results"][0][1]
+            counter = _report(run(1, "seed"))["results"][0][1]
+            procs = [run(i, "merge", hot) for i in range(3)]
+            procs += [run(i, "count", counter) for i in range(3)]
+            reports = [_report(p) for p in procs]
+            assert [r["host"] for r in reports] == names * 2
+            assert len({_host_tag(r["sample_id"]) for r in reports[:3]}) == 3   # ids carry the host
+            for r in reports:
+                assert [status for status, _ in r["results"]] == ["ok"] * workers, r
+            data, forward = _report(run(2, "peek", hot))["results"][0][1]
+            expected = {f"{h}-{w}-{i}" for h in names for w in range(workers) for i in range(n)}
+            assert forward is None and expected - set(data) == set(), f"lost {len(expected - set(data))}"
+            assert _report(run(2, "peek", counter))["results"][0][1][0]["n"] == 3 * workers * n
 
-                # A logout on host a while three slower requests of host b (a write, a rotation and a
-                # read) that loaded the session before it finish after it.
-                victim = _report(run(0, "seed"))["results"][0][1]
-                slow = run(1, "late", victim, workers=3, n=1)
-                out = run(0, "logout", victim, workers=1, n=1)
-                late, logout = _report(slow)["results"], _report(out)["results"]
-                assert logout == [["ok", None]]
-                assert [(r["lost"], r["saved"]) for _, r in late[:2]] == [(True, False), (True, False)]
-                rotated_to = late[1][1]["id"]
-                looked = _report(run(2, "peek", victim, rotated_to))["results"]
-                assert looked == [["ok", None], ["ok", False]], "the logout was undone"
-            finally:
-                server.terminate()
-                server.wait(20)
+            # A logout on host a while three slower requests of host b (a write, a rotation and a
+            # read) that loaded the session before it finish after it.
+            victim = _report(run(0, "seed"))["results"][0][1]
+            slow = run(1, "late", victim, workers=3, n=1)
+            out = run(0, "logout", victim, workers=1, n=1)
+            late, logout = _report(slow)["results"], _report(out)["results"]
+            assert logout == [["ok", None]]
+            assert [(r["lost"], r["saved"]) for _, r in late[:2]] == [(True, False), (True, False)]
+            rotated_to = late[1][1]["id"]
+            looked = _report(run(2, "peek", victim, rotated_to))["results"]
+            assert looked == [["ok", None], ["ok", False]], "the logout was undone"
 
     def test_failover_kill_restart_and_pause_under_load(self, tmp_path):
         """redis-server (appendonly, appendfsync always) is SIGKILLed and restarted, then paused with
@@ -5648,9 +5661,9 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _port_open(port):
+def _port_open(port, host="127.0.0.1"):
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+        with socket.create_connection((host, port), timeout=0.2):
             return True
     except OSError:
         return False
@@ -5744,12 +5757,17 @@ def _alive(pid):
 
 
 @contextlib.contextmanager
-def _apache(app_file, root, cgi_dir, python_path, processes=4, threads=4, timeout=30, include=None):
+def _apache(app_file, root, cgi_dir, python_path, processes=4, threads=4, timeout=30, include=None,
+            host="127.0.0.1", port=None, launch=(), ready=_port_open):
     """Run mod_wsgi-express (Apache httpd) serving ``app_file``, plus ``*.cgi`` from ``cgi_dir``; yield
-    its base URL. Always stops it: apachectl stop, a bounded wait, then SIGKILL of what is left."""
-    port = _free_port()
+    its base URL. Always stops it: apachectl stop, a bounded wait, then SIGKILL of what is left.
+
+    By default it listens on a free loopback port. Elsewhere (in a network namespace) give ``host`` and
+    ``port``, ``launch``, the command prefix that starts ``apachectl start`` there, and ``ready(port,
+    host)``, which tells from where the clients are whether it answers."""
+    port = _free_port() if port is None else port
     cmd = [os.path.join(os.path.dirname(sys.executable), "mod_wsgi-express"), "setup-server", app_file,
-           "--server-root", root, "--host", "127.0.0.1", "--port", port, "--processes", processes,
+           "--server-root", root, "--host", host, "--port", port, "--processes", processes,
            "--threads", threads, "--locale", "C.UTF-8", "--python-path", python_path,
            "--setenv", "PYTHONPATH", python_path, "--setenv", "PYTHONDONTWRITEBYTECODE", "1",
            "--with-cgi", "--document-root", cgi_dir, "--log-level", "info"]
@@ -5763,21 +5781,21 @@ def _apache(app_file, root, cgi_dir, python_path, processes=4, threads=4, timeou
     pids = set()
     main = None
     try:
-        _sh([os.path.join(root, "apachectl"), "start"], timeout=timeout)
+        _sh([*launch, os.path.join(root, "apachectl"), "start"], timeout=timeout)
         deadline = time.monotonic() + timeout
         while True:
             try:
                 main = int(open(os.path.join(root, "httpd.pid")).read())
             except (OSError, ValueError):
                 main = None
-            if main and _port_open(port):
+            if main and ready(port, host):
                 break
             if time.monotonic() > deadline:
                 log = open(os.path.join(root, "error_log")).read()[-3000:]
                 raise RuntimeError(f"Apache did not answer on port {port} in {timeout}s:\n{log}")
             time.sleep(0.05)
         pids = _process_tree(main)
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://{host}:{port}"
     finally:
         _sh([os.path.join(root, "apachectl"), "stop"], timeout=timeout, check=False)
         if main:
