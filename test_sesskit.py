@@ -3642,6 +3642,20 @@ def _redis_command(port, *args):
         client.close()
 
 
+def _wait_replica(master_port, replica_port):
+    """Wait until the replica has synchronised and confirms writes (WAIT counts it): its link is up
+    before the primary counts it."""
+    import redis
+    _wait_until(lambda: _info(replica_port).get("master_link_status") == "up", "the replica's link")
+    probe = redis.Redis(port=master_port, socket_timeout=15)
+    try:
+        probe.set("probe", 1)
+        assert probe.wait(1, 10000) == 1, "the replica confirms no write"
+        probe.delete("probe")
+    finally:
+        probe.close()
+
+
 def _info(port, section="replication"):
     import redis
     client = redis.Redis(port=port, socket_timeout=1, socket_connect_timeout=1)
@@ -3677,7 +3691,8 @@ def sentinel_servers(tmp_path):
                 state = _ask_sentinels([port], "sentinel_master", _SERVICE) or {}
                 if state.get("num-other-sentinels") != 2 or state.get("num-slaves") != 1:
                     return False
-            return _info(servers["replica"][1]).get("master_link_status") == "up"
+            return True
+        _wait_replica(mport, servers["replica"][1])
         _wait_until(ready, "the Sentinels to find each other and the replica", timeout=30)
         servers["url"] = (f"redis+sentinel://{','.join(f'127.0.0.1:{port}' for port in ports)}/"
                           f"{_SERVICE}")
@@ -3746,8 +3761,8 @@ class TestRedisReplication:
         replica = None
         try:
             replica, rport = _start_redis(tmp_path / "r", None, "--replicaof", "127.0.0.1", mport)
-            _wait_until(lambda: _info(rport).get("master_link_status") == "up", "the replica")
-            waiting = sesskit.open_store(_redis_url(mport, "w:", replicas=1, socket_timeout=0.6))
+            _wait_replica(mport, rport)
+            waiting = sesskit.open_store(_redis_url(mport, "w:", replicas=1, socket_timeout=2))
             plain = sesskit.open_store(_redis_url(mport, "w:"))
             on_replica = sesskit.open_store(_redis_url(rport, "w:"))
             assert (waiting.replicas, plain.replicas) == (1, 0)
@@ -3764,7 +3779,7 @@ class TestRedisReplication:
                                    match=rf"127\.0\.0\.1:{mport} .*only 0 of 1 replicas .*unknown"):
                     with sesskit.open_session(sid, store=waiting, reap_interval=0) as s:
                         s["late"] = 1
-                assert time.monotonic() - started < 1.5      # WAIT gave up at half the socket timeout
+                assert time.monotonic() - started < 1.9      # WAIT gave up at half the socket timeout
                 assert _stored(plain, sid)["late"] == 1      # applied on the primary all the same
                 with sesskit.open_session(sid, store=plain, reap_interval=0) as s:
                     s["plain"] = 1                           # the default does not wait
