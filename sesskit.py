@@ -3110,7 +3110,7 @@ if not owned(KEYS[2], ARGV[1]) then return -1 end
 local f = redis.call('HGET', KEYS[1], 'f')
 if (f or '') ~= ARGV[2] then return 0 end
 redis.call('DEL', KEYS[1])
-if ARGV[2] ~= '' then redis.call('DEL', KEYS[3]) end
+if ARGV[2] ~= '' and KEYS[3] then redis.call('DEL', KEYS[3]) end
 return 1
 """,
     # KEYS: hash, lock. ARGV: token, lease_ms -> 1 locked, 0 held by another, -1 no such session
@@ -3382,7 +3382,8 @@ class RedisContainer(Container):
             client = self._client()
             if self.cluster:
                 nodes = [(node.host, node.port) for node in client.get_nodes()]
-                return (_redis_cluster_from, (nodes, _cluster_kwargs(client), self.prefix, self.lease))
+                return (_redis_cluster_from, (nodes, _cluster_kwargs(client), client.retry, self.prefix,
+                                              self.lease))
             pool = client.connection_pool
             return (_redis_from_pool, (pool.connection_class, pool.connection_kwargs, self.prefix,
                                        self.lease))
@@ -3694,11 +3695,13 @@ class RedisContainer(Container):
         try:
             # A tombstone goes with the session it forwards to (the Container contract). The forward is
             # read first so that the script can name that session's key (Redis Cluster wants every
-            # key declared); the script checks it is still the same, else it is read again.
+            # key declared, in one slot: a forward made by rotate() shares the tag); the script checks
+            # it is still the same, else it is read again. A damaged forward names no session.
             for _ in range(8):
                 record = self.load(sid)
                 forward = "" if record is None or record.forward is None else record.forward
-                keys = [key, lock_key] + ([self._keys(forward)[0]] if forward else [])
+                target = is_valid_session_id(forward) and forward[:_REDIS_TAG] == sid[:_REDIS_TAG]
+                keys = [key, lock_key] + ([self._keys(forward)[0]] if target else [])
                 result = self._run("delete", keys, [self._token(handle), forward])
                 if result != 0:
                     break
@@ -3795,12 +3798,13 @@ def _cluster_kwargs(client):
     return kwargs
 
 
-def _redis_cluster_from(nodes, kwargs, prefix, lease):
+def _redis_cluster_from(nodes, kwargs, retry, prefix, lease):
     """Unpickle a RedisContainer that was made from a RedisCluster client: a new one like it."""
     _require("redis", "redis")
     import redis.cluster
     client = redis.cluster.RedisCluster(
-        startup_nodes=[redis.cluster.ClusterNode(host, port) for host, port in nodes], **kwargs)
+        startup_nodes=[redis.cluster.ClusterNode(host, port) for host, port in nodes], retry=retry,
+        **kwargs)
     return RedisContainer(client, prefix, lease)
 
 

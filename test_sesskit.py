@@ -4132,6 +4132,10 @@ class RedisSessionMachine(SessionMachine):
     KIND = "redis"
 
 
+class RedisClusterSessionMachine(SessionMachine):
+    KIND = "redis-cluster"
+
+
 TestSQLiteModel = SQLiteSessionMachine.TestCase
 TestSQLiteModel.settings = _machine_settings
 TestLMDBModel = LMDBSessionMachine.TestCase
@@ -4142,6 +4146,13 @@ TestRedisModel = RedisSessionMachine.TestCase
 TestRedisModel.settings = _machine_settings
 if not (_have_redis() and os.path.exists(_REDIS_SERVER)) and not REQUIRE_INTEGRATION:
     TestRedisModel = pytest.mark.skip(reason="the redis package or redis-server is missing")(TestRedisModel)
+TestRedisClusterModel = RedisClusterSessionMachine.TestCase
+# Fewer examples: each lists the store on three nodes after every step (about 3x a single server).
+TestRedisClusterModel.settings = settings(_machine_settings, max_examples=15)
+if not (_have_redis() and os.path.exists(_REDIS_SERVER) and os.path.exists(_REDIS_CLI)) \
+        and not REQUIRE_INTEGRATION:
+    TestRedisClusterModel = pytest.mark.skip(
+        reason="the redis package, redis-server or redis-cli is missing")(TestRedisClusterModel)
 
 
 ###############################################################################
