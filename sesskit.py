@@ -3599,15 +3599,15 @@ class RedisContainer(Container):
         if not self.cluster:
             cursor, keys = self._call("scan", cursor, pattern, 500)
             return int(cursor), [key[start:].decode("ascii") for key in keys]
-        client = self._client()
-        names = sorted(node.name for node in self._call("get_primaries"))
+        primaries = {node.name: node for node in self._call("get_primaries")}
+        names = sorted(primaries)
         name, at = cursor or (names[0] if names else "", 0)
-        if name not in names:
+        if name not in primaries:
             later = [other for other in names if other > name]
             if not later:
                 return 0, []
             name, at = later[0], 0
-        cursors, keys = self._call("scan", at, pattern, 500, target_nodes=client.get_node(node_name=name))
+        cursors, keys = self._call("scan", at, pattern, 500, target_nodes=primaries[name])
         at = int(cursors[name])
         if at == 0:
             later = [other for other in names if other > name]

@@ -3688,7 +3688,10 @@ class TestRedisCluster:
         sid = _seed(c, {"a": 1})
         clone = pickle.loads(pickle.dumps(c))
         assert clone.cluster and _stored(clone, sid) == {"a": 1}
-        assert c.count() == 1
+        client = c._client()
+        _run_all(multiprocessing.get_context("fork"), _inherited_worker, [(c, sid, w, 3) for w in range(2)])
+        assert c._client() is client and c.count() == 1     # the children made their own clients
+        assert set(_stored(c, sid)) == {"a"} | {f"w{w}-{i}" for w in range(2) for i in range(3)}
         with pytest.raises(sesskit.ContainerError, match="database 0"):
             sesskit.RedisContainer(f"redis://127.0.0.1:{port}/1?cluster=1")
         with pytest.raises(ValueError, match="braces"):
