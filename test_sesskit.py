@@ -3151,23 +3151,50 @@ def _network_hosts(count):
             made.append(ns)
             _sh(["ip", "-n", ns, "link", "set", "lo", "up"])
         for i, ns in enumerate(hosts, 1):
-            _sh(["ip", "link", "add", "name", f"sk{i}h", "netns", ns, "type", "veth",
-                 "peer", "name", f"sk{i}r", "netns", redis_ns])
-            _sh(["ip", "-n", ns, "addr", "add", f"10.249.{i}.2/24", "dev", f"sk{i}h"])
-            _sh(["ip", "-n", redis_ns, "addr", "add", f"10.249.{i}.1/24", "dev", f"sk{i}r"])
-            _sh(["ip", "-n", ns, "link", "set", f"sk{i}h", "up"])
-            _sh(["ip", "-n", redis_ns, "link", "set", f"sk{i}r", "up"])
+            _veth(ns, f"sk{i}h", f"10.249.{i}.2", redis_ns, f"sk{i}r", f"10.249.{i}.1")
         yield redis_ns, hosts
     finally:
         for ns in made:
             _sh(["ip", "netns", "del", ns], check=False)
 
 
+def _veth(ns, name, address, peer_ns, peer_name, peer_address):
+    """Link namespaces ``ns`` and ``peer_ns`` by a veth pair made inside them, with a /24 address at
+    each end, and bring both ends up."""
+    _sh(["ip", "link", "add", "name", name, "netns", ns, "type", "veth",
+         "peer", "name", peer_name, "netns", peer_ns])
+    for where, dev, addr in ((ns, name, address), (peer_ns, peer_name, peer_address)):
+        _sh(["ip", "-n", where, "addr", "add", f"{addr}/24", "dev", dev])
+        _sh(["ip", "-n", where, "link", "set", dev, "up"])
+
+
+def _as_host(ns, hostname):
+    """The command prefix that runs a command in network namespace ``ns`` under its own host name (a
+    new UTS namespace, which the command's children share)."""
+    return ["ip", "netns", "exec", ns, "unshare", "--uts", "--", "sh", "-c", 'hostname "$0" && exec "$@"',
+            hostname]
+
+
 def _on_host(ns, hostname, script, *args, timeout=180):
-    """Run the host script in namespace ``ns`` with its own host name (a new UTS namespace)."""
-    cmd = ["ip", "netns", "exec", ns, "unshare", "--uts", "--", "sh", "-c",
-           'hostname "$0" && exec "$@"', hostname, sys.executable, script, HERE, *map(str, args)]
+    """Run the host script in namespace ``ns`` with its own host name."""
+    cmd = [*_as_host(ns, hostname), sys.executable, script, HERE, *map(str, args)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@contextlib.contextmanager
+def _namespace_redis(ns, addresses, directory):
+    """Run redis-server on port 6379 of ``addresses`` in network namespace ``ns``; stop it on the way
+    out. It may not answer yet when this yields."""
+    os.makedirs(directory, exist_ok=True)
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", ns, _REDIS_SERVER, "--bind", *addresses, "--port", "6379",
+         "--dir", str(directory), "--save", "", "--appendonly", "no", "--protected-mode", "no",
+         "--logfile", os.path.join(str(directory), "log")],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield server
+    finally:
+        _stop_redis(server)
 
 
 def _report(proc, timeout=180):
@@ -3457,57 +3484,48 @@ class TestRedisContainer:
         script = tmp_path / "host.py"
         script.write_text(_HOST_SCRIPT)
         names, workers, n = ["host-a", "host-b", "host-c"], 3, 30
-        with _network_hosts(3) as (redis_ns, hosts):
-            rdir = tmp_path / "redis-net"
-            rdir.mkdir()
-            server = subprocess.Popen(
-                ["ip", "netns", "exec", redis_ns, _REDIS_SERVER, "--bind", "10.249.1.1", "10.249.2.1",
-                 "10.249.3.1", "--port", "6379", "--dir", str(rdir), "--save", "", "--appendonly", "no",
-                 "--protected-mode", "no", "--logfile", str(rdir / "log")],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            try:
-                urls = [f"redis://10.249.{i}.1:6379/0?prefix=mh:" for i in (1, 2, 3)]
-                sync = tmp_path / "sync"
+        binds = [f"10.249.{i}.1" for i in (1, 2, 3)]
+        with _network_hosts(3) as (redis_ns, hosts), \
+                _namespace_redis(redis_ns, binds, tmp_path / "redis-net"):
+            urls = [f"redis://10.249.{i}.1:6379/0?prefix=mh:" for i in (1, 2, 3)]
+            sync = tmp_path / "sync"
 
-                def run(i, phase, sid="-", *extra, workers=workers, n=n):
-                    return _on_host(hosts[i], names[i], script, urls[i], sid, phase, workers, n, sync,
-                                    *extra)
+            def run(i, phase, sid="-", *extra, workers=workers, n=n):
+                return _on_host(hosts[i], names[i], script, urls[i], sid, phase, workers, n, sync,
+                                *extra)
 
-                for _ in range(100):                              # the server starts
-                    proc = run(0, "seed")
-                    out, err = proc.communicate(timeout=60)
-                    if proc.returncode == 0:
-                        break
-                    assert "StoreUnavailable" in err, err[-3000:]
-                    time.sleep(0.1)
-                hot = json.loads(out.strip().splitlines()[-1])["results"][0][1]
-                counter = _report(run(1, "seed"))["results"][0][1]
-                procs = [run(i, "merge", hot) for i in range(3)]
-                procs += [run(i, "count", counter) for i in range(3)]
-                reports = [_report(p) for p in procs]
-                assert [r["host"] for r in reports] == names * 2
-                assert len({_host_tag(r["sample_id"]) for r in reports[:3]}) == 3   # ids carry the host
-                for r in reports:
-                    assert [status for status, _ in r["results"]] == ["ok"] * workers, r
-                data, forward = _report(run(2, "peek", hot))["results"][0][1]
-                expected = {f"{h}-{w}-{i}" for h in names for w in range(workers) for i in range(n)}
-                assert forward is None and expected - set(data) == set(), f"lost {len(expected - set(data))}"
-                assert _report(run(2, "peek", counter))["results"][0][1][0]["n"] == 3 * workers * n
+            for _ in range(100):                              # the server starts
+                proc = run(0, "seed")
+                out, err = proc.communicate(timeout=60)
+                if proc.returncode == 0:
+                    break
+                assert "StoreUnavailable" in err, err[-3000:]
+                time.sleep(0.1)
+            hot = json.loads(out.strip().splitlines()[-1])["results"][0][1]
+            counter = _report(run(1, "seed"))["results"][0][1]
+            procs = [run(i, "merge", hot) for i in range(3)]
+            procs += [run(i, "count", counter) for i in range(3)]
+            reports = [_report(p) for p in procs]
+            assert [r["host"] for r in reports] == names * 2
+            assert len({_host_tag(r["sample_id"]) for r in reports[:3]}) == 3   # ids carry the host
+            for r in reports:
+                assert [status for status, _ in r["results"]] == ["ok"] * workers, r
+            data, forward = _report(run(2, "peek", hot))["results"][0][1]
+            expected = {f"{h}-{w}-{i}" for h in names for w in range(workers) for i in range(n)}
+            assert forward is None and expected - set(data) == set(), f"lost {len(expected - set(data))}"
+            assert _report(run(2, "peek", counter))["results"][0][1][0]["n"] == 3 * workers * n
 
-                # A logout on host a while three slower requests of host b (a write, a rotation and a
-                # read) that loaded the session before it finish after it.
-                victim = _report(run(0, "seed"))["results"][0][1]
-                slow = run(1, "late", victim, workers=3, n=1)
-                out = run(0, "logout", victim, workers=1, n=1)
-                late, logout = _report(slow)["results"], _report(out)["results"]
-                assert logout == [["ok", None]]
-                assert [(r["lost"], r["saved"]) for _, r in late[:2]] == [(True, False), (True, False)]
-                rotated_to = late[1][1]["id"]
-                looked = _report(run(2, "peek", victim, rotated_to))["results"]
-                assert looked == [["ok", None], ["ok", False]], "the logout was undone"
-            finally:
-                server.terminate()
-                server.wait(20)
+            # A logout on host a while three slower requests of host b (a write, a rotation and a
+            # read) that loaded the session before it finish after it.
+            victim = _report(run(0, "seed"))["results"][0][1]
+            slow = run(1, "late", victim, workers=3, n=1)
+            out = run(0, "logout", victim, workers=1, n=1)
+            late, logout = _report(slow)["results"], _report(out)["results"]
+            assert logout == [["ok", None]]
+            assert [(r["lost"], r["saved"]) for _, r in late[:2]] == [(True, False), (True, False)]
+            rotated_to = late[1][1]["id"]
+            looked = _report(run(2, "peek", victim, rotated_to))["results"]
+            assert looked == [["ok", None], ["ok", False]], "the logout was undone"
 
     def test_failover_kill_restart_and_pause_under_load(self, tmp_path):
         """redis-server (appendonly, appendfsync always) is SIGKILLed and restarted, then paused with
@@ -5987,9 +6005,9 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _port_open(port):
+def _port_open(port, host="127.0.0.1"):
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+        with socket.create_connection((host, port), timeout=0.2):
             return True
     except OSError:
         return False
@@ -6083,12 +6101,17 @@ def _alive(pid):
 
 
 @contextlib.contextmanager
-def _apache(app_file, root, cgi_dir, python_path, processes=4, threads=4, timeout=30, include=None):
+def _apache(app_file, root, cgi_dir, python_path, processes=4, threads=4, timeout=30, include=None,
+            host="127.0.0.1", port=None, launch=(), ready=_port_open):
     """Run mod_wsgi-express (Apache httpd) serving ``app_file``, plus ``*.cgi`` from ``cgi_dir``; yield
-    its base URL. Always stops it: apachectl stop, a bounded wait, then SIGKILL of what is left."""
-    port = _free_port()
+    its base URL. Always stops it: apachectl stop, a bounded wait, then SIGKILL of what is left.
+
+    By default it listens on a free loopback port. Elsewhere (in a network namespace) give ``host`` and
+    ``port``, ``launch``, the command prefix that starts ``apachectl start`` there, and ``ready(port,
+    host)``, which tells from where the clients are whether it answers."""
+    port = _free_port() if port is None else port
     cmd = [os.path.join(os.path.dirname(sys.executable), "mod_wsgi-express"), "setup-server", app_file,
-           "--server-root", root, "--host", "127.0.0.1", "--port", port, "--processes", processes,
+           "--server-root", root, "--host", host, "--port", port, "--processes", processes,
            "--threads", threads, "--locale", "C.UTF-8", "--python-path", python_path,
            "--setenv", "PYTHONPATH", python_path, "--setenv", "PYTHONDONTWRITEBYTECODE", "1",
            "--with-cgi", "--document-root", cgi_dir, "--log-level", "info"]
@@ -6102,21 +6125,21 @@ def _apache(app_file, root, cgi_dir, python_path, processes=4, threads=4, timeou
     pids = set()
     main = None
     try:
-        _sh([os.path.join(root, "apachectl"), "start"], timeout=timeout)
+        _sh([*launch, os.path.join(root, "apachectl"), "start"], timeout=timeout)
         deadline = time.monotonic() + timeout
         while True:
             try:
                 main = int(open(os.path.join(root, "httpd.pid")).read())
             except (OSError, ValueError):
                 main = None
-            if main and _port_open(port):
+            if main and ready(port, host):
                 break
             if time.monotonic() > deadline:
                 log = open(os.path.join(root, "error_log")).read()[-3000:]
                 raise RuntimeError(f"Apache did not answer on port {port} in {timeout}s:\n{log}")
             time.sleep(0.05)
         pids = _process_tree(main)
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://{host}:{port}"
     finally:
         _sh([os.path.join(root, "apachectl"), "stop"], timeout=timeout, check=False)
         if main:
@@ -6302,6 +6325,286 @@ class TestApache:
         started_in_wsgi = _HttpClient(base)
         started_in_wsgi.get("/m/set?k=from&v=wsgi")
         assert started_in_wsgi.get("/s.cgi")[1]["data"] == {"from": "wsgi", "n": 1, "via_cgi": True}
+
+
+# -- several hosts over HTTP ---------------------------------------------------------------
+# Issue 10's deployment as README describes it: Apache/mod_wsgi on each of three hosts (network and UTS
+# namespaces), one Redis host, and a browser's requests sprayed over all of them. The test's HTTP client
+# threads run in a fourth namespace linked to every host and to Redis, so this test adds no interface
+# or address outside the namespaces it made.
+
+#: The hosts' WSGI application (after STORE = ... and SYNC = ...): one cookie, and the lock mode by path
+#: (exclusive under /x/, read-only under /r/, merge elsewhere). Every reply names the host and process
+#: that served it, and an id made there. The write-back happens in start_response, so the reply can say
+#: whether it was saved or lost.
+_MULTIHOST_APP = r'''
+import json, os, socket, time
+from urllib.parse import parse_qsl
+import sesskit
+
+HOST = socket.gethostname()
+
+
+def app(environ, start_response):
+    session = environ["sesskit.session"]
+    query = dict(parse_qsl(environ["QUERY_STRING"]))
+    action = environ["PATH_INFO"].rsplit("/", 1)[-1]
+    time.sleep(float(query.get("sleep", 0)))
+    out = {"host": HOST, "pid": os.getpid(), "sample": sesskit.new_session_id()}
+    if action == "set":
+        session[query["k"]] = HOST
+    elif action == "incr":
+        session["n"] = out["n"] = session.get("n", 0) + 1
+    elif action == "get":
+        out["data"] = dict(session)
+    elif action == "login":
+        session.regenerate(grace=30)
+        session["user"] = HOST
+    elif action == "logout":
+        session.delete()
+    elif action == "late":              # loaded now, written after the test says "out" (a logout)
+        out["data"] = dict(session)
+        open(os.path.join(SYNC, "loaded-" + query["tag"]), "w").close()
+        deadline = time.monotonic() + 30
+        while not os.path.exists(os.path.join(SYNC, "out")) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if query.get("login"):
+            session.regenerate(grace=30)
+        if session.mode != "read":
+            session["late"] = HOST
+    start_response("200 OK", [("Content-Type", "application/json")])
+    out.update(id=session.id, new=session.is_new, saved=session.saved, lost=session.lost)
+    return [json.dumps(out).encode()]
+
+
+def mode(environ):
+    return {"/x/": "exclusive", "/r/": "read"}.get(environ["PATH_INFO"][:3], "merge")
+
+
+application = sesskit.SessionMiddleware(app, store=STORE, lock=mode, reap_interval=0)
+'''
+
+
+def _enter_netns(ns):
+    """Move the calling thread into network namespace ``ns``. setns(2) moves only the calling thread,
+    so a thread pool can live there while the rest of the process stays put (os.setns from 3.12)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+    try:
+        if libc.setns(fd, 0x40000000) != 0:                     # CLONE_NEWNET
+            error = ctypes.get_errno()
+            raise OSError(error, f"setns({ns}): {os.strerror(error)}")
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _client_namespace(redis_ns, hosts):
+    """A namespace for the test's clients, linked to the Redis host (client 10.248.0.1, Redis
+    10.248.0.2) and to each host i (client 10.248.i.1, host 10.248.i.2); deleted on the way out."""
+    ns = f"skc{os.getpid() % 100000}"
+    _sh(["ip", "netns", "add", ns])
+    try:
+        _sh(["ip", "-n", ns, "link", "set", "lo", "up"])
+        for i, peer in enumerate([redis_ns] + hosts):
+            _veth(ns, f"sk{i}c", f"10.248.{i}.1", peer, f"sk{i}s", f"10.248.{i}.2")
+        yield ns
+    finally:
+        _sh(["ip", "netns", "del", ns], check=False)
+
+
+def _http_get(url, cookie=None):
+    """GET ``url`` with session cookie ``cookie`` (no proxy): (status, Set-Cookie values, reply)."""
+    request = urllib.request.Request(url)
+    if cookie is not None:
+        request.add_header("Cookie", f"sesskit={cookie}")
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=60) as response:
+            return response.status, response.headers.get_all("Set-Cookie") or [], json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers.get_all("Set-Cookie") or [], exc.read()[-2000:].decode(errors="replace")
+
+
+def _name_tag(hostname):
+    """The host tag (see _host_tag) that ids made on host ``hostname`` carry."""
+    import zlib
+    return struct.pack(">I", zlib.crc32(hostname.encode()))[1:]
+
+
+class TestRedisMultiHost:
+    """Issue 10's deployment over HTTP: three hosts, each a real Apache/mod_wsgi (2 processes x 4
+    threads) with its own network namespace and host name, one redis-server on a fourth host, and one
+    client spraying the requests of one session (one cookie) over all three hosts at once."""
+
+    NAMES = ["host-a", "host-b", "host-c"]
+
+    def test_apache_hosts_share_one_redis_over_http(self):
+        """Over HTTP, one cookie, requests spread over the three hosts at once: 0 lost keys in merge
+        mode, an exact counter in exclusive mode, 0 lost keys when a login rotates the session amid
+        writes, and a logout on one host that slower requests on the others do not undo."""
+        _need(os.geteuid() == 0, "root, for network namespaces")
+        _need(shutil.which("ip") and shutil.which("unshare"), "ip (iproute2) and unshare (util-linux)")
+        _need(shutil.which("apache2") or os.path.exists("/usr/sbin/apache2"), "Apache httpd (apt apache2)")
+        express = os.path.join(os.path.dirname(sys.executable), "mod_wsgi-express")
+        _need(os.path.exists(express), "mod_wsgi-express (pip install mod_wsgi, needs apache2-dev)")
+        _need(shutil.which("setfacl") and shutil.which("useradd") and shutil.which("runuser"),
+              "setfacl/useradd/runuser to run Apache as an unprivileged user (apt acl)")
+        _need_kind("redis")
+        import tempfile
+        base = tempfile.mkdtemp(prefix="sesskit-multihost-", dir="/tmp")
+        try:
+            os.chmod(base, 0o755)
+            lib, cgi, sync = (os.path.join(base, d) for d in ("lib", "cgi", "sync"))
+            for d in (lib, cgi, sync):
+                os.mkdir(d, 0o755)
+            shutil.copy(os.path.join(HERE, "sesskit.py"), lib)
+            os.chmod(os.path.join(lib, "sesskit.py"), 0o644)
+            uid, gid = _ensure_server_user()
+            os.chown(sync, uid, gid)                     # the apps leave their "loaded" marks there
+            with contextlib.ExitStack() as stack:
+                redis_ns, hosts = stack.enter_context(_network_hosts(3))
+                client_ns = stack.enter_context(_client_namespace(redis_ns, hosts))
+                binds = [f"10.249.{i}.1" for i in (1, 2, 3)] + ["10.248.0.2"]
+                server = stack.enter_context(_namespace_redis(redis_ns, binds, os.path.join(base, "redis")))
+                client = stack.enter_context(ThreadPoolExecutor(
+                    12, initializer=_enter_netns, initargs=(client_ns,)))
+                client.submit(_wait_redis, 6379, server, 20, "10.248.0.2").result()
+                store = client.submit(sesskit.open_store, "redis://10.248.0.2:6379/0?prefix=mh:").result()
+                urls = []
+                for i, (ns, name) in enumerate(zip(hosts, self.NAMES), 1):
+                    app_file = os.path.join(base, f"{name}.wsgi")
+                    with open(app_file, "w") as f:
+                        f.write(f"STORE = 'redis://10.249.{i}.1:6379/0?prefix=mh:'\nSYNC = {sync!r}\n"
+                                + _MULTIHOST_APP)
+                    urls.append(stack.enter_context(_apache(
+                        app_file, os.path.join(base, name), cgi, lib, processes=2, threads=4,
+                        host=f"10.248.{i}.2", port=8080, launch=_as_host(ns, name),
+                        ready=lambda port, host: client.submit(_port_open, port, host).result())))
+                try:
+                    self._spray(client, urls, store, sync)
+                finally:
+                    store.close()
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+            _undo_machine_changes()
+
+    def _spray(self, client, urls, store, sync):
+        names = self.NAMES
+        seen = []                                   # every reply, to check hosts, processes and ids
+
+        def fetch(i, path, cookie=None):            # in a client thread: only they reach the hosts
+            status, set_cookies, reply = _http_get(urls[i % 3] + path, cookie)
+            assert status == 200, f"{urls[i % 3]}{path}: {status} {reply}"
+            seen.append(reply)
+            return set_cookies, reply
+
+        def get(i, path, cookie=None):
+            return client.submit(fetch, i, path, cookie).result()
+
+        def run(calls):
+            return [f.result() for f in [client.submit(fetch, *call) for call in calls]]
+
+        def new_session(i, path):
+            set_cookies, reply = get(i, path)
+            assert [_cookie_of(c) for c in set_cookies] == [f"sesskit={reply['id']}"], set_cookies
+            assert _host_tag(reply["id"]) == _name_tag(names[i % 3]), "the id was not made on its host"
+            return reply["id"]
+
+        # Sessions started on different hosts carry different host tags.
+        hot, counter, victim = new_session(0, "/m/set?k=seed"), new_session(1, "/x/incr"), \
+            new_session(2, "/m/set?k=v")
+
+        # Merge mode and exclusive mode at once: 150 writes of distinct keys to one session and 90
+        # increments of another, interleaved, request i to host i % 3.
+        writes = [(i, f"/m/set?k=k{i}&sleep=0.0{i % 3}", hot) for i in range(150)]
+        increments = [(i, "/x/incr", counter) for i in range(90)]
+        calls = [call for pair in zip(writes, increments) for call in pair] + writes[90:]
+        replies = run(calls)
+        assert all(set_cookies == [] for set_cookies, _ in replies), [sc for sc, _ in replies if sc]
+        merged = [reply for _, reply in replies if "n" not in reply]
+        counted = [reply["n"] for _, reply in replies if "n" in reply]
+        assert {r["id"] for r in merged} == {hot} and all(r["saved"] for r in merged)
+        assert sorted(counted) == list(range(2, 92)), "an increment was lost or counted twice"
+        for i in range(3):
+            data = get(i, "/m/get", hot)[1]["data"]
+            assert data == {"seed": "host-a", **{f"k{j}": names[j % 3] for j in range(150)}}, \
+                f"{names[i]} sees {len(data)} keys of 151"
+            assert get(i, "/x/get", counter)[1]["data"] == {"n": 91}
+
+        # A login (regenerate, grace 30 s) on one host while writes with the pre-login cookie run on
+        # all three: none is lost, and each write's response keeps the client on the new id.
+        sides = set()
+        for round_ in range(3):
+            old = new_session(round_, "/m/set?k=k0")
+            writes = [(i, f"/m/set?k=k{i}&sleep=0.0{i % 3}", old) for i in range(1, 31)]
+            login = (round_, "/m/login", old)
+            replies = run(writes[:12] + [login] + writes[12:])
+            login_cookies, login_reply = replies.pop(12)
+            new = login_reply["id"]
+            assert new != old and [_cookie_of(c) for c in login_cookies] == [f"sesskit={new}"]
+            assert _host_tag(new) == _name_tag(names[round_])
+            for set_cookies, reply in replies:          # written before the rotation, or forwarded
+                assert reply["saved"] and reply["id"] in (old, new), reply
+                cookies = [f"sesskit={new}"] if reply["id"] == new else []
+                assert [_cookie_of(c) for c in set_cookies] == cookies, (reply, set_cookies)
+                sides.add(reply["id"] == new)
+            data = get(round_ + 1, "/m/get", new)[1]["data"]
+            missing = [f"k{i}" for i in range(31) if f"k{i}" not in data]
+            assert missing == [] and data["user"] == names[round_], f"round {round_}: lost {missing}"
+        assert sides == {False, True}, "the writes did not race the logins"
+
+        # A logout on host a while three slower requests that loaded the session before it, on hosts
+        # b and c, finish after it: a write, a login (rotation) and a read. Neither brings it back, and
+        # none sends a cookie that would replace the expired one the logout sent.
+        late = [client.submit(fetch, 1, "/m/late?tag=w", victim),
+                client.submit(fetch, 2, "/m/late?tag=l&login=1", victim),
+                client.submit(fetch, 1, "/r/late?tag=r", victim)]
+        deadline = time.monotonic() + 30
+        while not all(os.path.exists(os.path.join(sync, f"loaded-{t}")) for t in "wlr"):
+            assert time.monotonic() < deadline, "the slow requests did not load the session"
+            time.sleep(0.01)
+        logout_cookies, logout = get(0, "/m/logout", victim)
+        open(os.path.join(sync, "out"), "w").close()
+        assert len(logout_cookies) == 1 and _cookie_of(logout_cookies[0]) == "sesskit=" \
+            and "Max-Age=0" in logout_cookies[0], logout_cookies
+        (write_cookies, write), (login_cookies, login), (read_cookies, read) = [f.result() for f in late]
+        assert write["data"] == login["data"] == read["data"] == {"v": "host-c"}   # loaded before
+        assert (write["lost"], write["saved"], login["lost"], login["saved"]) == (True, False, True, False)
+        assert not read["saved"] and write_cookies == login_cookies == read_cookies == []
+        rotated = login["id"]
+        assert rotated != victim and _host_tag(rotated) == _name_tag("host-c")
+        assert client.submit(store.load, victim).result() is None, "the logout was undone"
+        assert client.submit(store.load, rotated).result() is None, "the late login stored a session"
+        for i in range(3):
+            for sid in (victim, rotated):
+                set_cookies, reply = get(i, "/m/get", sid)
+                assert reply["new"] and reply["data"] == {} and set_cookies == []
+
+        # The same unstaged: a logout on host a amid writes with its cookie on b and c. A write either
+        # landed before it (no cookie), or lost its write-back (no cookie), or came after it and so
+        # started a new session of its own (its new id in the cookie); the old id never comes back.
+        gone = new_session(0, "/m/set?k=k0")
+        writes = [(1 + i % 2, f"/m/set?k=k{i}&sleep=0.0{i % 3}", gone) for i in range(1, 31)]
+        replies = run(writes[:12] + [(0, "/m/logout", gone)] + writes[12:])
+        logout_cookies, _ = replies.pop(12)
+        assert [_cookie_of(c) for c in logout_cookies] == ["sesskit="], logout_cookies
+        for set_cookies, reply in replies:
+            if reply["id"] == gone:
+                assert set_cookies == [] and reply["saved"] != reply["lost"], reply
+            else:
+                assert reply["saved"] and _host_tag(reply["id"]) == _name_tag(reply["host"]), reply
+                assert [_cookie_of(c) for c in set_cookies] == [f"sesskit={reply['id']}"], set_cookies
+        assert client.submit(store.load, gone).result() is None, "the logout was undone"
+
+        # Every host and both processes of each served; each made ids with its own host tag.
+        by_host = collections.defaultdict(set)
+        for reply in seen:
+            by_host[reply["host"]].add(reply["pid"])
+            assert _host_tag(reply["sample"]) == _name_tag(reply["host"]), reply
+        assert sorted(by_host) == names, by_host
+        assert all(len(pids) == 2 for pids in by_host.values()), dict(by_host)
 
 
 def _chromium(profile_dir, timeout=30):
