@@ -3136,11 +3136,12 @@ return 0
 
 #: redis-py exception -> the Redis error code it stands for, named in StoreUnavailable's message.
 #: Each means the store is unavailable for now. ClusterError is redis-py's "TTL exhausted": it
-#: followed MOVED/ASK redirections as often as it will (slots moving, or nodes that disagree).
+#: followed MOVED/ASK redirections or retried TRYAGAIN as often as it will (a slot moving between
+#: nodes, or nodes that disagree).
 _REDIS_CODES = {"ReadOnlyError": "READONLY", "OutOfMemoryError": "OOM", "BusyLoadingError": "LOADING",
                 "MasterDownError": "MASTERDOWN", "TryAgainError": "TRYAGAIN",
-                "ClusterDownError": "CLUSTERDOWN", "ClusterError": "MOVED", "MovedError": "MOVED",
-                "AskError": "ASK", "SlotNotCoveredError": "CLUSTERDOWN"}
+                "ClusterDownError": "CLUSTERDOWN", "ClusterError": "MOVED/ASK/TRYAGAIN",
+                "MovedError": "MOVED", "AskError": "ASK", "SlotNotCoveredError": "CLUSTERDOWN"}
 
 #: Characters of a session id that make its Redis Cluster hash tag (see the layout above).
 _REDIS_TAG = 4
@@ -3308,8 +3309,10 @@ class RedisContainer(Container):
       ``StoreUnavailable`` naming the server (on a cluster: and the node), a ContainerError. Each write
       is one script, applied whole or not at all; after a timeout or a broken connection it is unknown
       which, so no call is retried by itself (a retried rotation or creation could report a failure for
-      what succeeded). A cluster client still follows MOVED and ASK redirections: the node that
-      answers with one has run nothing.
+      what succeeded). A cluster client still follows MOVED and ASK redirections and retries TRYAGAIN
+      for a moment (the node that answers with one has run nothing): while resharding moves a
+      session's slot, a read follows the session, but a script naming a key that is on neither side
+      yet (its lock, a new id) gets TRYAGAIN until the move ends, then ``StoreUnavailable``.
     * Processes and threads: the redis-py client and its connection pool are thread-safe; the container
       makes a new client when it finds itself in another process (after ``fork()``), so no connection is
       ever shared by parent and child. Pickles as its URL.

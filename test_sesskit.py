@@ -3723,7 +3723,7 @@ class TestRedisCluster:
         import redis.exceptions as errors
         sid = _seed(store, {"a": 1})
         client = store._client()
-        for exc, code in [(errors.ClusterError("TTL exhausted."), "MOVED"),
+        for exc, code in [(errors.ClusterError("TTL exhausted."), "MOVED/ASK/TRYAGAIN"),
                           (errors.ClusterDownError("The cluster is down"), "CLUSTERDOWN"),
                           (errors.TryAgainError("try again"), "TRYAGAIN"),
                           (errors.SlotNotCoveredError("slot 1 is not covered"), "CLUSTERDOWN")]:
@@ -3734,6 +3734,41 @@ class TestRedisCluster:
                 store.load(sid)
         monkeypatch.undo()
         assert _stored(store, sid) == {"a": 1}
+
+    def test_a_slot_moving_to_another_node(self, tmp_path):
+        """Resharding: while a session's slot migrates, a read follows ASK; a script naming a key that
+        is on neither side yet (its lock) gets TRYAGAIN, retried for a moment by redis-py, then
+        StoreUnavailable with nothing written. Once the slot has moved, MOVED is followed."""
+        import redis
+        from redis.crc import key_slot
+        _need_kind("redis-cluster")
+        procs, ports = _start_redis_cluster(tmp_path / "moving")
+        try:
+            store = sesskit.open_store(f"redis://127.0.0.1:{ports[0]}/0?cluster=1")
+            sid = _seed(store, {"a": 1})
+            key = store._keys(sid)[0]
+            slot = key_slot(key.encode())
+            source_port = int(_node_of(store, sid).rsplit(":", 1)[1])
+            target_port = next(p for p in ports if p != source_port)
+            source, target = (redis.Redis(port=p) for p in (source_port, target_port))
+            source_id, target_id = (r.execute_command("CLUSTER", "MYID").decode() for r in (source, target))
+            target.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+            source.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+            source.migrate("127.0.0.1", target_port, [key], 0, 5000)
+            assert _stored(store, sid) == {"a": 1}                            # ASK, followed
+            now = time.time()
+            with pytest.raises(sesskit.StoreUnavailable, match="TRYAGAIN"):
+                store.update(sid, {"b": 2}, [], _record({}, now=now, timeout=1800), now)
+            for r in (source, target):
+                r.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+            with sesskit.open_session(sid, store=store, reap_interval=0) as s:   # MOVED, followed
+                s.regenerate(grace=10)
+                s["c"] = 3
+            assert s.saved and _stored(store, s.id) == {"a": 1, "c": 3}
+            assert _node_of(store, s.id) == f"127.0.0.1:{target_port}"
+        finally:
+            for proc in procs:
+                _stop_redis(proc)
 
     def test_a_stopped_node_and_a_failed_cluster_raise_store_unavailable(self, tmp_path):
         """A node paused with SIGSTOP: its sessions time out, naming it; once the other nodes have
