@@ -3361,9 +3361,10 @@ class RedisContainer(Container):
         self._mutex = _thread.allocate_lock()
         self._reap_cursor = 0
         self.last_reap_visited = 0
-        # Named without connecting: a cluster client connects as it is made, and a store is opened
-        # when an application starts, which must not fail while Redis is away.
-        self.server = self._describe_url() if self.url is not None else self._describe(self._client())
+        # A cluster URL is named without making its client: that one connects as it is made, and a
+        # store is opened when an application starts, which must not fail while Redis is away.
+        self.server = self._describe_cluster_url() if self.cluster and self.url is not None \
+            else self._describe(self._client())
 
     @staticmethod
     def _split_url(url):
@@ -3452,20 +3453,16 @@ class RedisContainer(Container):
             self._client_obj = client
         return client
 
-    def _describe_url(self):
+    def _describe_cluster_url(self):
         from redis.connection import parse_url
         try:
             parts = parse_url(self.url)
         except ValueError as exc:
             raise ContainerError(f"bad Redis URL {self.url!r}: {exc}") from exc
-        if self.cluster:
-            if parts.get("path") or parts.get("db", 0) != 0:
-                raise ContainerError(f"bad Redis URL {self.url!r}: a Redis Cluster is reached over TCP "
-                                     f"and has database 0 only")
-            return f"redis cluster {parts.get('host', 'localhost')}:{parts.get('port', 6379)}"
-        if parts.get("path"):
-            return f"redis unix:{parts['path']} db {parts.get('db', 0)}"
-        return f"redis {parts.get('host', 'localhost')}:{parts.get('port', 6379)} db {parts.get('db', 0)}"
+        if parts.get("path") or parts.get("db", 0) != 0:
+            raise ContainerError(f"bad Redis URL {self.url!r}: a Redis Cluster is reached over TCP and "
+                                 f"has database 0 only")
+        return f"redis cluster {parts.get('host', 'localhost')}:{parts.get('port', 6379)}"
 
     @staticmethod
     def _describe(client):
