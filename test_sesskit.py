@@ -104,7 +104,7 @@ def _run_all(ctx, target, args_list, timeout=120):
 
 # -- container fixtures ------------------------------------------------------------
 
-CONTAINER_KINDS = ["memory", "file", "sqlite", "lmdb", "redis"]
+CONTAINER_KINDS = ["memory", "file", "sqlite", "lmdb", "redis", "redis-cluster"]
 SHARED_KINDS = ["file", "sqlite", "lmdb", "redis"]     # containers that several processes can share
 
 
@@ -125,15 +125,18 @@ def _have_redis():
 
 
 _REDIS_SERVER = "/usr/bin/redis-server"
+_REDIS_CLI = "/usr/bin/redis-cli"          # Debian's redis-tools, a dependency of redis-server
 
 
 def _need_kind(kind):
     """Skip (or, under SESSKIT_REQUIRE_INTEGRATION=1, fail) when ``kind``'s package is missing."""
     if kind == "lmdb":
         _need(_have_lmdb(), "the lmdb package is not installed (pip install lmdb)")
-    if kind == "redis":
+    if kind in ("redis", "redis-cluster"):
         _need(_have_redis(), "the redis package is not installed (pip install redis)")
         _need(os.path.exists(_REDIS_SERVER), "Redis (apt install redis-server)")
+    if kind == "redis-cluster":
+        _need(os.path.exists(_REDIS_CLI), "redis-cli (apt install redis-tools)")
 
 
 def _wait_redis(port, proc, timeout=20, host="127.0.0.1", loaded=True):
@@ -214,20 +217,110 @@ def redis_server():
     _stop_shared_redis()
 
 
+def _free_ports(n):
+    """``n`` distinct free loopback ports (held open together while they are chosen)."""
+    import socket
+    socks = []
+    try:
+        for _ in range(n):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            socks.append(sock)
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def _start_redis_cluster(directory, size=3, node_timeout=5000):
+    """Start ``size`` redis-servers in cluster mode (no replicas, no persistence) on free loopback
+    ports, each with its own cluster bus port, join them with ``redis-cli --cluster create`` and wait
+    until every node reports cluster_state:ok. Returns (processes, ports)."""
+    ports = _free_ports(2 * size)
+    procs = []
+    try:
+        for port, bus in zip(ports[:size], ports[size:]):
+            procs.append(_start_redis(os.path.join(str(directory), str(port)), port,
+                                      "--cluster-enabled", "yes", "--cluster-port", bus,
+                                      "--cluster-config-file", "nodes.conf",
+                                      "--cluster-node-timeout", node_timeout)[0])
+        ports = ports[:size]
+        subprocess.run([_REDIS_CLI, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
+                        "--cluster-replicas", "0", "--cluster-yes"], stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=True, timeout=60)
+        _wait_cluster_ok(ports)
+        return procs, ports
+    except BaseException:
+        for proc in procs:
+            _stop_redis(proc)
+        raise
+
+
+def _wait_cluster_ok(ports, timeout=30):
+    deadline = time.monotonic() + timeout
+    for port in ports:
+        while b"cluster_state:ok" not in subprocess.run(
+                [_REDIS_CLI, "-p", str(port), "cluster", "info"], stdin=subprocess.DEVNULL,
+                capture_output=True, timeout=10).stdout:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the Redis Cluster on ports {ports} is not ok after {timeout} s")
+            time.sleep(0.1)
+
+
+_cluster_shared = {}      # the suite's Redis Cluster: started on first use, stopped at the end
+
+
+def _redis_cluster_ports():
+    """The ports of the test run's own 3-node Redis Cluster, started on first use (by the fixtures or
+    the hypothesis machine) and stopped by the ``redis_cluster`` fixture or at exit."""
+    if "ports" not in _cluster_shared:
+        import atexit
+        import tempfile
+        directory = tempfile.mkdtemp(prefix="sesskit-cluster-")
+        procs, ports = _start_redis_cluster(directory)
+        _cluster_shared.update(pid=os.getpid(), procs=procs, ports=ports, dir=directory)
+        atexit.register(_stop_shared_cluster)
+    return _cluster_shared["ports"]
+
+
+def _stop_shared_cluster():
+    if _cluster_shared.get("pid") == os.getpid():
+        import shutil
+        for proc in _cluster_shared.pop("procs"):
+            _stop_redis(proc)
+        shutil.rmtree(_cluster_shared.pop("dir"), ignore_errors=True)
+        _cluster_shared.clear()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster():
+    """The ports of a 3-node Redis Cluster of this test run (Debian's redis-server)."""
+    _need_kind("redis-cluster")
+    yield _redis_cluster_ports()
+    _stop_shared_cluster()
+
+
 def _store_url(kind, tmp_path):
     if kind == "memory":
         return "memory:"
     if kind == "redis":      # one server for the run; a prefix per test keeps the tests apart
         import zlib
         return f"redis://127.0.0.1:{_redis_port()}/0?prefix=t{zlib.crc32(str(tmp_path).encode()):08x}:"
+    if kind == "redis-cluster":
+        import zlib
+        return (f"redis://127.0.0.1:{_redis_cluster_ports()[0]}/0?cluster=1"
+                f"&prefix=t{zlib.crc32(str(tmp_path).encode()):08x}:")
     return f"{kind}:{tmp_path / ('store-' + kind)}"
+
+
+_SERVER_FIXTURES = {"redis": "redis_server", "redis-cluster": "redis_cluster"}   # kind -> its server
 
 
 @pytest.fixture(params=CONTAINER_KINDS)
 def container(request, tmp_path):
     _need_kind(request.param)
-    if request.param == "redis":
-        request.getfixturevalue("redis_server")
+    if request.param in _SERVER_FIXTURES:
+        request.getfixturevalue(_SERVER_FIXTURES[request.param])
     c = sesskit.open_store(_store_url(request.param, tmp_path))
     yield c
     c.close()
@@ -316,6 +409,32 @@ class TestSessionId:
                 ids.extend(f.read().decode().split("\n"))
             assert os.waitpid(pid, 0)[1] == 0
         assert len(ids) == 10000 and len(set(ids)) == 10000
+
+    def test_a_rotated_id_keeps_only_the_tag_and_stays_unique_and_unguessable(self):
+        """Container.new_id of a Redis store keeps the first 4 characters (3 random bytes); the other
+        15 random bytes are fresh at every rotation and the time/host/pid/counter tail is the id's own."""
+        import base64
+        first = sesskit.new_session_id()
+        chain, sid = [first], first
+        for _ in range(20000):
+            sid = sesskit._rotated_session_id(sid, 4)
+            chain.append(sid)
+        assert len(set(chain)) == len(chain)                            # unique over many rotations
+        assert all(sid[:4] == first[:4] and sesskit.is_valid_session_id(sid) for sid in chain)
+        raws = [base64.urlsafe_b64decode(sid) for sid in chain]
+        fresh = [raw[3:18] for raw in raws]
+        assert len(set(fresh)) == len(fresh)                            # the fresh random bytes differ
+        ones = sum(bin(int.from_bytes(part, "big")).count("1") for part in fresh)
+        assert 0.49 < ones / (len(fresh) * 120) < 0.51                  # and are balanced bits
+        a, b = raws[-2], raws[-1]
+        assert int.from_bytes(b[30:33], "big") == int.from_bytes(a[30:33], "big") + 1   # its own tail
+        assert sesskit.MemoryContainer().new_id(first)[:4] != first[:4] or \
+            sesskit.MemoryContainer().new_id(first)[:4] != first[:4]    # other containers: all fresh
+        for keep in (3, 28):
+            with pytest.raises(ValueError):
+                sesskit._rotated_session_id(first, keep)
+        with pytest.raises(sesskit.InvalidSessionId):
+            sesskit._rotated_session_id("../etc", 4)
 
     @given(st.text(max_size=60))
     def test_random_text_is_not_an_id(self, text):
@@ -981,6 +1100,9 @@ class _Pausing(sesskit.Container):
 
     def calls(self):
         return self._calls.get(threading.get_ident(), 0)
+
+    def new_id(self, previous):                # no store call: passed on, not counted
+        return self.inner.new_id(previous)
 
 
 def _pausing_method(name):
@@ -3146,7 +3268,7 @@ class TestRedisContainer:
         assert f"127.0.0.1:{redis_server}" in c.server
         assert c._client().connection_pool.connection_kwargs["socket_timeout"] == 3.0
         sid = _seed(c, {"a": 1})
-        assert c._call("exists", f"app1:{{{sid}}}") == 1
+        assert c._call("exists", f"app1:{{{sid[:4]}}}{sid}") == 1
         with pytest.raises(sesskit.ContainerError, match="Redis URL"):
             sesskit.RedisContainer("http://127.0.0.1/")
         assert isinstance(sesskit.open_store(f"rediss://127.0.0.1:{redis_server}/0"),
@@ -3180,8 +3302,11 @@ class TestRedisContainer:
         from redis.crc import key_slot
         sid = _seed(store, {"a": 1})
         key, lock_key = store._keys(sid)
-        assert key == f"{store.prefix}{{{sid}}}" and lock_key == key + ":lock"
-        assert key_slot(key.encode()) == key_slot(lock_key.encode()) == key_slot(sid.encode())
+        assert key == f"{store.prefix}{{{sid[:4]}}}{sid}" and lock_key == key + ":lock"
+        new = store.new_id(sid)                         # a rotation's new id: the same tag
+        assert new != sid and new[:4] == sid[:4] and sesskit.is_valid_session_id(new)
+        assert {key_slot(k.encode()) for k in store._keys(sid) + store._keys(new)} \
+            == {key_slot(sid[:4].encode())}
 
     def test_each_key_is_one_field_and_order_is_kept(self, store):
         sid = sesskit.new_session_id()
@@ -3218,7 +3343,8 @@ class TestRedisContainer:
         assert store.load(sid).expires == T0 + 500
 
     def test_rotate_is_one_step(self, store):
-        old, new = sesskit.new_session_id(), sesskit.new_session_id()
+        old = sesskit.new_session_id()
+        new = store.new_id(old)
         store.create(old, _record({"a": 1, "b": 2}))
         meta = sesskit.Record(None, T0 + 5, T0 + 105, 100.0, 7.0)
         tomb = sesskit.Record.tombstone(new, T0 + 5, 10.0, 60.0)
@@ -3229,20 +3355,21 @@ class TestRedisContainer:
         assert left.forward == new and left.data == "{}" and left.forwards(T0 + 10)
         assert not left.forwards(T0 + 16) and left.expires == T0 + 65
         # A rotated id is written no more: not rotated again, not updated, not touched.
-        other = sesskit.new_session_id()
+        other = store.new_id(old)
         assert not store.rotate(old, other, {"x": 1}, [], meta, None, T0 + 6)
         assert not store.update(old, {"x": 1}, [], meta, T0 + 6)
         assert store.load(other) is None and store.load(old).data == "{}"
         # Without a tombstone the old id is gone; an expired or missing old id rotates nothing.
-        third = sesskit.new_session_id()
+        third = store.new_id(new)
         assert store.rotate(new, third, {}, [], meta, None, T0 + 6)
         assert store.load(new) is None and json.loads(store.load(third).data) == {"b": 2, "c": 3}
         assert not store.rotate(third, other, {}, [], meta, None, T0 + 200)
-        assert not store.rotate(sesskit.new_session_id(), other, {}, [], meta, None, T0)
+        assert not store.rotate(store.new_id(old), other, {}, [], meta, None, T0)
         assert store.load(other) is None
 
     def test_rotate_to_an_existing_id_changes_nothing(self, store):
-        old, taken = sesskit.new_session_id(), sesskit.new_session_id()
+        old = sesskit.new_session_id()
+        taken = store.new_id(old)
         store.create(old, _record({"a": 1}))
         store.create(taken, _record({"t": 1}))
         meta = sesskit.Record(None, T0, T0 + 100, 100.0)
@@ -3252,7 +3379,8 @@ class TestRedisContainer:
         assert json.loads(store.load(taken).data) == {"t": 1}
 
     def test_rotate_under_a_held_lock_and_a_late_write_back(self, store):
-        old, new = sesskit.new_session_id(), sesskit.new_session_id()
+        old = sesskit.new_session_id()
+        new = store.new_id(old)
         store.create(old, _record({"n": 1}))
         held = store.lock(old, 1)
         meta = sesskit.Record(None, T0, T0 + 100, 100.0)
@@ -3269,8 +3397,7 @@ class TestRedisContainer:
         fresh = store.lock(sid, 0)                         # and another request took the lock
         meta = sesskit.Record(None, T0, T0 + 100, 100.0)
         for write in (lambda: store.update(sid, {"n": 99}, [], meta, T0, held=stale),
-                      lambda: store.rotate(sid, sesskit.new_session_id(), {}, [], meta, None, T0,
-                                           held=stale),
+                      lambda: store.rotate(sid, store.new_id(sid), {}, [], meta, None, T0, held=stale),
                       lambda: store.touch(sid, T0 + 500, held=stale),
                       lambda: store.delete(sid, held=stale)):
             with pytest.raises(sesskit.LockLost, match="lease"):
@@ -3893,6 +4020,242 @@ class TestRedisReplication:
         assert _info(rport).get("role") == "master"
 
 
+def _node_of(store, sid):
+    """The cluster node (host:port) that serves ``sid``'s keys."""
+    return store._client().get_node_from_key(store._keys(sid)[0]).name
+
+
+def _cluster_client(port):
+    """A redis-py cluster client that never retries by itself, as the container's URL clients."""
+    import redis.backoff
+    import redis.cluster
+    import redis.retry
+    return redis.cluster.RedisCluster(host="127.0.0.1", port=port, socket_timeout=5,
+                                      retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0))
+
+
+class TestRedisCluster:
+    """Issue 10: Redis Cluster. Every script of a session, a rotation and the delete of a tombstone
+    included, runs on one slot; listing walks every primary. The container suite runs on the cluster
+    too (kind "redis-cluster"); these are the cluster's own points, on a RedisCluster client object
+    (the suite uses the ``?cluster=1`` URL)."""
+
+    @pytest.fixture
+    def store(self, redis_cluster, tmp_path):
+        import zlib
+        c = sesskit.RedisContainer(_cluster_client(redis_cluster[0]),
+                                   prefix=f"c{zlib.crc32(str(tmp_path).encode()):08x}:")
+        yield c
+        c.close()
+
+    def test_rotate_and_the_delete_of_a_tombstone_run_on_one_slot(self, store):
+        from redis.crc import key_slot
+        sid = _seed(store, {"a": 1})
+        with sesskit.open_session(sid, store=store, reap_interval=0) as s:
+            s.regenerate(grace=30)
+            s["b"] = 2
+        assert s.saved and not s.lost and s.id != sid and s.id[:4] == sid[:4]
+        assert len({key_slot(key.encode()) for i in (sid, s.id) for key in store._keys(i)}) == 1
+        assert store.load(sid).forward == s.id and _stored(store, s.id) == {"a": 1, "b": 2}
+        with sesskit.open_session(sid, store=store, reap_interval=0) as t:   # in flight: forwarded
+            assert t.id == s.id and t["b"] == 2
+            t["c"] = 3
+        assert t.saved and _stored(store, s.id) == {"a": 1, "b": 2, "c": 3}
+        store.delete(sid)                  # a tombstone goes with its session, in the same script
+        assert store.load(sid) is None and store.load(s.id) is None
+
+    def test_a_new_id_of_another_slot_is_refused_whole(self, store):
+        old = _seed(store, {"a": 1})
+        other = sesskit.new_session_id()
+        while other[:4] == old[:4]:
+            other = sesskit.new_session_id()
+        meta = sesskit.Record(None, time.time(), time.time() + 100, 100.0)
+        with pytest.raises(sesskit.ContainerError, match="hash tag"):
+            store.rotate(old, other, {"x": 1}, [], meta, None, time.time())
+        assert _stored(store, old) == {"a": 1} and store.load(other) is None
+        assert store.new_id(old)[:4] == old[:4] and sesskit.MemoryContainer().new_id(old) != old
+
+    def test_rotation_is_atomic_under_concurrent_write_backs(self, store, redis_cluster, tmp_path):
+        """Threads and spawned processes write back one session while it is rotated: every key whose
+        write-back reported saved is in the new session, none was lost, and the old id forwards."""
+        sid = _seed(store, {"start": 1})
+        url = f"redis://127.0.0.1:{redis_cluster[0]}/0?cluster=1&prefix={store.prefix}"
+        ctx = multiprocessing.get_context("spawn")
+        threads = [ExThread(target=_merge_worker, args=(store, sid, w, 40)) for w in range(3)]
+        with _processes(ctx, _merge_worker, [(url, sid, w + 10, 40) for w in range(2)]) as procs:
+            for t in threads:
+                t.start()
+            deadline = time.monotonic() + 60
+            while len(_stored(store, sid) or {}) < 20 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            with sesskit.open_session(sid, store=store, reap_interval=0) as s:   # a login meanwhile
+                s.regenerate(grace=120)
+                s["user"] = "alice"
+            assert s.saved and not s.lost
+            for t in threads:
+                t.join()
+            for p in procs:
+                p.join(120)
+            assert [p.exitcode for p in procs] == [0, 0]
+        data = _stored(store, s.id)
+        expected = {f"w{w}-{i}" for w in (0, 1, 2, 10, 11) for i in range(40)} | {"start", "user"}
+        assert expected - set(data) == set(), f"lost {len(expected - set(data))} keys"
+        assert store.load(sid).forward == s.id
+
+    def test_count_sids_and_reap_walk_every_primary(self, store, monkeypatch):
+        client = store._client()
+        monkeypatch.setattr(client, "keys", lambda *a, **k: pytest.fail("KEYS blocks the server"))
+        live, dead = [], []
+        for i in range(90):
+            sid = sesskit.new_session_id()
+            store.create(sid, _record({"i": i}, timeout=10 if i % 3 == 0 else 1000))
+            (dead if i % 3 == 0 else live).append(sid)
+        nodes = {_node_of(store, sid) for sid in live + dead}
+        assert len(nodes) == 3, f"the sessions landed on {nodes} only"
+        assert store.count(T0 + 100) == len(live) and sorted(store.sids(T0 + 100)) == sorted(live)
+        got = [store.reap(T0 + 100, budget=0)]
+        while sum(got) < len(dead) and len(got) < 20:
+            got.append(store.reap(T0 + 100, budget=0))     # resumed on the next node
+        assert sum(got) == len(dead) and len(got) >= 3     # one node per call: at least three calls
+        assert store.count(T0) == len(live) and [sid for sid in dead if store.load(sid)] == []
+
+    def test_every_node_is_sent_the_scripts_it_lacks(self, store):
+        sids = [_seed(store, {"n": i}) for i in range(30)]
+        client = store._client()
+        for node in client.get_primaries():
+            client.get_redis_connection(node).script_flush()   # a restart or failover forgets them
+        for sid in sids:
+            with sesskit.open_session(sid, store=store, reap_interval=0) as s:
+                s["m"] = 1
+            assert s.saved
+        dead = [sesskit.new_session_id() for _ in range(30)]
+        for sid in dead:
+            store.create(sid, _record({}, timeout=1))
+        for node in client.get_primaries():
+            client.get_redis_connection(node).script_flush()
+        assert len({_node_of(store, sid) for sid in dead}) == 3
+        assert store._reap_batch(dead, T0 + 100) == len(dead)
+
+    def test_a_cluster_client_is_replaced_after_fork_and_pickles(self, store):
+        client = store._client()
+        sid = _seed(store, {"a": 1})
+        _run_all(multiprocessing.get_context("fork"), _inherited_worker,
+                 [(store, sid, w, 5) for w in range(2)])
+        _run_all(multiprocessing.get_context("spawn"), _inherited_worker,
+                 [(store, sid, w, 5) for w in range(2, 4)])       # sent pickled: a new client
+        assert store._client() is client                          # the parent's was left alone
+        assert set(_stored(store, sid)) == {"a"} | {f"w{w}-{i}" for w in range(4) for i in range(5)}
+
+    def test_url_form(self, redis_cluster):
+        import pickle
+        port = redis_cluster[0]
+        c = sesskit.open_store(f"redis://127.0.0.1:{port}/0?cluster=1&prefix=u{os.getpid()}:&lease=2")
+        assert c.cluster and c.server == f"redis cluster 127.0.0.1:{port}" and c.lease == 2
+        sid = _seed(c, {"a": 1})
+        clone = pickle.loads(pickle.dumps(c))
+        assert clone.cluster and _stored(clone, sid) == {"a": 1}
+        client = c._client()
+        _run_all(multiprocessing.get_context("fork"), _inherited_worker, [(c, sid, w, 3) for w in range(2)])
+        assert c._client() is client and c.count() == 1     # the children made their own clients
+        assert set(_stored(c, sid)) == {"a"} | {f"w{w}-{i}" for w in range(2) for i in range(3)}
+        with pytest.raises(sesskit.ContainerError, match="database 0"):
+            sesskit.RedisContainer(f"redis://127.0.0.1:{port}/1?cluster=1")
+        with pytest.raises(ValueError, match="braces"):
+            sesskit.RedisContainer(f"redis://127.0.0.1:{port}/0?cluster=1", prefix="app{1}:")
+        nobody = sesskit.open_store(f"redis://127.0.0.1:{_free_ports(1)[0]}/0?cluster=1")  # made lazily
+        with pytest.raises(sesskit.StoreUnavailable, match="redis cluster 127.0.0.1"):
+            nobody.load(sid)
+        c.close()
+
+    def test_redirection_storms_map_to_store_unavailable(self, store, monkeypatch):
+        import redis.exceptions as errors
+        sid = _seed(store, {"a": 1})
+        client = store._client()
+        for exc, code in [(errors.ClusterError("TTL exhausted."), "MOVED/ASK/TRYAGAIN"),
+                          (errors.ClusterDownError("The cluster is down"), "CLUSTERDOWN"),
+                          (errors.TryAgainError("try again"), "TRYAGAIN"),
+                          (errors.SlotNotCoveredError("slot 1 is not covered"), "CLUSTERDOWN")]:
+            def fail(*args, exc=exc, **kwargs):
+                raise exc
+            monkeypatch.setattr(client, "evalsha", fail)
+            with pytest.raises(sesskit.StoreUnavailable, match=code):
+                store.load(sid)
+        monkeypatch.undo()
+        assert _stored(store, sid) == {"a": 1}
+
+    def test_a_slot_moving_to_another_node(self, tmp_path):
+        """Resharding: while a session's slot migrates, a read follows ASK; a script naming a key that
+        is on neither side yet (its lock) gets TRYAGAIN, retried for a moment by redis-py, then
+        StoreUnavailable with nothing written. Once the slot has moved, MOVED is followed."""
+        import redis
+        from redis.crc import key_slot
+        _need_kind("redis-cluster")
+        procs, ports = _start_redis_cluster(tmp_path / "moving")
+        try:
+            store = sesskit.open_store(f"redis://127.0.0.1:{ports[0]}/0?cluster=1")
+            sid = _seed(store, {"a": 1})
+            key = store._keys(sid)[0]
+            slot = key_slot(key.encode())
+            source_port = int(_node_of(store, sid).rsplit(":", 1)[1])
+            target_port = next(p for p in ports if p != source_port)
+            source, target = (redis.Redis(port=p) for p in (source_port, target_port))
+            source_id, target_id = (r.execute_command("CLUSTER", "MYID").decode() for r in (source, target))
+            target.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+            source.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+            source.migrate("127.0.0.1", target_port, [key], 0, 5000)
+            assert _stored(store, sid) == {"a": 1}                            # ASK, followed
+            now = time.time()
+            with pytest.raises(sesskit.StoreUnavailable, match="TRYAGAIN"):
+                store.update(sid, {"b": 2}, [], _record({}, now=now, timeout=1800), now)
+            for r in (source, target):
+                r.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+            with sesskit.open_session(sid, store=store, reap_interval=0) as s:   # MOVED, followed
+                s.regenerate(grace=10)
+                s["c"] = 3
+            assert s.saved and _stored(store, s.id) == {"a": 1, "c": 3}
+            assert _node_of(store, s.id) == f"127.0.0.1:{target_port}"
+        finally:
+            for proc in procs:
+                _stop_redis(proc)
+
+    def test_a_stopped_node_and_a_failed_cluster_raise_store_unavailable(self, tmp_path):
+        """A node paused with SIGSTOP: its sessions time out, naming it; once the other nodes have
+        marked it failed, the cluster refuses every slot (CLUSTERDOWN). Resumed, all works again."""
+        _need_kind("redis-cluster")
+        procs, ports = _start_redis_cluster(tmp_path / "faults", node_timeout=1000)
+        try:
+            store = sesskit.open_store(f"redis://127.0.0.1:{ports[0]}/0?cluster=1&socket_timeout=0.5")
+            sids = [_seed(store, {"i": i}) for i in range(30)]
+            victim = next(sid for sid in sids if _node_of(store, sid) == f"127.0.0.1:{ports[2]}")
+            healthy = next(sid for sid in sids if _node_of(store, sid) == f"127.0.0.1:{ports[0]}")
+            os.kill(procs[2].pid, signal.SIGSTOP)
+            try:
+                with pytest.raises(sesskit.StoreUnavailable, match=f"node 127.0.0.1:{ports[2]}"):
+                    store.update(victim, {"x": 1}, [], _record({}, now=time.time()), time.time())
+                deadline, down = time.monotonic() + 30, None
+                while down is None and time.monotonic() < deadline:
+                    try:
+                        store.load(healthy)
+                        time.sleep(0.2)
+                    except sesskit.StoreUnavailable as exc:
+                        down = exc if "CLUSTERDOWN" in str(exc) else None
+                assert down is not None, "the cluster never reported CLUSTERDOWN"
+            finally:
+                os.kill(procs[2].pid, signal.SIGCONT)
+            _wait_cluster_ok(ports)
+            deadline = time.monotonic() + 30
+            while True:                          # the first calls may still meet the old topology
+                try:
+                    assert _stored(store, victim) == {"i": sids.index(victim)}
+                    break
+                except sesskit.StoreUnavailable:
+                    assert time.monotonic() < deadline, "the cluster did not come back"
+                    time.sleep(0.2)
+        finally:
+            for proc in procs:
+                _stop_redis(proc)
+
+
 class TestMultiProcess:
     P, N = 8, 50
 
@@ -4273,6 +4636,10 @@ class RedisSessionMachine(SessionMachine):
     KIND = "redis"
 
 
+class RedisClusterSessionMachine(SessionMachine):
+    KIND = "redis-cluster"
+
+
 TestSQLiteModel = SQLiteSessionMachine.TestCase
 TestSQLiteModel.settings = _machine_settings
 TestLMDBModel = LMDBSessionMachine.TestCase
@@ -4283,6 +4650,13 @@ TestRedisModel = RedisSessionMachine.TestCase
 TestRedisModel.settings = _machine_settings
 if not (_have_redis() and os.path.exists(_REDIS_SERVER)) and not REQUIRE_INTEGRATION:
     TestRedisModel = pytest.mark.skip(reason="the redis package or redis-server is missing")(TestRedisModel)
+TestRedisClusterModel = RedisClusterSessionMachine.TestCase
+# Fewer examples: each lists the store on three nodes after every step (about 3x a single server).
+TestRedisClusterModel.settings = settings(_machine_settings, max_examples=15)
+if not (_have_redis() and os.path.exists(_REDIS_SERVER) and os.path.exists(_REDIS_CLI)) \
+        and not REQUIRE_INTEGRATION:
+    TestRedisClusterModel = pytest.mark.skip(
+        reason="the redis package, redis-server or redis-cli is missing")(TestRedisClusterModel)
 
 
 ###############################################################################
