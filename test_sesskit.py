@@ -3211,7 +3211,8 @@ def _host_tag(sid):
 
 
 def _every_call(store, sid, other):
-    """Every container call, by name: on session ``sid`` (stored) and ``other`` (not stored)."""
+    """Every container call, by name: on session ``sid`` (stored) and ``other`` (not stored; made
+    with ``store.new_id(sid)``, as a rotation's new id)."""
     now = time.time()
     meta = sesskit.Record(None, now, now + 100, 100.0)
     return {
@@ -3538,7 +3539,7 @@ class TestRedisContainer:
             store.close()
             proc, _ = _start_redis(directory, port, "--key-load-delay", 150,
                                    "--loading-process-events-interval-bytes", 1024, loaded=False)
-            other = sesskit.new_session_id()
+            other = store.new_id(sids[0])          # a rotation keeps the hash tag
             for name, call in _every_call(store, sids[0], other).items():
                 with pytest.raises(sesskit.StoreUnavailable,
                                    match=rf"127\.0\.0\.1:{port} .*LOADING") as info:
@@ -3583,7 +3584,7 @@ class TestRedisContainer:
             assert primary._call("wait", 1, 10000) == 1
             before = {sid: _stored(primary, sid) for sid in sids}
             assert {sid: _stored(store, sid) for sid in sids} == before     # a replica serves reads
-            other = sesskit.new_session_id()
+            other = store.new_id(sids[0])
             for name, call in _every_call(store, sids[0], other).items():
                 if name in ("create", "update", "rotate", "touch", "delete", "lock"):
                     with pytest.raises(sesskit.StoreUnavailable,
@@ -3986,6 +3987,7 @@ class TestRedisReplication:
             killed = time.time()
             master.kill()                                          # and the primary crashes
             master.wait(10)
+            dead = time.time()                  # (replies sent between killed and dead were lost too)
             _wait_until(lambda: _sentinel_primary(ports) == rport, "Sentinel to promote the replica", 30)
             promoted = time.time()
             # The old primary comes back (empty: no persistence) and Sentinel makes it a replica.
@@ -4012,11 +4014,11 @@ class TestRedisReplication:
             assert lost == [], f"acknowledged writes lost: {lost[:10]} ({figures})"
             assert kinds["WAIT"] > 0, f"the cut was not noticed ({figures})"
         else:                      # the documented loss: what the primary acknowledged during the cut
-            assert lost and all(cut - 0.5 < t < killed for _, t in lost), figures
+            assert lost and all(cut - 0.5 < t < dead for _, t in lost), figures
         assert sum(t > killed for r in reports for _, t in r["failed"]) > 0, figures
         for w, r in enumerate(reports):
-            after = [t for _, t in r["done"] if t > killed]
-            assert after and min(after) - killed < 30, f"worker {w} never reached the new primary"
+            after = [t for _, t in r["done"] if t > dead]
+            assert after and min(after) - dead < 30, f"worker {w} never reached the new primary"
         assert _info(rport).get("role") == "master"
 
 
