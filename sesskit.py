@@ -42,6 +42,7 @@ import os
 import stat
 import struct
 import time
+import weakref
 import zlib
 from collections.abc import MutableMapping
 
@@ -174,6 +175,8 @@ def _check_json(key, value):
         raise TypeError(f"session key {key!r}: {problem}") from None
     # Walk the value only when it may hold a dict (or a brace in a string), to check its keys, or enough
     # brackets to nest too deep: a cheap test of the text spares the walk for most values.
+    if type(value) in _SCALARS:
+        return text
     if "{" in text or text.count("[") > DEFAULTS["max_depth"]:
         problem = _nesting_problem(value, DEFAULTS["max_depth"])
         if problem is not None:
@@ -831,16 +834,18 @@ def _decode_record(sid, payload, mtime):
         return None
 
 
-def _read_fd(fd):
-    """Return ``(contents, stat)`` of an open file: one fstat and, for a few KB, one pread.
+def _read_fd(fd, st=None):
+    """Return ``(contents, stat)`` of an open file: one fstat (unless ``st`` is given, a stat of the
+    file made since it last changed) and, for a few KB, one pread.
 
     Anything but a regular file (a FIFO, a device, a directory planted in the store) and a file bigger
     than any this store writes (see _slot_limit) read as empty, without a read, so they parse as no
     session; no more than that bound is ever read.
     """
-    st = os.fstat(fd)
+    if st is None:
+        st = os.fstat(fd)
     limit = _FILE_HEADER.size + 2 * _slot_limit()
-    if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+    if st.st_mode & 0o170000 != stat.S_IFREG or st.st_size > limit:      # S_ISREG, without a call
         return b"", st
     want = min(st.st_size + 4096, limit + 1)
     blob = os.pread(fd, want, 0)
@@ -984,8 +989,9 @@ def _check_private(what, st, remedy):
 
 class _FileLock:
     """A held lock of one file: the open descriptor whose flock we hold. For a session file also the
-    descriptor of its fan-out directory and its name there, to unlink or replace it relative to that,
-    and ``held``: the set of paths whose locks the acquiring thread holds, which lists it until release."""
+    descriptor of its fan-out directory and its name there (the session id), to unlink or replace it
+    relative to that, and ``held``: the set of session ids whose locks the acquiring thread holds, which
+    lists it until release. ``stat`` is the file's fstat taken just after the lock was acquired."""
 
     __slots__ = ("fd", "path", "stat", "dir_fd", "name", "held")
 
@@ -993,13 +999,13 @@ class _FileLock:
         self.fd, self.path, self.stat, self.dir_fd, self.name = fd, path, stat, dir_fd, name
         self.held = held
         if held is not None:
-            held.add(path)
+            held.add(name)
 
     def release(self):
         if self.fd is not None:
             fd, self.fd = self.fd, None
             if self.held is not None:
-                self.held.discard(self.path)
+                self.held.discard(self.name)
             try:
                 _unlock(fd)
             finally:
@@ -1012,6 +1018,51 @@ class _FileLock:
 
     def __exit__(self, *exc_info):
         self.release()
+
+
+class _Parked:
+    """One thread's slot for the descriptors a load of session ``sid`` opened (its file, for reading
+    and writing, and its fan-out directory), kept for the write-back that usually follows; see
+    FileContainer._park. ``fds`` is None or the pair; ``pid`` is the process that last used the slot.
+    Each pair is closed once: handed on by ``take``, replaced by ``put``, or by ``close`` (also when
+    the thread ends)."""
+
+    __slots__ = ("sid", "pid", "fds", "__weakref__")
+
+    def __init__(self):
+        self.sid = self.fds = None
+        self.pid = os.getpid()
+
+    def put(self, sid, fd, dir_fd):
+        previous, self.fds, self.sid = self.fds, (fd, dir_fd), sid
+        if previous is not None:
+            os.close(previous[0])
+            os.close(previous[1])
+
+    def take(self, sid):
+        """``(fd, dir_fd)`` if these are ``sid``'s and this process's (the caller owns them then);
+        else close them and return None."""
+        fds, self.fds = self.fds, None
+        if fds is None:
+            return None
+        if self.pid != os.getpid():           # a forked child's copy of its parent's slot
+            self.pid = os.getpid()
+        elif sid == self.sid:
+            return fds
+        for fd in fds:
+            os.close(fd)
+        return None
+
+    def close(self):
+        fds, self.fds = self.fds, None
+        if fds is not None:
+            for fd in fds:
+                try:
+                    os.close(fd)
+                except Exception:     # OSError, or the os module already torn down at interpreter exit
+                    pass
+
+    __del__ = close
 
 
 class FileContainer(Container):
@@ -1031,8 +1082,10 @@ class FileContainer(Container):
     a symlink, and never through a symlink itself. Renaming the store or planting a symlink in its place
     or in place of a fan-out directory after that changes nothing: the container keeps using the
     directory it checked. That descriptor is only ever a ``dir_fd``, never read from, so it is safe to
-    share between threads and across ``fork()``. ``close()`` frees it; the next use reopens the path and
-    checks it again (call it when no other thread is using the container). Pickles as its path.
+    share between threads and across ``fork()``. Besides it, each thread may keep the two descriptors
+    of the session it loaded last until its next call (see ``_park``). ``close()`` frees them all; the
+    next use reopens the path and checks it again (call it when no other thread is using the
+    container). Pickles as its path.
     Not for NFS or SMB: their flock() emulation is not reliable.
     """
 
@@ -1042,7 +1095,9 @@ class FileContainer(Container):
         self.path = os.path.abspath(os.fspath(path))
         self.durable = DEFAULTS["durable"] if durable is None else bool(durable)
         self._fd_lock = _thread.allocate_lock()
-        self._thread_state = _thread._local()     # .held: paths of the session locks this thread holds
+        # per thread: .held, the ids of the sessions whose locks it holds; .parked, see _park
+        self._thread_state = _thread._local()
+        self._all_parked = weakref.WeakSet()
         self._dir_fd = _open_store_dir(self.path, create)
         self._prefix = self.path + os.sep
         self.last_reap_visited = 0
@@ -1056,6 +1111,9 @@ class FileContainer(Container):
     def close(self):
         with self._fd_lock:
             fd, self._dir_fd = self._dir_fd, None
+            slots = list(self._all_parked)
+        for slot in slots:
+            slot.close()
         if fd is not None:
             os.close(fd)
 
@@ -1092,6 +1150,31 @@ class FileContainer(Container):
                 raise
             return None
 
+    # -- descriptors kept from a load for the write-back --------------------------------
+    # A request loads its session, then writes it back or touches it: the same file, from the same
+    # thread, moments later. So load() keeps the two descriptors it opened, the file's (opened for
+    # reading and writing) and its fan-out directory's, in a one-entry slot of the calling thread, and
+    # the thread's next lock of that session takes them instead of opening both again: two opens and
+    # two closes fewer per request, which pays for the directory opens of the item-11 hardening. A
+    # parked descriptor is no lock: the lock is still taken on it, and then checked as on any other
+    # open (a record moved to a bigger file, or a deleted session, leaves it unlinked, and the current
+    # file is opened instead). The thread's next load or lock of another session closes what is
+    # parked, and so do the end of the thread and close(); a thread thus keeps at most two descriptors
+    # per container between requests. Descriptors parked before a fork() are never used by the child: they share their open
+    # file description, and with it any flock, with the parent's.
+
+    def _park(self, sid, fd, dir_fd):
+        slot = getattr(self._thread_state, "parked", None)
+        if slot is None:
+            slot = self._thread_state.parked = _Parked()
+            self._all_parked.add(slot)
+        slot.put(sid, fd, dir_fd)
+
+    def _unpark(self, sid):
+        """The descriptors this thread parked for ``sid``, or None (closing any parked for another)."""
+        slot = getattr(self._thread_state, "parked", None)
+        return None if slot is None or slot.fds is None else slot.take(sid)
+
     # -- reading -----------------------------------------------------------------
 
     def _open_file(self, sid, flags):
@@ -1126,17 +1209,28 @@ class FileContainer(Container):
         (exclusive mode), nothing can be writing and the first read is final.
         """
         for _ in range(_TORN_READ_TRIES):
-            opened = self._open_file(sid, os.O_RDONLY)
+            writable = True
+            try:
+                opened = self._open_file(sid, os.O_RDWR)
+            except ContainerError:    # not writable by us (a read-only mount, a file made read-only)
+                writable = False
+                opened = self._open_file(sid, os.O_RDONLY)
             if opened is None:
                 return None
             fd, dir_fd = opened
-            os.close(dir_fd)
             try:
                 blob, st = _read_fd(fd)
-            finally:
+            except BaseException:
                 os.close(fd)
+                os.close(dir_fd)
+                raise
             payload, _, _, cap = _parse_session_file(blob)
-            if payload is not None or not cap or self._file(sid) in self._held_here():
+            if payload is not None and writable:      # a regular file holding a record
+                self._park(sid, fd, dir_fd)
+            else:
+                os.close(fd)
+                os.close(dir_fd)
+            if payload is not None or not cap or sid in self._held_here():
                 break                 # a record, not a session file at all, or no writer can run
         else:
             handle = self._lock(sid, DEFAULTS["lock_timeout"], os.O_RDONLY)
@@ -1150,7 +1244,7 @@ class FileContainer(Container):
     # -- locking -----------------------------------------------------------------
 
     def _held_here(self):
-        """The set of paths of the session files whose locks this thread holds."""
+        """The set of the ids of the sessions whose locks this thread holds."""
         held = getattr(self._thread_state, "held", None)
         if held is None:
             held = self._thread_state.held = set()
@@ -1160,9 +1254,10 @@ class FileContainer(Container):
         return self._lock(sid, timeout, os.O_RDWR)
 
     def _lock(self, sid, timeout, flags):
-        path = self._file(sid)
+        opened = self._unpark(sid)
         while True:
-            opened = self._open_file(sid, flags)
+            if opened is None:
+                opened = self._open_file(sid, flags)
             if opened is None:
                 return None
             fd, dir_fd = opened
@@ -1174,13 +1269,14 @@ class FileContainer(Container):
                 os.close(dir_fd)
                 raise
             if st.st_nlink and stat.S_ISREG(st.st_mode):
-                return _FileLock(fd, path, st, dir_fd, sid, self._held_here())
+                return _FileLock(fd, None, st, dir_fd, sid, self._held_here())
             _unlock(fd)
             os.close(fd)
             os.close(dir_fd)
             if st.st_nlink:
                 return None                           # a FIFO or a device in its place: no session
             # The file was deleted or replaced while we waited: try the one that is there now.
+            opened = None
 
     # -- writing -----------------------------------------------------------------
 
@@ -1227,9 +1323,11 @@ class FileContainer(Container):
         except OSError as exc:
             raise ContainerError(f"cannot create session file {path!r}: {exc}") from exc
 
-    def _read_locked(self, sid, handle):
-        """The record in the locked file of ``handle`` and where it lies: ``(record or None, slot)``."""
-        blob, st = _read_fd(handle.fd)
+    def _read_locked(self, sid, handle, fresh=False):
+        """The record in the locked file of ``handle`` and where it lies: ``(record or None, slot)``.
+        ``fresh``: the handle was taken just now, so its stat still describes the file (no write can
+        have come between: we hold the lock), and the read needs no fstat of its own."""
+        blob, st = _read_fd(handle.fd, handle.stat if fresh else None)
         payload, index, seq, cap = _parse_session_file(blob)
         return (payload and _decode_record(sid, payload, st.st_mtime)), (index, seq, cap)
 
@@ -1249,7 +1347,7 @@ class FileContainer(Container):
             else:
                 self._grow(handle, payload, record.expires)
         except OSError as exc:
-            raise ContainerError(f"cannot write session file {handle.path!r} (the stored session "
+            raise ContainerError(f"cannot write session file {self._file(sid)!r} (the stored session "
                                  f"is unchanged): {exc}") from exc
 
     def update(self, sid, changed, deleted, meta, now, held=None, base=None):
@@ -1257,7 +1355,7 @@ class FileContainer(Container):
         if handle is None:
             return False
         try:
-            current, slot = self._read_locked(sid, handle)
+            current, slot = self._read_locked(sid, handle, fresh=held is None)
             if not current or not current.writable(now):
                 return False
             self._write_locked(sid, handle, slot, meta.replace(
@@ -1275,7 +1373,7 @@ class FileContainer(Container):
         if handle is None:
             return False
         try:
-            current, slot = self._read_locked(old, handle)
+            current, slot = self._read_locked(old, handle, fresh=held is None)
             if not current or not current.writable(now):
                 return False
             self.create(new, meta.replace(data=_merge_data(current.data, changed, deleted, base)))
@@ -1330,7 +1428,7 @@ class FileContainer(Container):
         else:
             handle = held
         try:
-            record = self._read_locked(sid, handle)[0]
+            record = self._read_locked(sid, handle, fresh=held is None)[0]
             if (record and record.writable(now if now is not None else record.expires)
                     and record.expires < expires and (timeout is None or record.timeout == timeout)):
                 _set_expiry(handle.fd, expires, handle.dir_fd, handle.name)
@@ -1347,7 +1445,7 @@ class FileContainer(Container):
         if handle is None:
             return
         try:
-            record = self._read_locked(sid, handle)[0]
+            record = self._read_locked(sid, handle, fresh=held is None)[0]
             if record and record.forward is not None:
                 # the lock order is the rotation's (old id, then new), so this cannot deadlock with it
                 target = self.lock(record.forward, DEFAULTS["lock_timeout"])
@@ -3710,6 +3808,9 @@ def _default_store():
 ###############################################################################
 
 
+_UNLOADED, _OPEN, _CLOSED = "unloaded", "open", "closed"      # Session._state
+
+
 class Session(MutableMapping):
     """A session: a dict of JSON values with a lifecycle of load, any number of saves, and close.
 
@@ -3753,20 +3854,23 @@ class Session(MutableMapping):
         self._clock = clock
         self._max_size = max_size
         self._reap_interval = reap_interval
-        self._state = _UNLOADED
-        self._data = None
-        self._held = None             # the held lock (exclusive mode) and the id it locks
-        self._held_sid = None
-        self._stored = None           # the id the session's record is stored under; None: not stored
-        self._grace = None            # a pending regenerate(): the grace period of the old id
-        self._forwarded = False       # reached through a rotated id's forward: may not rotate again
-        self.id = None
-        self.is_new = True
-        self.saved = False
-        self.lost = False
-        self.deleted = False
-        self.stale = False
-        self._touched = False         # a touch moved the expiry (the cookie's Max-Age follows it)
+
+    # The state every session starts in, as class attributes: a request makes one Session, and
+    # assigning them all in __init__ was a measurable part of a request on the memory store.
+    _state = _UNLOADED
+    _data = None
+    _held = None                      # the held lock (exclusive mode) and the id it locks
+    _held_sid = None
+    _stored = None                    # the id the session's record is stored under; None: not stored
+    _grace = None                     # a pending regenerate(): the grace period of the old id
+    _forwarded = False                # reached through a rotated id's forward: may not rotate again
+    id = None
+    is_new = True
+    saved = False
+    lost = False
+    deleted = False
+    stale = False
+    _touched = False                  # a touch moved the expiry (the cookie's Max-Age follows it)
 
     # -- mapping -----------------------------------------------------------------
 
@@ -4202,9 +4306,6 @@ class Session(MutableMapping):
             container.reap(now, budget=DEFAULTS["reap_budget"], interval=self._reap_interval)
         except (SesskitError, OSError):
             pass   # reaping is housekeeping: it must never fail the request that happened to trigger it
-
-
-_UNLOADED, _OPEN, _CLOSED = "unloaded", "open", "closed"
 
 
 def _expiry(created, timeout, max_age, now):

@@ -1488,6 +1488,103 @@ class TestFileContainer:
         assert [f for f in _files_under(store.path) if f.endswith(".tmp")] == []
         assert store.count() == 1
 
+    # -- descriptors a load keeps for the write-back (FileContainer._park) ----------------------
+
+    @staticmethod
+    def _fd_count():
+        return len(os.listdir("/proc/self/fd"))
+
+    def test_a_forked_child_never_uses_the_descriptors_its_parent_parked(self, tmp_path):
+        # The parked file descriptor shares its open file description, and so its flock, with the
+        # parent's copy: a child using it would "hold" the lock together with the parent.
+        store = sesskit.FileContainer(tmp_path / "s")
+        sid = _seed(store, {"n": 0})
+        assert store.load(sid) is not None                # parks this thread's descriptors of sid
+        ready, release = os.pipe(), os.pipe()
+        pid = os.fork()
+        if pid == 0:                                      # the child: lock sid and keep it
+            code = 1
+            try:
+                with store.lock(sid, 5):
+                    os.write(ready[1], b"x")
+                    os.read(release[0], 1)
+                code = 0
+            finally:
+                os._exit(code)
+        try:
+            assert os.read(ready[0], 1) == b"x"
+            with pytest.raises(sesskit.LockTimeout):      # takes the parked descriptor, and must wait
+                store.lock(sid, 0.3)
+        finally:
+            os.write(release[1], b"x")
+            assert os.waitpid(pid, 0)[1] == 0
+        with store.lock(sid, 5):
+            pass
+
+    def test_parked_descriptors_are_this_threads_own(self, tmp_path):
+        store = sesskit.FileContainer(tmp_path / "s")
+        sid = _seed(store, {"n": 0})
+        assert store.load(sid) is not None
+        held = []
+        other = ExThread(target=lambda: held.append(store.lock(sid, 5)))
+        other.start()
+        other.join()
+        try:
+            with pytest.raises(sesskit.LockTimeout):
+                store.lock(sid, 0.3)
+        finally:
+            held[0].release()
+
+    def test_a_write_after_the_load_moved_the_file_is_not_lost(self, tmp_path):
+        # The parked descriptor names the inode the load read; another request then grows the record
+        # into a bigger file renamed over it. This thread's write-back must go to the current file.
+        store = sesskit.FileContainer(tmp_path / "s")
+        sid = _seed(store, {"a": 1})
+        loaded = store.load(sid)
+        path = os.path.join(store.path, sid[:2], sid)
+        inode = os.stat(path).st_ino
+        big = "x" * 20_000
+        other = ExThread(target=lambda: store.update(sid, {"big": big}, [], loaded, T0))
+        other.start()
+        other.join()
+        assert os.stat(path).st_ino != inode              # the record moved to another file
+        assert store.update(sid, {"b": 2}, [], loaded, T0)
+        assert json.loads(store.load(sid).data) == {"a": 1, "big": big, "b": 2}
+
+    def test_a_write_after_a_delete_writes_nothing(self, tmp_path):
+        store = sesskit.FileContainer(tmp_path / "s")
+        sid = _seed(store, {"a": 1})
+        loaded = store.load(sid)
+        other = ExThread(target=lambda: store.delete(sid))
+        other.start()
+        other.join()
+        assert not store.update(sid, {"b": 2}, [], loaded, T0)
+        assert not store.touch(sid, T0 + 10_000, None, T0)
+        assert store.load(sid) is None
+        assert not os.path.exists(os.path.join(store.path, sid[:2], sid))
+
+    def test_parked_descriptors_are_freed_by_thread_end_and_close(self, tmp_path):
+        store = sesskit.FileContainer(tmp_path / "s")
+        sids = [_seed(store, {"i": i}) for i in range(8)]
+        store.close()
+        before = self._fd_count()
+        threads = [ExThread(target=lambda sid=sid: [store.load(sid) for _ in range(3)]) for sid in sids]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        del t, threads
+        gc.collect()
+        assert self._fd_count() == before + 1               # the store's own directory descriptor
+        for sid in sids:                                    # one thread: at most one pair parked
+            assert store.load(sid) is not None
+        assert self._fd_count() == before + 3
+        store.close()
+        assert self._fd_count() == before
+        with sesskit.open_session(sids[0], store=store) as s:   # and the store still works
+            s["j"] = 1
+        assert _stored(store, sids[0]) == {"i": 0, "j": 1}
+
     def test_touch_racing_a_timeout_change_does_not_undo_it(self, tmp_path, monkeypatch):
         """A touch reads the record and sets the time under the session's lock, so a write that shortens
         the timeout meanwhile waits for it and has the last word."""
@@ -1499,8 +1596,8 @@ class TestFileContainer:
         real_read = sesskit._read_fd
         writers = []
 
-        def read_while_a_write_races(fd):
-            result = real_read(fd)
+        def read_while_a_write_races(fd, st=None):
+            result = real_read(fd, st)
             if not writers:                           # the touch's read: a request shortens the timeout
                 writer = ExThread(target=lambda: store.update(sid, {}, [], shorter, clock.now))
                 writers.append(writer)
@@ -1861,8 +1958,8 @@ class TestFileHardening:
         real_read = sesskit._read_fd
         torn = []
 
-        def torn_unless_locked(fd):
-            blob, st = real_read(fd)
+        def torn_unless_locked(fd, st=None):
+            blob, st = real_read(fd, st)
             probe = os.open(path, os.O_RDONLY)
             try:
                 if sesskit._try_lock(probe):          # nobody holds the session's lock: a write may run
