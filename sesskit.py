@@ -3843,8 +3843,9 @@ class Session(MutableMapping):
             raise ValueError(f"lock must be one of {', '.join(LOCK_MODES)}, not {lock!r}")
         if codec not in (None, "json", "tagged"):
             raise ValueError(f"codec must be 'json' or 'tagged', not {codec!r}")
-        self._tagged = codec == "tagged"
-        self._decoded = {}            # tagged codec: key -> the value as the caller sees it
+        if codec == "tagged":
+            self._tagged = True
+            self._decoded = {}        # key -> the value as the caller sees it
         self._incoming = sid          # what the client sent (maybe not an id at all)
         self.container = container
         self.mode = lock
@@ -3854,18 +3855,22 @@ class Session(MutableMapping):
         self._clock = clock
         self._max_size = max_size
         self._reap_interval = reap_interval
+        self._state = _UNLOADED
+        self._stored = None           # the id the session's record is stored under; None: not stored
+        self.id = None
+        self.is_new = True
 
-    # The state every session starts in, as class attributes: a request makes one Session, and
-    # assigning them all in __init__ was a measurable part of a request on the memory store.
-    _state = _UNLOADED
+    # State that most sessions never change lives on the class, and an instance gets its own only when
+    # it changes: CPython keeps the attributes of instances in a compact shared layout only up to 30
+    # names per class, and past that each Session's attribute reads and writes were a measurable part
+    # of a request (issue 8).
+    _tagged = False                   # the tagged codec; then _decoded: key -> value as the caller sees it
+    _decoded = None
     _data = None
     _held = None                      # the held lock (exclusive mode) and the id it locks
     _held_sid = None
-    _stored = None                    # the id the session's record is stored under; None: not stored
     _grace = None                     # a pending regenerate(): the grace period of the old id
     _forwarded = False                # reached through a rotated id's forward: may not rotate again
-    id = None
-    is_new = True
     saved = False
     lost = False
     deleted = False
@@ -3910,11 +3915,14 @@ class Session(MutableMapping):
         if self.mode == "read":
             raise ReadOnlySession(f"session {_short(self.id)} was opened with lock='read'")
         del data[key]
-        self._decoded.pop(key, None)
+        if self._tagged:
+            self._decoded.pop(key, None)
 
     def _retag(self):
         """Tagged codec: encode again the values handed out decoded (the caller may have edited them
         in place), so that the write-back compares and stores what they are now."""
+        if not self._tagged:
+            return
         data = self._data
         for key, value in self._decoded.items():
             if key in data:
@@ -3986,8 +3994,10 @@ class Session(MutableMapping):
         record = data = None
         if sid is not None:
             sid, record, how = self._resolve(sid, now, locking=True)
-            self._forwarded = how == "forwarded"
-            self.stale = how == "stale"
+            if how == "forwarded":
+                self._forwarded = True
+            elif how == "stale":
+                self.stale = True
         if record is not None:
             try:
                 data = _decode_fast(record.data)
@@ -4189,7 +4199,8 @@ class Session(MutableMapping):
     def _write_back(self, now, create=False):
         """Store what the session changed: create, update, rotate or touch. Sets ``saved``/``lost``.
         A new session is stored when it holds data, or with ``create`` (an explicit save) when empty."""
-        self._touched = False
+        if self._touched:
+            self._touched = False
         if self.stale:
             if self._data or self._grace is not None or self._timeout != self._stored_timeout:
                 self.lost = True                       # a late request of a rotated id writes nothing
