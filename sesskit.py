@@ -1160,8 +1160,8 @@ class FileContainer(Container):
     # open (a record moved to a bigger file, or a deleted session, leaves it unlinked, and the current
     # file is opened instead). The thread's next load or lock of another session closes what is
     # parked, and so do the end of the thread and close(); a thread thus keeps at most two descriptors
-    # per container between requests. Descriptors parked before a fork() are never used by the child: they share their open
-    # file description, and with it any flock, with the parent's.
+    # per container between requests. Descriptors parked before a fork() are never used by the child:
+    # they share their open file description, and with it any flock, with the parent's.
 
     def _park(self, sid, fd, dir_fd):
         slot = getattr(self._thread_state, "parked", None)
@@ -1169,11 +1169,6 @@ class FileContainer(Container):
             slot = self._thread_state.parked = _Parked()
             self._all_parked.add(slot)
         slot.put(sid, fd, dir_fd)
-
-    def _unpark(self, sid):
-        """The descriptors this thread parked for ``sid``, or None (closing any parked for another)."""
-        slot = getattr(self._thread_state, "parked", None)
-        return None if slot is None or slot.fds is None else slot.take(sid)
 
     # -- reading -----------------------------------------------------------------
 
@@ -1254,7 +1249,8 @@ class FileContainer(Container):
         return self._lock(sid, timeout, os.O_RDWR)
 
     def _lock(self, sid, timeout, flags):
-        opened = self._unpark(sid)
+        slot = getattr(self._thread_state, "parked", None)        # what this thread's load parked
+        opened = None if slot is None or slot.fds is None else slot.take(sid)
         while True:
             if opened is None:
                 opened = self._open_file(sid, flags)
@@ -3921,8 +3917,6 @@ class Session(MutableMapping):
     def _retag(self):
         """Tagged codec: encode again the values handed out decoded (the caller may have edited them
         in place), so that the write-back compares and stores what they are now."""
-        if not self._tagged:
-            return
         data = self._data
         for key, value in self._decoded.items():
             if key in data:
@@ -4155,7 +4149,8 @@ class Session(MutableMapping):
         was_open = self._state is _OPEN
         try:
             if not discard and was_open:
-                self._retag()
+                if self._tagged:
+                    self._retag()
                 self._write_back(now)
         finally:
             self._state = _CLOSED
@@ -4165,12 +4160,14 @@ class Session(MutableMapping):
             self._maybe_reap()
 
     def __exit__(self, exc_type, exc, tb):
-        self.close(discard=exc_type is not None)
+        if self._state is not _CLOSED:                # close(), without one more call per request
+            self._close(self._clock(), exc_type is not None)
         return False
 
     def _save(self, now, create=False):
         """Write back, then go on as if the block had just loaded what it wrote."""
-        self._retag()
+        if self._tagged:
+            self._retag()
         text = _encode_data(self._data)
         wrote = (self._stored is None or self._grace is not None or text != self._loaded
                  or self._timeout != self._stored_timeout or self._max_age != self._stored_max_age)
