@@ -4499,8 +4499,36 @@ def _soak_fault_redis(url, rnd):
     return url.replace(parts.netloc, f"127.0.0.1:{link.port}", 1) + "&socket_timeout=0.5"
 
 
+def _soak_fault_redis_cluster(url, rnd):
+    """The same on a cluster: the client learns the nodes' addresses from the cluster itself, so a
+    container is made here whose client reaches every node through a relay of its own (redis-py's
+    ``address_remap``), with a short socket_timeout and no retries."""
+    from urllib.parse import parse_qs, urlsplit
+    import redis.backoff
+    import redis.cluster
+    import redis.retry
+    links, made = {}, threading.Lock()
+
+    def remap(address):
+        with made:
+            if address not in links:
+                links[address] = _SoakFaultyLink(address[0], address[1], rnd)
+            return "127.0.0.1", links[address].port
+    parts = urlsplit(url)
+    _soak_fault_redis_cluster.links = links             # kept alive with the worker
+    for attempt in range(50):       # the client connects as it is made, and the relay may cut that
+        try:
+            client = redis.cluster.RedisCluster(
+                host=parts.hostname, port=parts.port, address_remap=remap, socket_timeout=0.5,
+                retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0))
+            break
+        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException):
+            time.sleep(0.01)
+    return sesskit.RedisContainer(client, prefix=parse_qs(parts.query)["prefix"][0])
+
+
 #: How the fault worker of a kind meets real write faults (default: RLIMIT_FSIZE on the store's files).
-_SOAK_FAULTS = {"redis": _soak_fault_redis}
+_SOAK_FAULTS = {"redis": _soak_fault_redis, "redis-cluster": _soak_fault_redis_cluster}
 
 
 # -- worker steps ------------------------------------------------------------------------
@@ -4818,6 +4846,7 @@ _SOAK_DAMAGE = {
     "sqlite": _soak_damage_sqlite,
     "lmdb": _soak_damage_lmdb,
     "redis": _soak_damage_redis,
+    "redis-cluster": _soak_damage_redis,
 }
 SOAK_KINDS = ["memory", *_SOAK_DAMAGE]
 
@@ -5287,8 +5316,8 @@ class TestSoak:
     @pytest.mark.parametrize("kind", SOAK_KINDS)
     def test_soak(self, kind, tmp_path, capsys, request):
         _need_kind(kind)
-        if kind == "redis":
-            request.getfixturevalue("redis_server")      # the run's server; stopped at the end
+        if kind in _SERVER_FIXTURES:
+            request.getfixturevalue(_SERVER_FIXTURES[kind])      # the run's server; stopped at the end
         seed = random.randrange(1 << 30)
         counts, violations = _Soak(kind, tmp_path, SOAK_SECONDS, seed).run()
         line = f"{kind}: " + " ".join(f"{name}={value}" for name, value in counts.items())
