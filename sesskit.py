@@ -3287,7 +3287,7 @@ class RedisContainer(Container):
       it takes no session lock, so it may land while an exclusive block of the same session runs.
     * No resurrection: a write-back, touch or rotation of a session that was deleted, rotated away or
       expired by the caller's clock writes nothing and reports it (checked inside the script).
-    * Exclusive mode: ``lock`` sets ``PREFIX{sid}:lock`` to a random owner token with ``NX`` and a lease
+    * Exclusive mode: ``lock`` sets ``PREFIX{TAG}sid:lock`` to a random owner token with ``NX`` and a lease
       of ``lease`` seconds; a waiter polls (0.5 ms growing to ``DEFAULTS["poll_interval"]``: one small
       script per try, so a lock held for a millisecond is picked up at once) until ``lock_timeout``,
       then LockTimeout. Only the owner releases it (compare-and-delete in a script). While held, a thread of
