@@ -15,8 +15,9 @@ Guarantees, each explained where it is implemented:
 * Locks are per session and are the operating system's own file locks, so they die with a killed process.
 * A reader never sees a half-written session and a process killed at any instant leaves every session
   loadable with its old or its new content.
-* Session ids are unique by construction (time, host, process, counter) and unguessable (144 random bits);
-  an incoming id that is malformed, unknown or expired is never adopted.
+* Session ids are unique by construction (time, host, process, counter) and unguessable (144 random bits;
+  120 fresh ones in an id a Redis store rotates to); an incoming id that is malformed, unknown or expired
+  is never adopted.
 """
 
 __version__ = "0.1.0"
@@ -41,6 +42,7 @@ import json
 import os
 import stat
 import struct
+import sys
 import time
 import weakref
 import zlib
@@ -396,6 +398,24 @@ def new_session_id() -> str:
     return binascii.b2a_base64(raw, newline=False).translate(_URLSAFE).decode("ascii")
 
 
+# A rotated id may keep the first characters of the id it replaces (Container.new_id): Redis Cluster
+# needs every key a rotation writes in one hash slot, and a load of the new id finds its key from the
+# id alone, so the slot must be readable from the id (RedisContainer keeps 4 characters). Whole
+# characters of the random part are kept, never the unique tail: 4 characters are exactly the first
+# 3 random bytes, so the new id still has 120 fresh random bits (more than the 64 OWASP asks of a
+# whole id) and its time/host/pid/counter stay its own, so it is unique as any other. Someone who knew
+# the old id (session fixation, the threat rotation exists for) learns those 24 bits and must still
+# guess 120. Only a container that needs it asks for it; the others rotate to wholly fresh ids.
+
+
+def _rotated_session_id(previous, keep):
+    """A new id whose first ``keep`` characters (a multiple of 4: whole bytes of the random part) are
+    ``previous``'s, the rest fresh from ``new_session_id()``."""
+    if keep % 4 or not 0 <= keep <= 24:
+        raise ValueError("keep whole random bytes: 0, 4, ... or 24 characters")
+    return _require_sid(previous)[:keep] + new_session_id()[keep:]
+
+
 def is_valid_session_id(sid) -> bool:
     """Tell whether ``sid`` has the exact form of an id made by ``new_session_id()``.
 
@@ -511,6 +531,10 @@ class Container:
     * ``count(now=None)`` and ``sids(now=None)`` count and list unexpired records (ids remembered
       after a rotation included, until they expire); ``close()`` frees handles (the container stays
       usable and reopens them on demand).
+    * ``new_id(previous)`` returns the fresh id ``Session.regenerate`` rotates ``previous`` to; it
+      touches no store. The default is ``new_session_id()``; a container whose ``rotate`` needs the two
+      ids related says so here (RedisContainer keeps the Redis Cluster hash tag). A container that
+      wraps another must pass this call on.
     """
 
     #: Set by ``open_session``: the earliest wall time at which this process may reap again.
@@ -542,6 +566,9 @@ class Container:
 
     def count(self, now=None):
         return sum(1 for _ in self.sids(now))
+
+    def new_id(self, previous):
+        return new_session_id()
 
     def sids(self, now=None):
         raise NotImplementedError
@@ -3024,8 +3051,15 @@ class LMDBContainer(_DatabaseContainer):
 
 
 # Redis --------------------------------------------------------------------------------
-# Layout: one hash per session, PREFIX{sid}, and its lock PREFIX{sid}:lock; the braces make the sid the
-# Redis Cluster hash tag, so every script that works on one session touches one slot. Hash fields:
+# Layout: one hash per session, PREFIX{TAG}sid, and its lock PREFIX{TAG}sid:lock, where TAG is the
+# sid's first 4 characters. The braces make TAG the Redis Cluster hash tag: Redis hashes only what is
+# between them, so all keys of one session sit in one slot. A rotation writes two sessions in one
+# script (the new record and the old id's tombstone), and delete() of a tombstone removes the session
+# it forwards to in the same script; so the ids of one rotation chain share their TAG: new_id() keeps
+# the first 4 characters of the id it replaces (see "Session ids" for why that costs no safety), and
+# rotate() refuses a new id with another TAG. The tag cannot be a stored mapping (old id -> slot):
+# a load of the new id must find its key from the id alone. 4 characters are 2**24 tags, so sessions
+# spread evenly over the 16384 slots. Hash fields:
 #
 #     c, e, t, m, f   created, expires, timeout, max_age (repr of the float) and forward ("" for none)
 #     n               the last key sequence number handed out
@@ -3170,7 +3204,7 @@ if not owned(KEYS[2], ARGV[1]) then return -1 end
 local f = redis.call('HGET', KEYS[1], 'f')
 if (f or '') ~= ARGV[2] then return 0 end
 redis.call('DEL', KEYS[1])
-if ARGV[2] ~= '' then redis.call('DEL', KEYS[3]) end
+if ARGV[2] ~= '' and KEYS[3] then redis.call('DEL', KEYS[3]) end
 return 1
 """,
     # KEYS: hash, lock. ARGV: token, lease_ms -> 1 locked, 0 held by another, -1 no such session
@@ -3195,9 +3229,16 @@ return 0
 }
 
 #: redis-py exception -> the Redis error code it stands for, named in StoreUnavailable's message.
+#: Each means the store is unavailable for now. ClusterError is redis-py's "TTL exhausted": it
+#: followed MOVED/ASK redirections or retried TRYAGAIN as often as it will (a slot moving between
+#: nodes, or nodes that disagree).
 _REDIS_CODES = {"ReadOnlyError": "READONLY", "OutOfMemoryError": "OOM", "BusyLoadingError": "LOADING",
                 "MasterDownError": "MASTERDOWN", "TryAgainError": "TRYAGAIN",
-                "ClusterDownError": "CLUSTERDOWN"}
+                "ClusterDownError": "CLUSTERDOWN", "ClusterError": "MOVED/ASK/TRYAGAIN",
+                "MovedError": "MOVED", "AskError": "ASK", "SlotNotCoveredError": "CLUSTERDOWN"}
+
+#: Characters of a session id that make its Redis Cluster hash tag (see the layout above).
+_REDIS_TAG = 4
 
 
 def _redis_record(reply):
@@ -3320,11 +3361,15 @@ class RedisContainer(Container):
     """Sessions in Redis: one store shared by many hosts, with the same guarantees as on one machine.
 
     :param client_or_url: a ``redis://[:password@]host:port/db``, ``rediss://`` (TLS) or
-        ``unix:///path/to/socket`` URL, or a ``redis.Redis`` client. URL query options go to redis-py,
-        except ``prefix`` and ``lease``, which are this container's. A URL's client gets
-        ``socket_timeout`` and ``socket_connect_timeout`` of ``DEFAULTS["redis_socket_timeout"]`` unless
-        the URL sets them, and no automatic retries (see Faults).
-    :param prefix: put before every key (several stores can share one database).
+        ``unix:///path/to/socket`` URL, or a ``redis.Redis`` client; for a Redis Cluster, a
+        ``redis://host:port?cluster=1`` (or ``rediss://``) URL naming any one node, or a
+        ``redis.cluster.RedisCluster`` client (give it several ``startup_nodes`` so that it can start
+        while one node is down). URL query options go to redis-py, except ``prefix``, ``lease`` and
+        ``cluster``, which are this container's. A URL's client gets ``socket_timeout`` and
+        ``socket_connect_timeout`` of ``DEFAULTS["redis_socket_timeout"]`` unless the URL sets them,
+        and no automatic retries (see Faults); a client you pass keeps its own settings.
+    :param prefix: put before every key (several stores can share one database); no braces (they
+        would make the prefix the Redis Cluster hash tag of every key).
     :param lease: seconds an exclusive lock outlives a holder that stops renewing it,
         ``DEFAULTS["redis_lease"]``.
 
@@ -3336,7 +3381,7 @@ class RedisContainer(Container):
       it takes no session lock, so it may land while an exclusive block of the same session runs.
     * No resurrection: a write-back, touch or rotation of a session that was deleted, rotated away or
       expired by the caller's clock writes nothing and reports it (checked inside the script).
-    * Exclusive mode: ``lock`` sets ``PREFIX{sid}:lock`` to a random owner token with ``NX`` and a lease
+    * Exclusive mode: ``lock`` sets ``PREFIX{TAG}sid:lock`` to a random owner token with ``NX`` and a lease
       of ``lease`` seconds; a waiter polls (0.5 ms growing to ``DEFAULTS["poll_interval"]``: one small
       script per try, so a lock held for a millisecond is picked up at once) until ``lock_timeout``,
       then LockTimeout. Only the owner releases it (compare-and-delete in a script). While held, a thread of
@@ -3353,15 +3398,22 @@ class RedisContainer(Container):
       sessions ``DEFAULTS["reap_margin"]`` after their expiry, so ``reap`` finds little. ``reap``,
       ``count`` and ``sids`` walk the keys with SCAN (never KEYS), in batches.
     * Faults: a refused or broken connection, a timeout, a failover in progress (READONLY, LOADING,
-      MASTERDOWN), a server out of memory (OOM) raise ``StoreUnavailable`` naming the server, a
-      ContainerError. Each write is one script, applied whole or not at all; after a timeout or a broken
-      connection it is unknown which, so no call is retried by itself (a retried rotation or creation
-      could report a failure for what succeeded).
+      MASTERDOWN, CLUSTERDOWN, TRYAGAIN), a server out of memory (OOM), a cluster whose slots are not
+      all served or that keeps redirecting (MOVED/ASK more often than redis-py follows) raise
+      ``StoreUnavailable`` naming the server (on a cluster: and the node), a ContainerError. Each write
+      is one script, applied whole or not at all; after a timeout or a broken connection it is unknown
+      which, so no call is retried by itself (a retried rotation or creation could report a failure for
+      what succeeded). A cluster client still follows MOVED and ASK redirections and retries TRYAGAIN
+      for a moment (the node that answers with one has run nothing): while resharding moves a
+      session's slot, a read follows the session, but a script naming a key that is on neither side
+      yet (its lock, a new id) gets TRYAGAIN until the move ends, then ``StoreUnavailable``.
     * Processes and threads: the redis-py client and its connection pool are thread-safe; the container
       makes a new client when it finds itself in another process (after ``fork()``), so no connection is
       ever shared by parent and child. Pickles as its URL.
-    * Redis Cluster: all keys of one session share the hash tag ``{sid}``, except that ``rotate`` writes
-      two sessions' keys in one script and so needs both on one node (a single server, or Sentinel).
+    * Redis Cluster: every key of a session is ``PREFIX{TAG}sid``, TAG being the id's first 4
+      characters, and ``new_id`` keeps TAG when ``Session.regenerate`` rotates a session, so every
+      script (a rotation and the delete of a tombstone included) names keys of one slot and runs on one
+      node, atomically, as on a single server. ``count``, ``sids`` and ``reap`` SCAN every primary.
 
     Run Redis with ``maxmemory-policy noeviction``: every session key has a TTL, so a ``volatile-*``
     or ``allkeys-*`` policy would evict live sessions under memory pressure; with ``noeviction`` a full
@@ -3375,14 +3427,23 @@ class RedisContainer(Container):
         import hashlib
         import redis.exceptions
         self._errors = redis.exceptions
+        # Raised by redis-py's cluster client (a Redis Cluster it cannot reach or whose slots are not
+        # all served), and not a RedisError: caught beside it.
+        self._failures = (redis.exceptions.RedisError,
+                          getattr(redis.exceptions, "RedisClusterException", redis.exceptions.RedisError))
         self._client_obj = None
         self.url = None
         options = {}
         if isinstance(client_or_url, str):
             self.url, options = self._split_url(client_or_url)
+            self.cluster = options.get("cluster", "").lower() in ("1", "yes", "true", "on")
         else:
             self._client_obj = client_or_url
+            self.cluster = _is_redis_cluster(client_or_url)
         self.prefix = str(options.get("prefix", "sesskit:") if prefix is None else prefix)
+        if "{" in self.prefix or "}" in self.prefix:
+            raise ValueError(f"a Redis key prefix must not contain braces (they would make it the hash "
+                             f"tag of every key): {self.prefix!r}")
         self.lease = float(options.get("lease", DEFAULTS["redis_lease"]) if lease is None else lease)
         if not self.lease > 0:
             raise ValueError("lease must be a positive number of seconds")
@@ -3394,18 +3455,21 @@ class RedisContainer(Container):
         self._mutex = _thread.allocate_lock()
         self._reap_cursor = 0
         self.last_reap_visited = 0
-        self.server = self._describe(self._client())
+        # A cluster URL is named without making its client: that one connects as it is made, and a
+        # store is opened when an application starts, which must not fail while Redis is away.
+        self.server = self._describe_cluster_url() if self.cluster and self.url is not None \
+            else self._describe(self._client())
 
     @staticmethod
     def _split_url(url):
-        """Take this container's options (prefix, lease) out of a URL's query string."""
+        """Take this container's options (prefix, lease, cluster) out of a URL's query string."""
         from urllib.parse import parse_qsl, urlencode
         if url.partition(":")[0].lower() not in ("redis", "rediss", "unix"):
             raise ContainerError(f"not a Redis URL: {url!r} (redis://, rediss:// or unix://)")
         base, _, query_text = url.partition("?")
         query, ours = [], {}
         for name, value in parse_qsl(query_text, keep_blank_values=True):
-            if name in ("prefix", "lease"):
+            if name in ("prefix", "lease", "cluster"):
                 ours[name] = value
             else:
                 query.append((name, value))
@@ -3413,10 +3477,17 @@ class RedisContainer(Container):
 
     def __reduce__(self):
         if self.url is None:
-            pool = self._client().connection_pool
+            client = self._client()
+            if self.cluster:
+                nodes = [(node.host, node.port) for node in client.get_nodes()]
+                return (_redis_cluster_from, (nodes, _cluster_kwargs(client), client.retry, self.prefix,
+                                              self.lease))
+            pool = client.connection_pool
             return (_redis_from_pool, (pool.connection_class, pool.connection_kwargs, self.prefix,
                                        self.lease))
         query = f"prefix={__import__('urllib.parse').parse.quote(self.prefix)}&lease={self.lease!r}"
+        if self.cluster:
+            query += "&cluster=1"
         return (RedisContainer, (self.url + ("&" if "?" in self.url else "?") + query,))
 
     def __repr__(self):
@@ -3448,20 +3519,50 @@ class RedisContainer(Container):
             except (ImportError, AttributeError):   # pragma: no cover - redis-py without Retry
                 pass
             try:
+                if self.cluster:
+                    # Made here, in the process that uses it; it connects to the cluster at once.
+                    import redis.cluster
+                    return redis.cluster.RedisCluster.from_url(self.url, **kwargs)
                 return redis.Redis.from_url(self.url, **kwargs)
             except ValueError as exc:
                 raise ContainerError(f"bad Redis URL {self.url!r}: {exc}") from exc
+            except self._failures as exc:
+                raise self._fault(exc) from exc
         client = self._client_obj
         if self._pid is not None and self._pid != os.getpid():
-            # The caller's client was made in the parent: a new pool with the same settings.
-            pool = client.connection_pool
-            client = redis.Redis(connection_pool=type(pool)(connection_class=pool.connection_class,
-                                                            **pool.connection_kwargs))
+            # The caller's client was made in the parent: a new one with the same settings.
+            if self.cluster:
+                import redis.cluster
+                try:
+                    client = redis.cluster.RedisCluster(
+                        startup_nodes=[redis.cluster.ClusterNode(node.host, node.port)
+                                       for node in client.get_nodes()],
+                        retry=client.retry, **_cluster_kwargs(client))
+                except self._failures as exc:
+                    raise self._fault(exc) from exc
+            else:
+                pool = client.connection_pool
+                client = redis.Redis(connection_pool=type(pool)(connection_class=pool.connection_class,
+                                                                **pool.connection_kwargs))
             self._client_obj = client
         return client
 
+    def _describe_cluster_url(self):
+        from redis.connection import parse_url
+        try:
+            parts = parse_url(self.url)
+        except ValueError as exc:
+            raise ContainerError(f"bad Redis URL {self.url!r}: {exc}") from exc
+        if parts.get("path") or parts.get("db", 0) != 0:
+            raise ContainerError(f"bad Redis URL {self.url!r}: a Redis Cluster is reached over TCP and "
+                                 f"has database 0 only")
+        return f"redis cluster {parts.get('host', 'localhost')}:{parts.get('port', 6379)}"
+
     @staticmethod
     def _describe(client):
+        if _is_redis_cluster(client):
+            node = client.get_default_node()
+            return f"redis cluster {node.host}:{node.port}" if node else "redis cluster"
         kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", {})
         if kwargs.get("path"):
             return f"redis unix:{kwargs['path']} db {kwargs.get('db', 0)}"
@@ -3472,43 +3573,56 @@ class RedisContainer(Container):
         with self._mutex:
             client, self._client_ = self._client_, None
         if client is not None and self._pid == os.getpid() and self._client_obj is None:
-            client.connection_pool.disconnect()
+            if self.cluster:
+                client.close()
+            else:
+                client.connection_pool.disconnect()
 
     def _fault(self, exc):
         errors = self._errors
         text = str(exc)
-        unavailable = isinstance(exc, (errors.ConnectionError, errors.TimeoutError)) or (
-            isinstance(exc, errors.ResponseError)
-            and any(word in text for word in ("READONLY", "LOADING", "OOM", "MASTERDOWN", "BUSY",
-                                              "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS")))
-        if isinstance(exc, errors.ReadOnlyError) or type(exc).__name__ == "OutOfMemoryError":
-            unavailable = True
-        cls = StoreUnavailable if unavailable else ContainerError
         name = type(exc).__name__
         code = _REDIS_CODES.get(name)          # redis-py drops the reply's code from the message
-        return cls(f"{self.server}: {name}{f' ({code})' if code else ''}: {text}")
+        unavailable = isinstance(exc, (errors.ConnectionError, errors.TimeoutError)) or code is not None \
+            or (isinstance(exc, errors.ResponseError)
+                and any(word in text for word in ("READONLY", "LOADING", "OOM", "MASTERDOWN", "BUSY",
+                                                  "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS"))) \
+            or (self.cluster and isinstance(exc, self._failures[1])
+                and any(words in text for words in ("cannot be connected", "not covered")))
+        cls = StoreUnavailable if unavailable else ContainerError
+        where = self.server
+        node = getattr(exc, "connection", None)   # the cluster node that failed, set by redis-py
+        if self.cluster and getattr(node, "host", None) is not None:
+            where += f" (node {node.host}:{node.port})"
+        return cls(f"{where}: {name}{f' ({code})' if code else ''}: {text}")
 
     def _run(self, name, keys, args):
-        """Run one of _REDIS_SCRIPTS: EVALSHA, then EVAL when the server does not have it yet."""
-        client = self._client()
-        errors = self._errors
+        """Run one of _REDIS_SCRIPTS: EVALSHA, then EVAL when the server does not have it yet. On a
+        cluster both go to the node serving the keys' slot (redis-py routes them by their keys), so
+        each node is sent the script once."""
         try:
+            client = self._client()
             try:
                 return client.evalsha(self._shas[name], len(keys), *keys, *args)
-            except errors.NoScriptError:
+            except self._errors.NoScriptError:
                 return client.eval(_REDIS_CHECKS + _REDIS_SCRIPTS[name], len(keys), *keys, *args)
-        except errors.RedisError as exc:
+        except self._failures as exc:
             raise self._fault(exc) from exc
 
     def _call(self, method, *args, **kwargs):
         try:
             return getattr(self._client(), method)(*args, **kwargs)
-        except self._errors.RedisError as exc:
+        except self._failures as exc:
             raise self._fault(exc) from exc
 
     def _keys(self, sid):
-        key = f"{self.prefix}{{{sid}}}"
+        key = f"{self.prefix}{{{sid[:_REDIS_TAG]}}}{sid}"
         return key, key + ":lock"
+
+    def new_id(self, previous):
+        """A fresh id that keeps ``previous``'s hash tag (its first 4 characters), so a rotation
+        writes one slot; 120 of its random bits are new (see "Session ids")."""
+        return _rotated_session_id(previous, _REDIS_TAG)
 
     def _ttl_ms(self, expires, now):
         return max(int((expires - now + self._margin) * 1000), 1000)
@@ -3568,10 +3682,33 @@ class RedisContainer(Container):
                 return
 
     def _scan_batch(self, cursor):
-        pattern = "".join("\\" + ch if ch in "*?[]\\" else ch for ch in self.prefix) + "{*}"
-        cursor, keys = self._call("scan", cursor, pattern, 500)
-        start = len(self.prefix.encode("utf-8")) + 1
-        return int(cursor), [key[start:-1].decode("ascii") for key in keys]
+        """One SCAN step of about 500 keys: (next cursor, the sids found). A cursor is 0 at the start
+        and at the end of a walk. On a cluster it is (node name, that node's cursor): the walk SCANs
+        every primary in turn, in name order; a primary that is gone by the next step (a failover)
+        is passed over, as SCAN may miss what moves while it runs."""
+        # Session hashes only: PREFIX{TAG}sid with its exact lengths, so lock keys do not match.
+        pattern = "".join("\\" + ch if ch in "*?[]\\" else ch for ch in self.prefix) \
+            + "{" + "?" * _REDIS_TAG + "}" + "?" * SID_LENGTH
+        start = len(self.prefix.encode("utf-8")) + _REDIS_TAG + 2
+        if not self.cluster:
+            cursor, keys = self._call("scan", cursor, pattern, 500)
+            return int(cursor), [key[start:].decode("ascii") for key in keys]
+        primaries = {node.name: node for node in self._call("get_primaries")}
+        names = sorted(primaries)
+        name, at = cursor or (names[0] if names else "", 0)
+        if name not in primaries:
+            later = [other for other in names if other > name]
+            if not later:
+                return 0, []
+            name, at = later[0], 0
+        cursors, keys = self._call("scan", at, pattern, 500, target_nodes=primaries[name])
+        at = int(cursors[name])
+        if at == 0:
+            later = [other for other in names if other > name]
+            cursor = (later[0], 0) if later else 0
+        else:
+            cursor = (name, at)
+        return cursor, [key[start:].decode("ascii") for key in keys]
 
     def _expiries(self, sids):
         pipe = self._client().pipeline(transaction=False)
@@ -3579,7 +3716,7 @@ class RedisContainer(Container):
             pipe.hget(self._keys(sid)[0], "e")
         try:
             values = pipe.execute()
-        except self._errors.RedisError as exc:
+        except self._failures as exc:
             raise self._fault(exc) from exc
         expiries = []
         for sid, value in zip(sids, values):
@@ -3616,6 +3753,11 @@ class RedisContainer(Container):
         return self._fenced(result, sid) == 1
 
     def rotate(self, old, new, changed, deleted, meta, tombstone, now, held=None, base=None):
+        if new[:_REDIS_TAG] != old[:_REDIS_TAG]:
+            # Refused on a single server too, so that what works in development works on a cluster.
+            raise ContainerError(f"cannot rotate session {_short(old)} to {_short(new)}: the ids of one "
+                                 f"session must share their Redis hash tag; make the new id with "
+                                 f"new_id(old)")
         key, lock_key = self._keys(old)
         args = [repr(float(now)), self._token(held), self._ttl_ms(meta.expires, now),
                 repr(float(meta.created)), repr(float(meta.expires)), repr(float(meta.timeout)),
@@ -3647,11 +3789,13 @@ class RedisContainer(Container):
         try:
             # A tombstone goes with the session it forwards to (the Container contract). The forward is
             # read first so that the script can name that session's key (Redis Cluster wants every
-            # key declared); the script checks it is still the same, else it is read again.
+            # key declared, in one slot: a forward made by rotate() shares the tag); the script checks
+            # it is still the same, else it is read again. A damaged forward names no session.
             for _ in range(8):
                 record = self.load(sid)
                 forward = "" if record is None or record.forward is None else record.forward
-                keys = [key, lock_key] + ([self._keys(forward)[0]] if forward else [])
+                target = is_valid_session_id(forward) and forward[:_REDIS_TAG] == sid[:_REDIS_TAG]
+                keys = [key, lock_key] + ([self._keys(forward)[0]] if target else [])
                 result = self._run("delete", keys, [self._token(handle), forward])
                 if result != 0:
                     break
@@ -3690,15 +3834,8 @@ class RedisContainer(Container):
                 cursor, sids = self._scan_batch(cursor)
                 candidates = [sid for sid, expires in self._expiries(sids) if expires < now]
                 visited += len(candidates)
-                if candidates:   # the first with EVALSHA's fallback, so the pipeline finds the script
-                    removed += self._run("reap", list(self._keys(candidates[0])), [repr(float(now))])
-                    pipe = self._client().pipeline(transaction=False)
-                    for sid in candidates[1:]:
-                        pipe.evalsha(self._shas["reap"], 2, *self._keys(sid), repr(float(now)))
-                    try:
-                        removed += sum(pipe.execute())
-                    except self._errors.RedisError as exc:
-                        raise self._fault(exc) from exc
+                if candidates:
+                    removed += self._reap_batch(candidates, now)
                 self._reap_cursor = cursor
                 if cursor == 0 or (deadline is not None and time.monotonic() > deadline):
                     return removed
@@ -3706,12 +3843,63 @@ class RedisContainer(Container):
             self.last_reap_visited = visited
             self._run("lease", [reaper_key], [token, ""])
 
+    def _reap_batch(self, sids, now):
+        """Run the "reap" script for each of ``sids``; the number removed. The first runs alone, with
+        EVALSHA's fallback, so that the server has the script, the others in one pipeline; one that
+        finds no script anyway runs again alone. redis-py's cluster pipeline refuses EVALSHA, so on a
+        cluster each runs alone (there are few: Redis' TTLs remove all but the last margin's)."""
+        removed = self._run("reap", list(self._keys(sids[0])), [repr(float(now))])
+        if self.cluster:
+            return removed + sum(self._run("reap", list(self._keys(sid)), [repr(float(now))])
+                                 for sid in sids[1:])
+        if len(sids) == 1:
+            return removed
+        pipe = self._client().pipeline(transaction=False)
+        for sid in sids[1:]:
+            pipe.evalsha(self._shas["reap"], 2, *self._keys(sid), repr(float(now)))
+        try:
+            results = pipe.execute(raise_on_error=False)
+        except self._failures as exc:
+            raise self._fault(exc) from exc
+        for sid, result in zip(sids[1:], results):
+            if isinstance(result, self._errors.NoScriptError):
+                result = self._run("reap", list(self._keys(sid)), [repr(float(now))])
+            elif isinstance(result, Exception):
+                raise self._fault(result) from result
+            removed += result
+        return removed
+
 
 def _redis_from_pool(connection_class, connection_kwargs, prefix, lease):
     """Unpickle a RedisContainer that was made from a client: a new client with the same settings."""
     redis = _require("redis", "redis")
     pool = redis.ConnectionPool(connection_class=connection_class, **connection_kwargs)
     return RedisContainer(redis.Redis(connection_pool=pool), prefix, lease)
+
+
+def _is_redis_cluster(client):
+    """Whether ``client`` is redis-py's Redis Cluster client (then redis.cluster is imported)."""
+    cluster = sys.modules.get("redis.cluster")
+    return cluster is not None and isinstance(client, cluster.RedisCluster)
+
+
+def _cluster_kwargs(client):
+    """The connection settings a RedisCluster client was made with, for a new one made like it."""
+    kwargs = {name: value for name, value in client.nodes_manager.connection_kwargs.items()
+              if name not in ("redis_connect_func", "oss_cluster_maint_notifications_handler")}
+    if getattr(client, "user_on_connect_func", None) is not None:
+        kwargs["redis_connect_func"] = client.user_on_connect_func
+    return kwargs
+
+
+def _redis_cluster_from(nodes, kwargs, retry, prefix, lease):
+    """Unpickle a RedisContainer that was made from a RedisCluster client: a new one like it."""
+    _require("redis", "redis")
+    import redis.cluster
+    client = redis.cluster.RedisCluster(
+        startup_nodes=[redis.cluster.ClusterNode(host, port) for host, port in nodes], retry=retry,
+        **kwargs)
+    return RedisContainer(client, prefix, lease)
 
 
 # Store URLs ------------------------------------------------------------------------
@@ -3732,8 +3920,9 @@ def open_store(store, **options):
     """Return a container for ``store``: a Container (returned as is) or a URL.
 
     URLs: ``file:/path/to/dir``, ``sqlite:/path/to/file.db``, ``lmdb:/path/to/dir``, ``memory:``,
-    ``redis://host:port/db`` (also ``rediss://`` and ``unix:///path/to/socket``: see RedisContainer);
-    ``options`` go to the container class.
+    ``redis://host:port/db`` (also ``rediss://`` and ``unix:///path/to/socket``: see RedisContainer),
+    and for a Redis Cluster ``redis://host:port?cluster=1`` naming any one of its nodes (or
+    ``rediss://``); ``options`` go to the container class.
     Raises ContainerError for an unknown scheme or an unusable store.
     """
     if isinstance(store, Container):
@@ -4101,7 +4290,7 @@ class Session(MutableMapping):
             return False
         if self._stored is not None:
             self._grace = grace
-        self.id = new_session_id()
+        self.id = self.container.new_id(self._stored or self.id)
         return True
 
     def expire_at(self, when):

@@ -104,7 +104,7 @@ def _run_all(ctx, target, args_list, timeout=120):
 
 # -- container fixtures ------------------------------------------------------------
 
-CONTAINER_KINDS = ["memory", "file", "sqlite", "lmdb", "redis"]
+CONTAINER_KINDS = ["memory", "file", "sqlite", "lmdb", "redis", "redis-cluster"]
 SHARED_KINDS = ["file", "sqlite", "lmdb", "redis"]     # containers that several processes can share
 
 
@@ -125,15 +125,18 @@ def _have_redis():
 
 
 _REDIS_SERVER = "/usr/bin/redis-server"
+_REDIS_CLI = "/usr/bin/redis-cli"          # Debian's redis-tools, a dependency of redis-server
 
 
 def _need_kind(kind):
     """Skip (or, under SESSKIT_REQUIRE_INTEGRATION=1, fail) when ``kind``'s package is missing."""
     if kind == "lmdb":
         _need(_have_lmdb(), "the lmdb package is not installed (pip install lmdb)")
-    if kind == "redis":
+    if kind in ("redis", "redis-cluster"):
         _need(_have_redis(), "the redis package is not installed (pip install redis)")
         _need(os.path.exists(_REDIS_SERVER), "Redis (apt install redis-server)")
+    if kind == "redis-cluster":
+        _need(os.path.exists(_REDIS_CLI), "redis-cli (apt install redis-tools)")
 
 
 def _wait_redis(port, proc, timeout=20, host="127.0.0.1"):
@@ -212,20 +215,110 @@ def redis_server():
     _stop_shared_redis()
 
 
+def _free_ports(n):
+    """``n`` distinct free loopback ports (held open together while they are chosen)."""
+    import socket
+    socks = []
+    try:
+        for _ in range(n):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            socks.append(sock)
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def _start_redis_cluster(directory, size=3, node_timeout=5000):
+    """Start ``size`` redis-servers in cluster mode (no replicas, no persistence) on free loopback
+    ports, each with its own cluster bus port, join them with ``redis-cli --cluster create`` and wait
+    until every node reports cluster_state:ok. Returns (processes, ports)."""
+    ports = _free_ports(2 * size)
+    procs = []
+    try:
+        for port, bus in zip(ports[:size], ports[size:]):
+            procs.append(_start_redis(os.path.join(str(directory), str(port)), port,
+                                      "--cluster-enabled", "yes", "--cluster-port", bus,
+                                      "--cluster-config-file", "nodes.conf",
+                                      "--cluster-node-timeout", node_timeout)[0])
+        ports = ports[:size]
+        subprocess.run([_REDIS_CLI, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
+                        "--cluster-replicas", "0", "--cluster-yes"], stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=True, timeout=60)
+        _wait_cluster_ok(ports)
+        return procs, ports
+    except BaseException:
+        for proc in procs:
+            _stop_redis(proc)
+        raise
+
+
+def _wait_cluster_ok(ports, timeout=30):
+    deadline = time.monotonic() + timeout
+    for port in ports:
+        while b"cluster_state:ok" not in subprocess.run(
+                [_REDIS_CLI, "-p", str(port), "cluster", "info"], stdin=subprocess.DEVNULL,
+                capture_output=True, timeout=10).stdout:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the Redis Cluster on ports {ports} is not ok after {timeout} s")
+            time.sleep(0.1)
+
+
+_cluster_shared = {}      # the suite's Redis Cluster: started on first use, stopped at the end
+
+
+def _redis_cluster_ports():
+    """The ports of the test run's own 3-node Redis Cluster, started on first use (by the fixtures or
+    the hypothesis machine) and stopped by the ``redis_cluster`` fixture or at exit."""
+    if "ports" not in _cluster_shared:
+        import atexit
+        import tempfile
+        directory = tempfile.mkdtemp(prefix="sesskit-cluster-")
+        procs, ports = _start_redis_cluster(directory)
+        _cluster_shared.update(pid=os.getpid(), procs=procs, ports=ports, dir=directory)
+        atexit.register(_stop_shared_cluster)
+    return _cluster_shared["ports"]
+
+
+def _stop_shared_cluster():
+    if _cluster_shared.get("pid") == os.getpid():
+        import shutil
+        for proc in _cluster_shared.pop("procs"):
+            _stop_redis(proc)
+        shutil.rmtree(_cluster_shared.pop("dir"), ignore_errors=True)
+        _cluster_shared.clear()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster():
+    """The ports of a 3-node Redis Cluster of this test run (Debian's redis-server)."""
+    _need_kind("redis-cluster")
+    yield _redis_cluster_ports()
+    _stop_shared_cluster()
+
+
 def _store_url(kind, tmp_path):
     if kind == "memory":
         return "memory:"
     if kind == "redis":      # one server for the run; a prefix per test keeps the tests apart
         import zlib
         return f"redis://127.0.0.1:{_redis_port()}/0?prefix=t{zlib.crc32(str(tmp_path).encode()):08x}:"
+    if kind == "redis-cluster":
+        import zlib
+        return (f"redis://127.0.0.1:{_redis_cluster_ports()[0]}/0?cluster=1"
+                f"&prefix=t{zlib.crc32(str(tmp_path).encode()):08x}:")
     return f"{kind}:{tmp_path / ('store-' + kind)}"
+
+
+_SERVER_FIXTURES = {"redis": "redis_server", "redis-cluster": "redis_cluster"}   # kind -> its server
 
 
 @pytest.fixture(params=CONTAINER_KINDS)
 def container(request, tmp_path):
     _need_kind(request.param)
-    if request.param == "redis":
-        request.getfixturevalue("redis_server")
+    if request.param in _SERVER_FIXTURES:
+        request.getfixturevalue(_SERVER_FIXTURES[request.param])
     c = sesskit.open_store(_store_url(request.param, tmp_path))
     yield c
     c.close()
@@ -314,6 +407,32 @@ class TestSessionId:
                 ids.extend(f.read().decode().split("\n"))
             assert os.waitpid(pid, 0)[1] == 0
         assert len(ids) == 10000 and len(set(ids)) == 10000
+
+    def test_a_rotated_id_keeps_only_the_tag_and_stays_unique_and_unguessable(self):
+        """Container.new_id of a Redis store keeps the first 4 characters (3 random bytes); the other
+        15 random bytes are fresh at every rotation and the time/host/pid/counter tail is the id's own."""
+        import base64
+        first = sesskit.new_session_id()
+        chain, sid = [first], first
+        for _ in range(20000):
+            sid = sesskit._rotated_session_id(sid, 4)
+            chain.append(sid)
+        assert len(set(chain)) == len(chain)                            # unique over many rotations
+        assert all(sid[:4] == first[:4] and sesskit.is_valid_session_id(sid) for sid in chain)
+        raws = [base64.urlsafe_b64decode(sid) for sid in chain]
+        fresh = [raw[3:18] for raw in raws]
+        assert len(set(fresh)) == len(fresh)                            # the fresh random bytes differ
+        ones = sum(bin(int.from_bytes(part, "big")).count("1") for part in fresh)
+        assert 0.49 < ones / (len(fresh) * 120) < 0.51                  # and are balanced bits
+        a, b = raws[-2], raws[-1]
+        assert int.from_bytes(b[30:33], "big") == int.from_bytes(a[30:33], "big") + 1   # its own tail
+        assert sesskit.MemoryContainer().new_id(first)[:4] != first[:4] or \
+            sesskit.MemoryContainer().new_id(first)[:4] != first[:4]    # other containers: all fresh
+        for keep in (3, 28):
+            with pytest.raises(ValueError):
+                sesskit._rotated_session_id(first, keep)
+        with pytest.raises(sesskit.InvalidSessionId):
+            sesskit._rotated_session_id("../etc", 4)
 
     @given(st.text(max_size=60))
     def test_random_text_is_not_an_id(self, text):
@@ -979,6 +1098,9 @@ class _Pausing(sesskit.Container):
 
     def calls(self):
         return self._calls.get(threading.get_ident(), 0)
+
+    def new_id(self, previous):                # no store call: passed on, not counted
+        return self.inner.new_id(previous)
 
 
 def _pausing_method(name):
@@ -3126,23 +3248,50 @@ def _network_hosts(count):
             made.append(ns)
             _sh(["ip", "-n", ns, "link", "set", "lo", "up"])
         for i, ns in enumerate(hosts, 1):
-            _sh(["ip", "link", "add", "name", f"sk{i}h", "netns", ns, "type", "veth",
-                 "peer", "name", f"sk{i}r", "netns", redis_ns])
-            _sh(["ip", "-n", ns, "addr", "add", f"10.249.{i}.2/24", "dev", f"sk{i}h"])
-            _sh(["ip", "-n", redis_ns, "addr", "add", f"10.249.{i}.1/24", "dev", f"sk{i}r"])
-            _sh(["ip", "-n", ns, "link", "set", f"sk{i}h", "up"])
-            _sh(["ip", "-n", redis_ns, "link", "set", f"sk{i}r", "up"])
+            _veth(ns, f"sk{i}h", f"10.249.{i}.2", redis_ns, f"sk{i}r", f"10.249.{i}.1")
         yield redis_ns, hosts
     finally:
         for ns in made:
             _sh(["ip", "netns", "del", ns], check=False)
 
 
+def _veth(ns, name, address, peer_ns, peer_name, peer_address):
+    """Link namespaces ``ns`` and ``peer_ns`` by a veth pair made inside them, with a /24 address at
+    each end, and bring both ends up."""
+    _sh(["ip", "link", "add", "name", name, "netns", ns, "type", "veth",
+         "peer", "name", peer_name, "netns", peer_ns])
+    for where, dev, addr in ((ns, name, address), (peer_ns, peer_name, peer_address)):
+        _sh(["ip", "-n", where, "addr", "add", f"{addr}/24", "dev", dev])
+        _sh(["ip", "-n", where, "link", "set", dev, "up"])
+
+
+def _as_host(ns, hostname):
+    """The command prefix that runs a command in network namespace ``ns`` under its own host name (a
+    new UTS namespace, which the command's children share)."""
+    return ["ip", "netns", "exec", ns, "unshare", "--uts", "--", "sh", "-c", 'hostname "$0" && exec "$@"',
+            hostname]
+
+
 def _on_host(ns, hostname, script, *args, timeout=180):
-    """Run the host script in namespace ``ns`` with its own host name (a new UTS namespace)."""
-    cmd = ["ip", "netns", "exec", ns, "unshare", "--uts", "--", "sh", "-c",
-           'hostname "$0" && exec "$@"', hostname, sys.executable, script, HERE, *map(str, args)]
+    """Run the host script in namespace ``ns`` with its own host name."""
+    cmd = [*_as_host(ns, hostname), sys.executable, script, HERE, *map(str, args)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@contextlib.contextmanager
+def _namespace_redis(ns, addresses, directory):
+    """Run redis-server on port 6379 of ``addresses`` in network namespace ``ns``; stop it on the way
+    out. It may not answer yet when this yields."""
+    os.makedirs(directory, exist_ok=True)
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", ns, _REDIS_SERVER, "--bind", *addresses, "--port", "6379",
+         "--dir", str(directory), "--save", "", "--appendonly", "no", "--protected-mode", "no",
+         "--logfile", os.path.join(str(directory), "log")],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield server
+    finally:
+        _stop_redis(server)
 
 
 def _report(proc, timeout=180):
@@ -3174,7 +3323,7 @@ class TestRedisContainer:
         assert f"127.0.0.1:{redis_server}" in c.server
         assert c._client().connection_pool.connection_kwargs["socket_timeout"] == 3.0
         sid = _seed(c, {"a": 1})
-        assert c._call("exists", f"app1:{{{sid}}}") == 1
+        assert c._call("exists", f"app1:{{{sid[:4]}}}{sid}") == 1
         with pytest.raises(sesskit.ContainerError, match="Redis URL"):
             sesskit.RedisContainer("http://127.0.0.1/")
         assert isinstance(sesskit.open_store(f"rediss://127.0.0.1:{redis_server}/0"),
@@ -3208,8 +3357,11 @@ class TestRedisContainer:
         from redis.crc import key_slot
         sid = _seed(store, {"a": 1})
         key, lock_key = store._keys(sid)
-        assert key == f"{store.prefix}{{{sid}}}" and lock_key == key + ":lock"
-        assert key_slot(key.encode()) == key_slot(lock_key.encode()) == key_slot(sid.encode())
+        assert key == f"{store.prefix}{{{sid[:4]}}}{sid}" and lock_key == key + ":lock"
+        new = store.new_id(sid)                         # a rotation's new id: the same tag
+        assert new != sid and new[:4] == sid[:4] and sesskit.is_valid_session_id(new)
+        assert {key_slot(k.encode()) for k in store._keys(sid) + store._keys(new)} \
+            == {key_slot(sid[:4].encode())}
 
     def test_each_key_is_one_field_and_order_is_kept(self, store):
         sid = sesskit.new_session_id()
@@ -3246,7 +3398,8 @@ class TestRedisContainer:
         assert store.load(sid).expires == T0 + 500
 
     def test_rotate_is_one_step(self, store):
-        old, new = sesskit.new_session_id(), sesskit.new_session_id()
+        old = sesskit.new_session_id()
+        new = store.new_id(old)
         store.create(old, _record({"a": 1, "b": 2}))
         meta = sesskit.Record(None, T0 + 5, T0 + 105, 100.0, 7.0)
         tomb = sesskit.Record.tombstone(new, T0 + 5, 10.0, 60.0)
@@ -3257,20 +3410,21 @@ class TestRedisContainer:
         assert left.forward == new and left.data == "{}" and left.forwards(T0 + 10)
         assert not left.forwards(T0 + 16) and left.expires == T0 + 65
         # A rotated id is written no more: not rotated again, not updated, not touched.
-        other = sesskit.new_session_id()
+        other = store.new_id(old)
         assert not store.rotate(old, other, {"x": 1}, [], meta, None, T0 + 6)
         assert not store.update(old, {"x": 1}, [], meta, T0 + 6)
         assert store.load(other) is None and store.load(old).data == "{}"
         # Without a tombstone the old id is gone; an expired or missing old id rotates nothing.
-        third = sesskit.new_session_id()
+        third = store.new_id(new)
         assert store.rotate(new, third, {}, [], meta, None, T0 + 6)
         assert store.load(new) is None and json.loads(store.load(third).data) == {"b": 2, "c": 3}
         assert not store.rotate(third, other, {}, [], meta, None, T0 + 200)
-        assert not store.rotate(sesskit.new_session_id(), other, {}, [], meta, None, T0)
+        assert not store.rotate(store.new_id(old), other, {}, [], meta, None, T0)
         assert store.load(other) is None
 
     def test_rotate_to_an_existing_id_changes_nothing(self, store):
-        old, taken = sesskit.new_session_id(), sesskit.new_session_id()
+        old = sesskit.new_session_id()
+        taken = store.new_id(old)
         store.create(old, _record({"a": 1}))
         store.create(taken, _record({"t": 1}))
         meta = sesskit.Record(None, T0, T0 + 100, 100.0)
@@ -3280,7 +3434,8 @@ class TestRedisContainer:
         assert json.loads(store.load(taken).data) == {"t": 1}
 
     def test_rotate_under_a_held_lock_and_a_late_write_back(self, store):
-        old, new = sesskit.new_session_id(), sesskit.new_session_id()
+        old = sesskit.new_session_id()
+        new = store.new_id(old)
         store.create(old, _record({"n": 1}))
         held = store.lock(old, 1)
         meta = sesskit.Record(None, T0, T0 + 100, 100.0)
@@ -3297,8 +3452,7 @@ class TestRedisContainer:
         fresh = store.lock(sid, 0)                         # and another request took the lock
         meta = sesskit.Record(None, T0, T0 + 100, 100.0)
         for write in (lambda: store.update(sid, {"n": 99}, [], meta, T0, held=stale),
-                      lambda: store.rotate(sid, sesskit.new_session_id(), {}, [], meta, None, T0,
-                                           held=stale),
+                      lambda: store.rotate(sid, store.new_id(sid), {}, [], meta, None, T0, held=stale),
                       lambda: store.touch(sid, T0 + 500, held=stale),
                       lambda: store.delete(sid, held=stale)):
             with pytest.raises(sesskit.LockLost, match="lease"):
@@ -3427,57 +3581,48 @@ class TestRedisContainer:
         script = tmp_path / "host.py"
         script.write_text(_HOST_SCRIPT)
         names, workers, n = ["host-a", "host-b", "host-c"], 3, 30
-        with _network_hosts(3) as (redis_ns, hosts):
-            rdir = tmp_path / "redis-net"
-            rdir.mkdir()
-            server = subprocess.Popen(
-                ["ip", "netns", "exec", redis_ns, _REDIS_SERVER, "--bind", "10.249.1.1", "10.249.2.1",
-                 "10.249.3.1", "--port", "6379", "--dir", str(rdir), "--save", "", "--appendonly", "no",
-                 "--protected-mode", "no", "--logfile", str(rdir / "log")],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            try:
-                urls = [f"redis://10.249.{i}.1:6379/0?prefix=mh:" for i in (1, 2, 3)]
-                sync = tmp_path / "sync"
+        binds = [f"10.249.{i}.1" for i in (1, 2, 3)]
+        with _network_hosts(3) as (redis_ns, hosts), \
+                _namespace_redis(redis_ns, binds, tmp_path / "redis-net"):
+            urls = [f"redis://10.249.{i}.1:6379/0?prefix=mh:" for i in (1, 2, 3)]
+            sync = tmp_path / "sync"
 
-                def run(i, phase, sid="-", *extra, workers=workers, n=n):
-                    return _on_host(hosts[i], names[i], script, urls[i], sid, phase, workers, n, sync,
-                                    *extra)
+            def run(i, phase, sid="-", *extra, workers=workers, n=n):
+                return _on_host(hosts[i], names[i], script, urls[i], sid, phase, workers, n, sync,
+                                *extra)
 
-                for _ in range(100):                              # the server starts
-                    proc = run(0, "seed")
-                    out, err = proc.communicate(timeout=60)
-                    if proc.returncode == 0:
-                        break
-                    assert "StoreUnavailable" in err, err[-3000:]
-                    time.sleep(0.1)
-                hot = json.loads(out.strip().splitlines()[-1])["results"][0][1]
-                counter = _report(run(1, "seed"))["results"][0][1]
-                procs = [run(i, "merge", hot) for i in range(3)]
-                procs += [run(i, "count", counter) for i in range(3)]
-                reports = [_report(p) for p in procs]
-                assert [r["host"] for r in reports] == names * 2
-                assert len({_host_tag(r["sample_id"]) for r in reports[:3]}) == 3   # ids carry the host
-                for r in reports:
-                    assert [status for status, _ in r["results"]] == ["ok"] * workers, r
-                data, forward = _report(run(2, "peek", hot))["results"][0][1]
-                expected = {f"{h}-{w}-{i}" for h in names for w in range(workers) for i in range(n)}
-                assert forward is None and expected - set(data) == set(), f"lost {len(expected - set(data))}"
-                assert _report(run(2, "peek", counter))["results"][0][1][0]["n"] == 3 * workers * n
+            for _ in range(100):                              # the server starts
+                proc = run(0, "seed")
+                out, err = proc.communicate(timeout=60)
+                if proc.returncode == 0:
+                    break
+                assert "StoreUnavailable" in err, err[-3000:]
+                time.sleep(0.1)
+            hot = json.loads(out.strip().splitlines()[-1])["results"][0][1]
+            counter = _report(run(1, "seed"))["results"][0][1]
+            procs = [run(i, "merge", hot) for i in range(3)]
+            procs += [run(i, "count", counter) for i in range(3)]
+            reports = [_report(p) for p in procs]
+            assert [r["host"] for r in reports] == names * 2
+            assert len({_host_tag(r["sample_id"]) for r in reports[:3]}) == 3   # ids carry the host
+            for r in reports:
+                assert [status for status, _ in r["results"]] == ["ok"] * workers, r
+            data, forward = _report(run(2, "peek", hot))["results"][0][1]
+            expected = {f"{h}-{w}-{i}" for h in names for w in range(workers) for i in range(n)}
+            assert forward is None and expected - set(data) == set(), f"lost {len(expected - set(data))}"
+            assert _report(run(2, "peek", counter))["results"][0][1][0]["n"] == 3 * workers * n
 
-                # A logout on host a while three slower requests of host b (a write, a rotation and a
-                # read) that loaded the session before it finish after it.
-                victim = _report(run(0, "seed"))["results"][0][1]
-                slow = run(1, "late", victim, workers=3, n=1)
-                out = run(0, "logout", victim, workers=1, n=1)
-                late, logout = _report(slow)["results"], _report(out)["results"]
-                assert logout == [["ok", None]]
-                assert [(r["lost"], r["saved"]) for _, r in late[:2]] == [(True, False), (True, False)]
-                rotated_to = late[1][1]["id"]
-                looked = _report(run(2, "peek", victim, rotated_to))["results"]
-                assert looked == [["ok", None], ["ok", False]], "the logout was undone"
-            finally:
-                server.terminate()
-                server.wait(20)
+            # A logout on host a while three slower requests of host b (a write, a rotation and a
+            # read) that loaded the session before it finish after it.
+            victim = _report(run(0, "seed"))["results"][0][1]
+            slow = run(1, "late", victim, workers=3, n=1)
+            out = run(0, "logout", victim, workers=1, n=1)
+            late, logout = _report(slow)["results"], _report(out)["results"]
+            assert logout == [["ok", None]]
+            assert [(r["lost"], r["saved"]) for _, r in late[:2]] == [(True, False), (True, False)]
+            rotated_to = late[1][1]["id"]
+            looked = _report(run(2, "peek", victim, rotated_to))["results"]
+            assert looked == [["ok", None], ["ok", False]], "the logout was undone"
 
     def test_failover_kill_restart_and_pause_under_load(self, tmp_path):
         """redis-server (appendonly, appendfsync always) is SIGKILLed and restarted, then paused with
@@ -3522,6 +3667,242 @@ class TestRedisContainer:
             if proc.poll() is None:
                 os.kill(proc.pid, signal.SIGCONT)
             _stop_redis(proc)
+
+
+def _node_of(store, sid):
+    """The cluster node (host:port) that serves ``sid``'s keys."""
+    return store._client().get_node_from_key(store._keys(sid)[0]).name
+
+
+def _cluster_client(port):
+    """A redis-py cluster client that never retries by itself, as the container's URL clients."""
+    import redis.backoff
+    import redis.cluster
+    import redis.retry
+    return redis.cluster.RedisCluster(host="127.0.0.1", port=port, socket_timeout=5,
+                                      retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0))
+
+
+class TestRedisCluster:
+    """Issue 10: Redis Cluster. Every script of a session, a rotation and the delete of a tombstone
+    included, runs on one slot; listing walks every primary. The container suite runs on the cluster
+    too (kind "redis-cluster"); these are the cluster's own points, on a RedisCluster client object
+    (the suite uses the ``?cluster=1`` URL)."""
+
+    @pytest.fixture
+    def store(self, redis_cluster, tmp_path):
+        import zlib
+        c = sesskit.RedisContainer(_cluster_client(redis_cluster[0]),
+                                   prefix=f"c{zlib.crc32(str(tmp_path).encode()):08x}:")
+        yield c
+        c.close()
+
+    def test_rotate_and_the_delete_of_a_tombstone_run_on_one_slot(self, store):
+        from redis.crc import key_slot
+        sid = _seed(store, {"a": 1})
+        with sesskit.open_session(sid, store=store, reap_interval=0) as s:
+            s.regenerate(grace=30)
+            s["b"] = 2
+        assert s.saved and not s.lost and s.id != sid and s.id[:4] == sid[:4]
+        assert len({key_slot(key.encode()) for i in (sid, s.id) for key in store._keys(i)}) == 1
+        assert store.load(sid).forward == s.id and _stored(store, s.id) == {"a": 1, "b": 2}
+        with sesskit.open_session(sid, store=store, reap_interval=0) as t:   # in flight: forwarded
+            assert t.id == s.id and t["b"] == 2
+            t["c"] = 3
+        assert t.saved and _stored(store, s.id) == {"a": 1, "b": 2, "c": 3}
+        store.delete(sid)                  # a tombstone goes with its session, in the same script
+        assert store.load(sid) is None and store.load(s.id) is None
+
+    def test_a_new_id_of_another_slot_is_refused_whole(self, store):
+        old = _seed(store, {"a": 1})
+        other = sesskit.new_session_id()
+        while other[:4] == old[:4]:
+            other = sesskit.new_session_id()
+        meta = sesskit.Record(None, time.time(), time.time() + 100, 100.0)
+        with pytest.raises(sesskit.ContainerError, match="hash tag"):
+            store.rotate(old, other, {"x": 1}, [], meta, None, time.time())
+        assert _stored(store, old) == {"a": 1} and store.load(other) is None
+        assert store.new_id(old)[:4] == old[:4] and sesskit.MemoryContainer().new_id(old) != old
+
+    def test_rotation_is_atomic_under_concurrent_write_backs(self, store, redis_cluster, tmp_path):
+        """Threads and spawned processes write back one session while it is rotated: every key whose
+        write-back reported saved is in the new session, none was lost, and the old id forwards."""
+        sid = _seed(store, {"start": 1})
+        url = f"redis://127.0.0.1:{redis_cluster[0]}/0?cluster=1&prefix={store.prefix}"
+        ctx = multiprocessing.get_context("spawn")
+        threads = [ExThread(target=_merge_worker, args=(store, sid, w, 40)) for w in range(3)]
+        with _processes(ctx, _merge_worker, [(url, sid, w + 10, 40) for w in range(2)]) as procs:
+            for t in threads:
+                t.start()
+            deadline = time.monotonic() + 60
+            while len(_stored(store, sid) or {}) < 20 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            with sesskit.open_session(sid, store=store, reap_interval=0) as s:   # a login meanwhile
+                s.regenerate(grace=120)
+                s["user"] = "alice"
+            assert s.saved and not s.lost
+            for t in threads:
+                t.join()
+            for p in procs:
+                p.join(120)
+            assert [p.exitcode for p in procs] == [0, 0]
+        data = _stored(store, s.id)
+        expected = {f"w{w}-{i}" for w in (0, 1, 2, 10, 11) for i in range(40)} | {"start", "user"}
+        assert expected - set(data) == set(), f"lost {len(expected - set(data))} keys"
+        assert store.load(sid).forward == s.id
+
+    def test_count_sids_and_reap_walk_every_primary(self, store, monkeypatch):
+        client = store._client()
+        monkeypatch.setattr(client, "keys", lambda *a, **k: pytest.fail("KEYS blocks the server"))
+        live, dead = [], []
+        for i in range(90):
+            sid = sesskit.new_session_id()
+            store.create(sid, _record({"i": i}, timeout=10 if i % 3 == 0 else 1000))
+            (dead if i % 3 == 0 else live).append(sid)
+        nodes = {_node_of(store, sid) for sid in live + dead}
+        assert len(nodes) == 3, f"the sessions landed on {nodes} only"
+        assert store.count(T0 + 100) == len(live) and sorted(store.sids(T0 + 100)) == sorted(live)
+        got = [store.reap(T0 + 100, budget=0)]
+        while sum(got) < len(dead) and len(got) < 20:
+            got.append(store.reap(T0 + 100, budget=0))     # resumed on the next node
+        assert sum(got) == len(dead) and len(got) >= 3     # one node per call: at least three calls
+        assert store.count(T0) == len(live) and [sid for sid in dead if store.load(sid)] == []
+
+    def test_every_node_is_sent_the_scripts_it_lacks(self, store):
+        sids = [_seed(store, {"n": i}) for i in range(30)]
+        client = store._client()
+        for node in client.get_primaries():
+            client.get_redis_connection(node).script_flush()   # a restart or failover forgets them
+        for sid in sids:
+            with sesskit.open_session(sid, store=store, reap_interval=0) as s:
+                s["m"] = 1
+            assert s.saved
+        dead = [sesskit.new_session_id() for _ in range(30)]
+        for sid in dead:
+            store.create(sid, _record({}, timeout=1))
+        for node in client.get_primaries():
+            client.get_redis_connection(node).script_flush()
+        assert len({_node_of(store, sid) for sid in dead}) == 3
+        assert store._reap_batch(dead, T0 + 100) == len(dead)
+
+    def test_a_cluster_client_is_replaced_after_fork_and_pickles(self, store):
+        client = store._client()
+        sid = _seed(store, {"a": 1})
+        _run_all(multiprocessing.get_context("fork"), _inherited_worker,
+                 [(store, sid, w, 5) for w in range(2)])
+        _run_all(multiprocessing.get_context("spawn"), _inherited_worker,
+                 [(store, sid, w, 5) for w in range(2, 4)])       # sent pickled: a new client
+        assert store._client() is client                          # the parent's was left alone
+        assert set(_stored(store, sid)) == {"a"} | {f"w{w}-{i}" for w in range(4) for i in range(5)}
+
+    def test_url_form(self, redis_cluster):
+        import pickle
+        port = redis_cluster[0]
+        c = sesskit.open_store(f"redis://127.0.0.1:{port}/0?cluster=1&prefix=u{os.getpid()}:&lease=2")
+        assert c.cluster and c.server == f"redis cluster 127.0.0.1:{port}" and c.lease == 2
+        sid = _seed(c, {"a": 1})
+        clone = pickle.loads(pickle.dumps(c))
+        assert clone.cluster and _stored(clone, sid) == {"a": 1}
+        client = c._client()
+        _run_all(multiprocessing.get_context("fork"), _inherited_worker, [(c, sid, w, 3) for w in range(2)])
+        assert c._client() is client and c.count() == 1     # the children made their own clients
+        assert set(_stored(c, sid)) == {"a"} | {f"w{w}-{i}" for w in range(2) for i in range(3)}
+        with pytest.raises(sesskit.ContainerError, match="database 0"):
+            sesskit.RedisContainer(f"redis://127.0.0.1:{port}/1?cluster=1")
+        with pytest.raises(ValueError, match="braces"):
+            sesskit.RedisContainer(f"redis://127.0.0.1:{port}/0?cluster=1", prefix="app{1}:")
+        nobody = sesskit.open_store(f"redis://127.0.0.1:{_free_ports(1)[0]}/0?cluster=1")  # made lazily
+        with pytest.raises(sesskit.StoreUnavailable, match="redis cluster 127.0.0.1"):
+            nobody.load(sid)
+        c.close()
+
+    def test_redirection_storms_map_to_store_unavailable(self, store, monkeypatch):
+        import redis.exceptions as errors
+        sid = _seed(store, {"a": 1})
+        client = store._client()
+        for exc, code in [(errors.ClusterError("TTL exhausted."), "MOVED/ASK/TRYAGAIN"),
+                          (errors.ClusterDownError("The cluster is down"), "CLUSTERDOWN"),
+                          (errors.TryAgainError("try again"), "TRYAGAIN"),
+                          (errors.SlotNotCoveredError("slot 1 is not covered"), "CLUSTERDOWN")]:
+            def fail(*args, exc=exc, **kwargs):
+                raise exc
+            monkeypatch.setattr(client, "evalsha", fail)
+            with pytest.raises(sesskit.StoreUnavailable, match=code):
+                store.load(sid)
+        monkeypatch.undo()
+        assert _stored(store, sid) == {"a": 1}
+
+    def test_a_slot_moving_to_another_node(self, tmp_path):
+        """Resharding: while a session's slot migrates, a read follows ASK; a script naming a key that
+        is on neither side yet (its lock) gets TRYAGAIN, retried for a moment by redis-py, then
+        StoreUnavailable with nothing written. Once the slot has moved, MOVED is followed."""
+        import redis
+        from redis.crc import key_slot
+        _need_kind("redis-cluster")
+        procs, ports = _start_redis_cluster(tmp_path / "moving")
+        try:
+            store = sesskit.open_store(f"redis://127.0.0.1:{ports[0]}/0?cluster=1")
+            sid = _seed(store, {"a": 1})
+            key = store._keys(sid)[0]
+            slot = key_slot(key.encode())
+            source_port = int(_node_of(store, sid).rsplit(":", 1)[1])
+            target_port = next(p for p in ports if p != source_port)
+            source, target = (redis.Redis(port=p) for p in (source_port, target_port))
+            source_id, target_id = (r.execute_command("CLUSTER", "MYID").decode() for r in (source, target))
+            target.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+            source.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+            source.migrate("127.0.0.1", target_port, [key], 0, 5000)
+            assert _stored(store, sid) == {"a": 1}                            # ASK, followed
+            now = time.time()
+            with pytest.raises(sesskit.StoreUnavailable, match="TRYAGAIN"):
+                store.update(sid, {"b": 2}, [], _record({}, now=now, timeout=1800), now)
+            for r in (source, target):
+                r.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+            with sesskit.open_session(sid, store=store, reap_interval=0) as s:   # MOVED, followed
+                s.regenerate(grace=10)
+                s["c"] = 3
+            assert s.saved and _stored(store, s.id) == {"a": 1, "c": 3}
+            assert _node_of(store, s.id) == f"127.0.0.1:{target_port}"
+        finally:
+            for proc in procs:
+                _stop_redis(proc)
+
+    def test_a_stopped_node_and_a_failed_cluster_raise_store_unavailable(self, tmp_path):
+        """A node paused with SIGSTOP: its sessions time out, naming it; once the other nodes have
+        marked it failed, the cluster refuses every slot (CLUSTERDOWN). Resumed, all works again."""
+        _need_kind("redis-cluster")
+        procs, ports = _start_redis_cluster(tmp_path / "faults", node_timeout=1000)
+        try:
+            store = sesskit.open_store(f"redis://127.0.0.1:{ports[0]}/0?cluster=1&socket_timeout=0.5")
+            sids = [_seed(store, {"i": i}) for i in range(30)]
+            victim = next(sid for sid in sids if _node_of(store, sid) == f"127.0.0.1:{ports[2]}")
+            healthy = next(sid for sid in sids if _node_of(store, sid) == f"127.0.0.1:{ports[0]}")
+            os.kill(procs[2].pid, signal.SIGSTOP)
+            try:
+                with pytest.raises(sesskit.StoreUnavailable, match=f"node 127.0.0.1:{ports[2]}"):
+                    store.update(victim, {"x": 1}, [], _record({}, now=time.time()), time.time())
+                deadline, down = time.monotonic() + 30, None
+                while down is None and time.monotonic() < deadline:
+                    try:
+                        store.load(healthy)
+                        time.sleep(0.2)
+                    except sesskit.StoreUnavailable as exc:
+                        down = exc if "CLUSTERDOWN" in str(exc) else None
+                assert down is not None, "the cluster never reported CLUSTERDOWN"
+            finally:
+                os.kill(procs[2].pid, signal.SIGCONT)
+            _wait_cluster_ok(ports)
+            deadline = time.monotonic() + 30
+            while True:                          # the first calls may still meet the old topology
+                try:
+                    assert _stored(store, victim) == {"i": sids.index(victim)}
+                    break
+                except sesskit.StoreUnavailable:
+                    assert time.monotonic() < deadline, "the cluster did not come back"
+                    time.sleep(0.2)
+        finally:
+            for proc in procs:
+                _stop_redis(proc)
 
 
 class TestMultiProcess:
@@ -3904,6 +4285,10 @@ class RedisSessionMachine(SessionMachine):
     KIND = "redis"
 
 
+class RedisClusterSessionMachine(SessionMachine):
+    KIND = "redis-cluster"
+
+
 TestSQLiteModel = SQLiteSessionMachine.TestCase
 TestSQLiteModel.settings = _machine_settings
 TestLMDBModel = LMDBSessionMachine.TestCase
@@ -3914,6 +4299,13 @@ TestRedisModel = RedisSessionMachine.TestCase
 TestRedisModel.settings = _machine_settings
 if not (_have_redis() and os.path.exists(_REDIS_SERVER)) and not REQUIRE_INTEGRATION:
     TestRedisModel = pytest.mark.skip(reason="the redis package or redis-server is missing")(TestRedisModel)
+TestRedisClusterModel = RedisClusterSessionMachine.TestCase
+# Fewer examples: each lists the store on three nodes after every step (about 3x a single server).
+TestRedisClusterModel.settings = settings(_machine_settings, max_examples=15)
+if not (_have_redis() and os.path.exists(_REDIS_SERVER) and os.path.exists(_REDIS_CLI)) \
+        and not REQUIRE_INTEGRATION:
+    TestRedisClusterModel = pytest.mark.skip(
+        reason="the redis package, redis-server or redis-cli is missing")(TestRedisClusterModel)
 
 
 ###############################################################################
@@ -4204,8 +4596,36 @@ def _soak_fault_redis(url, rnd):
     return url.replace(parts.netloc, f"127.0.0.1:{link.port}", 1) + "&socket_timeout=0.5"
 
 
+def _soak_fault_redis_cluster(url, rnd):
+    """The same on a cluster: the client learns the nodes' addresses from the cluster itself, so a
+    container is made here whose client reaches every node through a relay of its own (redis-py's
+    ``address_remap``), with a short socket_timeout and no retries."""
+    from urllib.parse import parse_qs, urlsplit
+    import redis.backoff
+    import redis.cluster
+    import redis.retry
+    links, made = {}, threading.Lock()
+
+    def remap(address):
+        with made:
+            if address not in links:
+                links[address] = _SoakFaultyLink(address[0], address[1], rnd)
+            return "127.0.0.1", links[address].port
+    parts = urlsplit(url)
+    _soak_fault_redis_cluster.links = links             # kept alive with the worker
+    for attempt in range(50):       # the client connects as it is made, and the relay may cut that
+        try:
+            client = redis.cluster.RedisCluster(
+                host=parts.hostname, port=parts.port, address_remap=remap, socket_timeout=0.5,
+                retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0))
+            break
+        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException):
+            time.sleep(0.01)
+    return sesskit.RedisContainer(client, prefix=parse_qs(parts.query)["prefix"][0])
+
+
 #: How the fault worker of a kind meets real write faults (default: RLIMIT_FSIZE on the store's files).
-_SOAK_FAULTS = {"redis": _soak_fault_redis}
+_SOAK_FAULTS = {"redis": _soak_fault_redis, "redis-cluster": _soak_fault_redis_cluster}
 
 
 # -- worker steps ------------------------------------------------------------------------
@@ -4523,6 +4943,7 @@ _SOAK_DAMAGE = {
     "sqlite": _soak_damage_sqlite,
     "lmdb": _soak_damage_lmdb,
     "redis": _soak_damage_redis,
+    "redis-cluster": _soak_damage_redis,
 }
 SOAK_KINDS = ["memory", *_SOAK_DAMAGE]
 
@@ -4992,8 +5413,8 @@ class TestSoak:
     @pytest.mark.parametrize("kind", SOAK_KINDS)
     def test_soak(self, kind, tmp_path, capsys, request):
         _need_kind(kind)
-        if kind == "redis":
-            request.getfixturevalue("redis_server")      # the run's server; stopped at the end
+        if kind in _SERVER_FIXTURES:
+            request.getfixturevalue(_SERVER_FIXTURES[kind])      # the run's server; stopped at the end
         seed = random.randrange(1 << 30)
         counts, violations = _Soak(kind, tmp_path, SOAK_SECONDS, seed).run()
         line = f"{kind}: " + " ".join(f"{name}={value}" for name, value in counts.items())
@@ -5745,9 +6166,9 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _port_open(port):
+def _port_open(port, host="127.0.0.1"):
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+        with socket.create_connection((host, port), timeout=0.2):
             return True
     except OSError:
         return False
@@ -5841,12 +6262,17 @@ def _alive(pid):
 
 
 @contextlib.contextmanager
-def _apache(app_file, root, cgi_dir, python_path, processes=4, threads=4, timeout=30, include=None):
+def _apache(app_file, root, cgi_dir, python_path, processes=4, threads=4, timeout=30, include=None,
+            host="127.0.0.1", port=None, launch=(), ready=_port_open):
     """Run mod_wsgi-express (Apache httpd) serving ``app_file``, plus ``*.cgi`` from ``cgi_dir``; yield
-    its base URL. Always stops it: apachectl stop, a bounded wait, then SIGKILL of what is left."""
-    port = _free_port()
+    its base URL. Always stops it: apachectl stop, a bounded wait, then SIGKILL of what is left.
+
+    By default it listens on a free loopback port. Elsewhere (in a network namespace) give ``host`` and
+    ``port``, ``launch``, the command prefix that starts ``apachectl start`` there, and ``ready(port,
+    host)``, which tells from where the clients are whether it answers."""
+    port = _free_port() if port is None else port
     cmd = [os.path.join(os.path.dirname(sys.executable), "mod_wsgi-express"), "setup-server", app_file,
-           "--server-root", root, "--host", "127.0.0.1", "--port", port, "--processes", processes,
+           "--server-root", root, "--host", host, "--port", port, "--processes", processes,
            "--threads", threads, "--locale", "C.UTF-8", "--python-path", python_path,
            "--setenv", "PYTHONPATH", python_path, "--setenv", "PYTHONDONTWRITEBYTECODE", "1",
            "--with-cgi", "--document-root", cgi_dir, "--log-level", "info"]
@@ -5860,21 +6286,21 @@ def _apache(app_file, root, cgi_dir, python_path, processes=4, threads=4, timeou
     pids = set()
     main = None
     try:
-        _sh([os.path.join(root, "apachectl"), "start"], timeout=timeout)
+        _sh([*launch, os.path.join(root, "apachectl"), "start"], timeout=timeout)
         deadline = time.monotonic() + timeout
         while True:
             try:
                 main = int(open(os.path.join(root, "httpd.pid")).read())
             except (OSError, ValueError):
                 main = None
-            if main and _port_open(port):
+            if main and ready(port, host):
                 break
             if time.monotonic() > deadline:
                 log = open(os.path.join(root, "error_log")).read()[-3000:]
                 raise RuntimeError(f"Apache did not answer on port {port} in {timeout}s:\n{log}")
             time.sleep(0.05)
         pids = _process_tree(main)
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://{host}:{port}"
     finally:
         _sh([os.path.join(root, "apachectl"), "stop"], timeout=timeout, check=False)
         if main:
@@ -6060,6 +6486,286 @@ class TestApache:
         started_in_wsgi = _HttpClient(base)
         started_in_wsgi.get("/m/set?k=from&v=wsgi")
         assert started_in_wsgi.get("/s.cgi")[1]["data"] == {"from": "wsgi", "n": 1, "via_cgi": True}
+
+
+# -- several hosts over HTTP ---------------------------------------------------------------
+# Issue 10's deployment as README describes it: Apache/mod_wsgi on each of three hosts (network and UTS
+# namespaces), one Redis host, and a browser's requests sprayed over all of them. The test's HTTP client
+# threads run in a fourth namespace linked to every host and to Redis, so this test adds no interface
+# or address outside the namespaces it made.
+
+#: The hosts' WSGI application (after STORE = ... and SYNC = ...): one cookie, and the lock mode by path
+#: (exclusive under /x/, read-only under /r/, merge elsewhere). Every reply names the host and process
+#: that served it, and an id made there. The write-back happens in start_response, so the reply can say
+#: whether it was saved or lost.
+_MULTIHOST_APP = r'''
+import json, os, socket, time
+from urllib.parse import parse_qsl
+import sesskit
+
+HOST = socket.gethostname()
+
+
+def app(environ, start_response):
+    session = environ["sesskit.session"]
+    query = dict(parse_qsl(environ["QUERY_STRING"]))
+    action = environ["PATH_INFO"].rsplit("/", 1)[-1]
+    time.sleep(float(query.get("sleep", 0)))
+    out = {"host": HOST, "pid": os.getpid(), "sample": sesskit.new_session_id()}
+    if action == "set":
+        session[query["k"]] = HOST
+    elif action == "incr":
+        session["n"] = out["n"] = session.get("n", 0) + 1
+    elif action == "get":
+        out["data"] = dict(session)
+    elif action == "login":
+        session.regenerate(grace=30)
+        session["user"] = HOST
+    elif action == "logout":
+        session.delete()
+    elif action == "late":              # loaded now, written after the test says "out" (a logout)
+        out["data"] = dict(session)
+        open(os.path.join(SYNC, "loaded-" + query["tag"]), "w").close()
+        deadline = time.monotonic() + 30
+        while not os.path.exists(os.path.join(SYNC, "out")) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if query.get("login"):
+            session.regenerate(grace=30)
+        if session.mode != "read":
+            session["late"] = HOST
+    start_response("200 OK", [("Content-Type", "application/json")])
+    out.update(id=session.id, new=session.is_new, saved=session.saved, lost=session.lost)
+    return [json.dumps(out).encode()]
+
+
+def mode(environ):
+    return {"/x/": "exclusive", "/r/": "read"}.get(environ["PATH_INFO"][:3], "merge")
+
+
+application = sesskit.SessionMiddleware(app, store=STORE, lock=mode, reap_interval=0)
+'''
+
+
+def _enter_netns(ns):
+    """Move the calling thread into network namespace ``ns``. setns(2) moves only the calling thread,
+    so a thread pool can live there while the rest of the process stays put (os.setns from 3.12)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+    try:
+        if libc.setns(fd, 0x40000000) != 0:                     # CLONE_NEWNET
+            error = ctypes.get_errno()
+            raise OSError(error, f"setns({ns}): {os.strerror(error)}")
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _client_namespace(redis_ns, hosts):
+    """A namespace for the test's clients, linked to the Redis host (client 10.248.0.1, Redis
+    10.248.0.2) and to each host i (client 10.248.i.1, host 10.248.i.2); deleted on the way out."""
+    ns = f"skc{os.getpid() % 100000}"
+    _sh(["ip", "netns", "add", ns])
+    try:
+        _sh(["ip", "-n", ns, "link", "set", "lo", "up"])
+        for i, peer in enumerate([redis_ns] + hosts):
+            _veth(ns, f"sk{i}c", f"10.248.{i}.1", peer, f"sk{i}s", f"10.248.{i}.2")
+        yield ns
+    finally:
+        _sh(["ip", "netns", "del", ns], check=False)
+
+
+def _http_get(url, cookie=None):
+    """GET ``url`` with session cookie ``cookie`` (no proxy): (status, Set-Cookie values, reply)."""
+    request = urllib.request.Request(url)
+    if cookie is not None:
+        request.add_header("Cookie", f"sesskit={cookie}")
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=60) as response:
+            return response.status, response.headers.get_all("Set-Cookie") or [], json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers.get_all("Set-Cookie") or [], exc.read()[-2000:].decode(errors="replace")
+
+
+def _name_tag(hostname):
+    """The host tag (see _host_tag) that ids made on host ``hostname`` carry."""
+    import zlib
+    return struct.pack(">I", zlib.crc32(hostname.encode()))[1:]
+
+
+class TestRedisMultiHost:
+    """Issue 10's deployment over HTTP: three hosts, each a real Apache/mod_wsgi (2 processes x 4
+    threads) with its own network namespace and host name, one redis-server on a fourth host, and one
+    client spraying the requests of one session (one cookie) over all three hosts at once."""
+
+    NAMES = ["host-a", "host-b", "host-c"]
+
+    def test_apache_hosts_share_one_redis_over_http(self):
+        """Over HTTP, one cookie, requests spread over the three hosts at once: 0 lost keys in merge
+        mode, an exact counter in exclusive mode, 0 lost keys when a login rotates the session amid
+        writes, and a logout on one host that slower requests on the others do not undo."""
+        _need(os.geteuid() == 0, "root, for network namespaces")
+        _need(shutil.which("ip") and shutil.which("unshare"), "ip (iproute2) and unshare (util-linux)")
+        _need(shutil.which("apache2") or os.path.exists("/usr/sbin/apache2"), "Apache httpd (apt apache2)")
+        express = os.path.join(os.path.dirname(sys.executable), "mod_wsgi-express")
+        _need(os.path.exists(express), "mod_wsgi-express (pip install mod_wsgi, needs apache2-dev)")
+        _need(shutil.which("setfacl") and shutil.which("useradd") and shutil.which("runuser"),
+              "setfacl/useradd/runuser to run Apache as an unprivileged user (apt acl)")
+        _need_kind("redis")
+        import tempfile
+        base = tempfile.mkdtemp(prefix="sesskit-multihost-", dir="/tmp")
+        try:
+            os.chmod(base, 0o755)
+            lib, cgi, sync = (os.path.join(base, d) for d in ("lib", "cgi", "sync"))
+            for d in (lib, cgi, sync):
+                os.mkdir(d, 0o755)
+            shutil.copy(os.path.join(HERE, "sesskit.py"), lib)
+            os.chmod(os.path.join(lib, "sesskit.py"), 0o644)
+            uid, gid = _ensure_server_user()
+            os.chown(sync, uid, gid)                     # the apps leave their "loaded" marks there
+            with contextlib.ExitStack() as stack:
+                redis_ns, hosts = stack.enter_context(_network_hosts(3))
+                client_ns = stack.enter_context(_client_namespace(redis_ns, hosts))
+                binds = [f"10.249.{i}.1" for i in (1, 2, 3)] + ["10.248.0.2"]
+                server = stack.enter_context(_namespace_redis(redis_ns, binds, os.path.join(base, "redis")))
+                client = stack.enter_context(ThreadPoolExecutor(
+                    12, initializer=_enter_netns, initargs=(client_ns,)))
+                client.submit(_wait_redis, 6379, server, 20, "10.248.0.2").result()
+                store = client.submit(sesskit.open_store, "redis://10.248.0.2:6379/0?prefix=mh:").result()
+                urls = []
+                for i, (ns, name) in enumerate(zip(hosts, self.NAMES), 1):
+                    app_file = os.path.join(base, f"{name}.wsgi")
+                    with open(app_file, "w") as f:
+                        f.write(f"STORE = 'redis://10.249.{i}.1:6379/0?prefix=mh:'\nSYNC = {sync!r}\n"
+                                + _MULTIHOST_APP)
+                    urls.append(stack.enter_context(_apache(
+                        app_file, os.path.join(base, name), cgi, lib, processes=2, threads=4,
+                        host=f"10.248.{i}.2", port=8080, launch=_as_host(ns, name),
+                        ready=lambda port, host: client.submit(_port_open, port, host).result())))
+                try:
+                    self._spray(client, urls, store, sync)
+                finally:
+                    store.close()
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+            _undo_machine_changes()
+
+    def _spray(self, client, urls, store, sync):
+        names = self.NAMES
+        seen = []                                   # every reply, to check hosts, processes and ids
+
+        def fetch(i, path, cookie=None):            # in a client thread: only they reach the hosts
+            status, set_cookies, reply = _http_get(urls[i % 3] + path, cookie)
+            assert status == 200, f"{urls[i % 3]}{path}: {status} {reply}"
+            seen.append(reply)
+            return set_cookies, reply
+
+        def get(i, path, cookie=None):
+            return client.submit(fetch, i, path, cookie).result()
+
+        def run(calls):
+            return [f.result() for f in [client.submit(fetch, *call) for call in calls]]
+
+        def new_session(i, path):
+            set_cookies, reply = get(i, path)
+            assert [_cookie_of(c) for c in set_cookies] == [f"sesskit={reply['id']}"], set_cookies
+            assert _host_tag(reply["id"]) == _name_tag(names[i % 3]), "the id was not made on its host"
+            return reply["id"]
+
+        # Sessions started on different hosts carry different host tags.
+        hot, counter, victim = new_session(0, "/m/set?k=seed"), new_session(1, "/x/incr"), \
+            new_session(2, "/m/set?k=v")
+
+        # Merge mode and exclusive mode at once: 150 writes of distinct keys to one session and 90
+        # increments of another, interleaved, request i to host i % 3.
+        writes = [(i, f"/m/set?k=k{i}&sleep=0.0{i % 3}", hot) for i in range(150)]
+        increments = [(i, "/x/incr", counter) for i in range(90)]
+        calls = [call for pair in zip(writes, increments) for call in pair] + writes[90:]
+        replies = run(calls)
+        assert all(set_cookies == [] for set_cookies, _ in replies), [sc for sc, _ in replies if sc]
+        merged = [reply for _, reply in replies if "n" not in reply]
+        counted = [reply["n"] for _, reply in replies if "n" in reply]
+        assert {r["id"] for r in merged} == {hot} and all(r["saved"] for r in merged)
+        assert sorted(counted) == list(range(2, 92)), "an increment was lost or counted twice"
+        for i in range(3):
+            data = get(i, "/m/get", hot)[1]["data"]
+            assert data == {"seed": "host-a", **{f"k{j}": names[j % 3] for j in range(150)}}, \
+                f"{names[i]} sees {len(data)} keys of 151"
+            assert get(i, "/x/get", counter)[1]["data"] == {"n": 91}
+
+        # A login (regenerate, grace 30 s) on one host while writes with the pre-login cookie run on
+        # all three: none is lost, and each write's response keeps the client on the new id.
+        sides = set()
+        for round_ in range(3):
+            old = new_session(round_, "/m/set?k=k0")
+            writes = [(i, f"/m/set?k=k{i}&sleep=0.0{i % 3}", old) for i in range(1, 31)]
+            login = (round_, "/m/login", old)
+            replies = run(writes[:12] + [login] + writes[12:])
+            login_cookies, login_reply = replies.pop(12)
+            new = login_reply["id"]
+            assert new != old and [_cookie_of(c) for c in login_cookies] == [f"sesskit={new}"]
+            assert _host_tag(new) == _name_tag(names[round_])
+            for set_cookies, reply in replies:          # written before the rotation, or forwarded
+                assert reply["saved"] and reply["id"] in (old, new), reply
+                cookies = [f"sesskit={new}"] if reply["id"] == new else []
+                assert [_cookie_of(c) for c in set_cookies] == cookies, (reply, set_cookies)
+                sides.add(reply["id"] == new)
+            data = get(round_ + 1, "/m/get", new)[1]["data"]
+            missing = [f"k{i}" for i in range(31) if f"k{i}" not in data]
+            assert missing == [] and data["user"] == names[round_], f"round {round_}: lost {missing}"
+        assert sides == {False, True}, "the writes did not race the logins"
+
+        # A logout on host a while three slower requests that loaded the session before it, on hosts
+        # b and c, finish after it: a write, a login (rotation) and a read. Neither brings it back, and
+        # none sends a cookie that would replace the expired one the logout sent.
+        late = [client.submit(fetch, 1, "/m/late?tag=w", victim),
+                client.submit(fetch, 2, "/m/late?tag=l&login=1", victim),
+                client.submit(fetch, 1, "/r/late?tag=r", victim)]
+        deadline = time.monotonic() + 30
+        while not all(os.path.exists(os.path.join(sync, f"loaded-{t}")) for t in "wlr"):
+            assert time.monotonic() < deadline, "the slow requests did not load the session"
+            time.sleep(0.01)
+        logout_cookies, logout = get(0, "/m/logout", victim)
+        open(os.path.join(sync, "out"), "w").close()
+        assert len(logout_cookies) == 1 and _cookie_of(logout_cookies[0]) == "sesskit=" \
+            and "Max-Age=0" in logout_cookies[0], logout_cookies
+        (write_cookies, write), (login_cookies, login), (read_cookies, read) = [f.result() for f in late]
+        assert write["data"] == login["data"] == read["data"] == {"v": "host-c"}   # loaded before
+        assert (write["lost"], write["saved"], login["lost"], login["saved"]) == (True, False, True, False)
+        assert not read["saved"] and write_cookies == login_cookies == read_cookies == []
+        rotated = login["id"]
+        assert rotated != victim and _host_tag(rotated) == _name_tag("host-c")
+        assert client.submit(store.load, victim).result() is None, "the logout was undone"
+        assert client.submit(store.load, rotated).result() is None, "the late login stored a session"
+        for i in range(3):
+            for sid in (victim, rotated):
+                set_cookies, reply = get(i, "/m/get", sid)
+                assert reply["new"] and reply["data"] == {} and set_cookies == []
+
+        # The same unstaged: a logout on host a amid writes with its cookie on b and c. A write either
+        # landed before it (no cookie), or lost its write-back (no cookie), or came after it and so
+        # started a new session of its own (its new id in the cookie); the old id never comes back.
+        gone = new_session(0, "/m/set?k=k0")
+        writes = [(1 + i % 2, f"/m/set?k=k{i}&sleep=0.0{i % 3}", gone) for i in range(1, 31)]
+        replies = run(writes[:12] + [(0, "/m/logout", gone)] + writes[12:])
+        logout_cookies, _ = replies.pop(12)
+        assert [_cookie_of(c) for c in logout_cookies] == ["sesskit="], logout_cookies
+        for set_cookies, reply in replies:
+            if reply["id"] == gone:
+                assert set_cookies == [] and reply["saved"] != reply["lost"], reply
+            else:
+                assert reply["saved"] and _host_tag(reply["id"]) == _name_tag(reply["host"]), reply
+                assert [_cookie_of(c) for c in set_cookies] == [f"sesskit={reply['id']}"], set_cookies
+        assert client.submit(store.load, gone).result() is None, "the logout was undone"
+
+        # Every host and both processes of each served; each made ids with its own host tag.
+        by_host = collections.defaultdict(set)
+        for reply in seen:
+            by_host[reply["host"]].add(reply["pid"])
+            assert _host_tag(reply["sample"]) == _name_tag(reply["host"]), reply
+        assert sorted(by_host) == names, by_host
+        assert all(len(pids) == 2 for pids in by_host.values()), dict(by_host)
 
 
 def _chromium(profile_dir, timeout=30):
