@@ -5819,7 +5819,9 @@ def _main(argv=None, out=None, err=None) -> int:
 
 
 def _admin(args, out, err):
-    """Run the admin command ``args`` (stats, ls, show, reap); return the exit status."""
+    """Run the admin command ``args`` (stats, ls, show, reap); return the exit status. The store is
+    closed on the way out (the CLI's entry point may be called many times in one process)."""
+    container = None
     try:
         container = _open_existing(args.store)
         now = time.time()
@@ -5861,6 +5863,9 @@ def _admin(args, out, err):
             print(f"sesskit: the store belongs to {_user_name(owner[0])}; run the command as that "
                   f"user: sudo -u {shlex.quote(_user_name(owner[0]))} {command}", file=err)
         return 1
+    finally:
+        if container is not None:
+            container.close()
 
 
 def main():

@@ -6115,6 +6115,24 @@ class TestCLI:
         assert sesskit._main(["show", url, "../etc"]) == 1
         assert "not a sesskit session id" in capsys.readouterr().err
 
+    def test_admin_commands_close_the_store(self, monkeypatch, capsys):
+        # _main may run many times in one process (an admin shell, a cron wrapper, these tests): each
+        # command closes what it opened, also when it fails, rather than leave it to the collector
+        closed = []
+
+        class Store(sesskit.MemoryContainer):
+            def close(self):
+                closed.append(self)
+
+        store = Store()
+        sid = _seed(store, {"user": "bob"})
+        monkeypatch.setattr(sesskit, "_open_existing", lambda url: store)
+        commands = [["stats", "memory:"], ["ls", "memory:"], ["show", "memory:", sid], ["reap", "memory:"],
+                    ["show", "memory:", sesskit.new_session_id()]]
+        assert [sesskit._main(command) for command in commands] == [0, 0, 0, 0, 1]
+        capsys.readouterr()
+        assert closed == [store] * len(commands)
+
     def test_reap_reports_progress_on_long_runs(self):
         class Slow(sesskit.MemoryContainer):
             def reap(self, now=None, budget=None, interval=0.0):
