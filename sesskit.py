@@ -4087,7 +4087,11 @@ class Session(MutableMapping):
         if type(key) is not str:
             raise TypeError(f"session keys must be str, not {type(key).__name__}: {key!r}")
         if self._tagged:
-            tagged = _tag(value)
+            try:
+                tagged = _tag(value)
+            except RecursionError:                # deeper than the stack: say why, as json would
+                problem = _nesting_problem(value, DEFAULTS["max_depth"]) or "the value nests too deep"
+                raise TypeError(f"session key {key!r}: {problem}") from None
             self._decoded.pop(key, None)
             if tagged is not value:
                 self._decoded[key] = value

@@ -7558,6 +7558,17 @@ class TestTaggedCodec:
         with sesskit.open_session(s.id, store=container, reap_interval=0) as plain:
             assert plain["b"] == {"~bytes": "AP8="}          # without the codec: the JSON as stored
 
+    def test_a_value_deeper_than_the_stack_is_refused_with_type_error(self, tmp_path):
+        deep = ()
+        for _ in range(sys.getrecursionlimit() + 100):
+            deep = (deep,)
+        store = sesskit.open_store(f"file:{tmp_path / 's'}")
+        with sesskit.open_session(None, store=store, codec="tagged") as s:
+            s["ok"] = (1, 2)
+            with pytest.raises(TypeError, match="'deep'.*deep"):
+                s["deep"] = deep
+        assert _stored(store, s.id) == {"ok": {"~tuple": [1, 2]}}
+
     def test_in_place_edits_of_decoded_values_are_saved(self, container):
         with sesskit.open_session(None, store=container, codec="tagged", reap_interval=0) as s:
             s["nested"] = {"list": [b"x"]}
