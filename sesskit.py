@@ -44,6 +44,7 @@ import stat
 import struct
 import sys
 import time
+import weakref
 import zlib
 from collections.abc import MutableMapping
 
@@ -178,6 +179,8 @@ def _check_json(key, value):
         raise TypeError(f"session key {key!r}: {problem}") from None
     # Walk the value only when it may hold a dict (or a brace in a string), to check its keys, or enough
     # brackets to nest too deep: a cheap test of the text spares the walk for most values.
+    if type(value) in _SCALARS:
+        return text
     if "{" in text or text.count("[") > DEFAULTS["max_depth"]:
         problem = _nesting_problem(value, DEFAULTS["max_depth"])
         if problem is not None:
@@ -860,16 +863,18 @@ def _decode_record(sid, payload, mtime):
         return None
 
 
-def _read_fd(fd):
-    """Return ``(contents, stat)`` of an open file: one fstat and, for a few KB, one pread.
+def _read_fd(fd, st=None):
+    """Return ``(contents, stat)`` of an open file: one fstat (unless ``st`` is given, a stat of the
+    file made since it last changed) and, for a few KB, one pread.
 
     Anything but a regular file (a FIFO, a device, a directory planted in the store) and a file bigger
     than any this store writes (see _slot_limit) read as empty, without a read, so they parse as no
     session; no more than that bound is ever read.
     """
-    st = os.fstat(fd)
+    if st is None:
+        st = os.fstat(fd)
     limit = _FILE_HEADER.size + 2 * _slot_limit()
-    if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+    if st.st_mode & 0o170000 != stat.S_IFREG or st.st_size > limit:      # S_ISREG, without a call
         return b"", st
     want = min(st.st_size + 4096, limit + 1)
     blob = os.pread(fd, want, 0)
@@ -1013,8 +1018,9 @@ def _check_private(what, st, remedy):
 
 class _FileLock:
     """A held lock of one file: the open descriptor whose flock we hold. For a session file also the
-    descriptor of its fan-out directory and its name there, to unlink or replace it relative to that,
-    and ``held``: the set of paths whose locks the acquiring thread holds, which lists it until release."""
+    descriptor of its fan-out directory and its name there (the session id), to unlink or replace it
+    relative to that, and ``held``: the set of session ids whose locks the acquiring thread holds, which
+    lists it until release. ``stat`` is the file's fstat taken just after the lock was acquired."""
 
     __slots__ = ("fd", "path", "stat", "dir_fd", "name", "held")
 
@@ -1022,13 +1028,13 @@ class _FileLock:
         self.fd, self.path, self.stat, self.dir_fd, self.name = fd, path, stat, dir_fd, name
         self.held = held
         if held is not None:
-            held.add(path)
+            held.add(name)
 
     def release(self):
         if self.fd is not None:
             fd, self.fd = self.fd, None
             if self.held is not None:
-                self.held.discard(self.path)
+                self.held.discard(self.name)
             try:
                 _unlock(fd)
             finally:
@@ -1041,6 +1047,51 @@ class _FileLock:
 
     def __exit__(self, *exc_info):
         self.release()
+
+
+class _Parked:
+    """One thread's slot for the descriptors a load of session ``sid`` opened (its file, for reading
+    and writing, and its fan-out directory), kept for the write-back that usually follows; see
+    FileContainer._park. ``fds`` is None or the pair; ``pid`` is the process that last used the slot.
+    Each pair is closed once: handed on by ``take``, replaced by ``put``, or by ``close`` (also when
+    the thread ends)."""
+
+    __slots__ = ("sid", "pid", "fds", "__weakref__")
+
+    def __init__(self):
+        self.sid = self.fds = None
+        self.pid = os.getpid()
+
+    def put(self, sid, fd, dir_fd):
+        previous, self.fds, self.sid = self.fds, (fd, dir_fd), sid
+        if previous is not None:
+            os.close(previous[0])
+            os.close(previous[1])
+
+    def take(self, sid):
+        """``(fd, dir_fd)`` if these are ``sid``'s and this process's (the caller owns them then);
+        else close them and return None."""
+        fds, self.fds = self.fds, None
+        if fds is None:
+            return None
+        if self.pid != os.getpid():           # a forked child's copy of its parent's slot
+            self.pid = os.getpid()
+        elif sid == self.sid:
+            return fds
+        for fd in fds:
+            os.close(fd)
+        return None
+
+    def close(self):
+        fds, self.fds = self.fds, None
+        if fds is not None:
+            for fd in fds:
+                try:
+                    os.close(fd)
+                except Exception:     # OSError, or the os module already torn down at interpreter exit
+                    pass
+
+    __del__ = close
 
 
 class FileContainer(Container):
@@ -1060,8 +1111,10 @@ class FileContainer(Container):
     a symlink, and never through a symlink itself. Renaming the store or planting a symlink in its place
     or in place of a fan-out directory after that changes nothing: the container keeps using the
     directory it checked. That descriptor is only ever a ``dir_fd``, never read from, so it is safe to
-    share between threads and across ``fork()``. ``close()`` frees it; the next use reopens the path and
-    checks it again (call it when no other thread is using the container). Pickles as its path.
+    share between threads and across ``fork()``. Besides it, each thread may keep the two descriptors
+    of the session it loaded last until its next call (see ``_park``). ``close()`` frees them all; the
+    next use reopens the path and checks it again (call it when no other thread is using the
+    container). Pickles as its path.
     Not for NFS or SMB: their flock() emulation is not reliable.
     """
 
@@ -1071,7 +1124,9 @@ class FileContainer(Container):
         self.path = os.path.abspath(os.fspath(path))
         self.durable = DEFAULTS["durable"] if durable is None else bool(durable)
         self._fd_lock = _thread.allocate_lock()
-        self._thread_state = _thread._local()     # .held: paths of the session locks this thread holds
+        # per thread: .held, the ids of the sessions whose locks it holds; .parked, see _park
+        self._thread_state = _thread._local()
+        self._all_parked = weakref.WeakSet()
         self._dir_fd = _open_store_dir(self.path, create)
         self._prefix = self.path + os.sep
         self.last_reap_visited = 0
@@ -1085,6 +1140,9 @@ class FileContainer(Container):
     def close(self):
         with self._fd_lock:
             fd, self._dir_fd = self._dir_fd, None
+            slots = list(self._all_parked)
+        for slot in slots:
+            slot.close()
         if fd is not None:
             os.close(fd)
 
@@ -1121,6 +1179,26 @@ class FileContainer(Container):
                 raise
             return None
 
+    # -- descriptors kept from a load for the write-back --------------------------------
+    # A request loads its session, then writes it back or touches it: the same file, from the same
+    # thread, moments later. So load() keeps the two descriptors it opened, the file's (opened for
+    # reading and writing) and its fan-out directory's, in a one-entry slot of the calling thread, and
+    # the thread's next lock of that session takes them instead of opening both again: two opens and
+    # two closes fewer per request, which pays for the directory opens of the item-11 hardening. A
+    # parked descriptor is no lock: the lock is still taken on it, and then checked as on any other
+    # open (a record moved to a bigger file, or a deleted session, leaves it unlinked, and the current
+    # file is opened instead). The thread's next load or lock of another session closes what is
+    # parked, and so do the end of the thread and close(); a thread thus keeps at most two descriptors
+    # per container between requests. Descriptors parked before a fork() are never used by the child:
+    # they share their open file description, and with it any flock, with the parent's.
+
+    def _park(self, sid, fd, dir_fd):
+        slot = getattr(self._thread_state, "parked", None)
+        if slot is None:
+            slot = self._thread_state.parked = _Parked()
+            self._all_parked.add(slot)
+        slot.put(sid, fd, dir_fd)
+
     # -- reading -----------------------------------------------------------------
 
     def _open_file(self, sid, flags):
@@ -1155,17 +1233,28 @@ class FileContainer(Container):
         (exclusive mode), nothing can be writing and the first read is final.
         """
         for _ in range(_TORN_READ_TRIES):
-            opened = self._open_file(sid, os.O_RDONLY)
+            writable = True
+            try:
+                opened = self._open_file(sid, os.O_RDWR)
+            except ContainerError:    # not writable by us (a read-only mount, a file made read-only)
+                writable = False
+                opened = self._open_file(sid, os.O_RDONLY)
             if opened is None:
                 return None
             fd, dir_fd = opened
-            os.close(dir_fd)
             try:
                 blob, st = _read_fd(fd)
-            finally:
+            except BaseException:
                 os.close(fd)
+                os.close(dir_fd)
+                raise
             payload, _, _, cap = _parse_session_file(blob)
-            if payload is not None or not cap or self._file(sid) in self._held_here():
+            if payload is not None and writable:      # a regular file holding a record
+                self._park(sid, fd, dir_fd)
+            else:
+                os.close(fd)
+                os.close(dir_fd)
+            if payload is not None or not cap or sid in self._held_here():
                 break                 # a record, not a session file at all, or no writer can run
         else:
             handle = self._lock(sid, DEFAULTS["lock_timeout"], os.O_RDONLY)
@@ -1179,7 +1268,7 @@ class FileContainer(Container):
     # -- locking -----------------------------------------------------------------
 
     def _held_here(self):
-        """The set of paths of the session files whose locks this thread holds."""
+        """The set of the ids of the sessions whose locks this thread holds."""
         held = getattr(self._thread_state, "held", None)
         if held is None:
             held = self._thread_state.held = set()
@@ -1189,9 +1278,11 @@ class FileContainer(Container):
         return self._lock(sid, timeout, os.O_RDWR)
 
     def _lock(self, sid, timeout, flags):
-        path = self._file(sid)
+        slot = getattr(self._thread_state, "parked", None)        # what this thread's load parked
+        opened = None if slot is None or slot.fds is None else slot.take(sid)
         while True:
-            opened = self._open_file(sid, flags)
+            if opened is None:
+                opened = self._open_file(sid, flags)
             if opened is None:
                 return None
             fd, dir_fd = opened
@@ -1203,13 +1294,14 @@ class FileContainer(Container):
                 os.close(dir_fd)
                 raise
             if st.st_nlink and stat.S_ISREG(st.st_mode):
-                return _FileLock(fd, path, st, dir_fd, sid, self._held_here())
+                return _FileLock(fd, None, st, dir_fd, sid, self._held_here())
             _unlock(fd)
             os.close(fd)
             os.close(dir_fd)
             if st.st_nlink:
                 return None                           # a FIFO or a device in its place: no session
             # The file was deleted or replaced while we waited: try the one that is there now.
+            opened = None
 
     # -- writing -----------------------------------------------------------------
 
@@ -1256,9 +1348,11 @@ class FileContainer(Container):
         except OSError as exc:
             raise ContainerError(f"cannot create session file {path!r}: {exc}") from exc
 
-    def _read_locked(self, sid, handle):
-        """The record in the locked file of ``handle`` and where it lies: ``(record or None, slot)``."""
-        blob, st = _read_fd(handle.fd)
+    def _read_locked(self, sid, handle, fresh=False):
+        """The record in the locked file of ``handle`` and where it lies: ``(record or None, slot)``.
+        ``fresh``: the handle was taken just now, so its stat still describes the file (no write can
+        have come between: we hold the lock), and the read needs no fstat of its own."""
+        blob, st = _read_fd(handle.fd, handle.stat if fresh else None)
         payload, index, seq, cap = _parse_session_file(blob)
         return (payload and _decode_record(sid, payload, st.st_mtime)), (index, seq, cap)
 
@@ -1278,7 +1372,7 @@ class FileContainer(Container):
             else:
                 self._grow(handle, payload, record.expires)
         except OSError as exc:
-            raise ContainerError(f"cannot write session file {handle.path!r} (the stored session "
+            raise ContainerError(f"cannot write session file {self._file(sid)!r} (the stored session "
                                  f"is unchanged): {exc}") from exc
 
     def update(self, sid, changed, deleted, meta, now, held=None, base=None):
@@ -1286,7 +1380,7 @@ class FileContainer(Container):
         if handle is None:
             return False
         try:
-            current, slot = self._read_locked(sid, handle)
+            current, slot = self._read_locked(sid, handle, fresh=held is None)
             if not current or not current.writable(now):
                 return False
             self._write_locked(sid, handle, slot, meta.replace(
@@ -1304,7 +1398,7 @@ class FileContainer(Container):
         if handle is None:
             return False
         try:
-            current, slot = self._read_locked(old, handle)
+            current, slot = self._read_locked(old, handle, fresh=held is None)
             if not current or not current.writable(now):
                 return False
             self.create(new, meta.replace(data=_merge_data(current.data, changed, deleted, base)))
@@ -1359,7 +1453,7 @@ class FileContainer(Container):
         else:
             handle = held
         try:
-            record = self._read_locked(sid, handle)[0]
+            record = self._read_locked(sid, handle, fresh=held is None)[0]
             if (record and record.writable(now if now is not None else record.expires)
                     and record.expires < expires and (timeout is None or record.timeout == timeout)):
                 _set_expiry(handle.fd, expires, handle.dir_fd, handle.name)
@@ -1376,7 +1470,7 @@ class FileContainer(Container):
         if handle is None:
             return
         try:
-            record = self._read_locked(sid, handle)[0]
+            record = self._read_locked(sid, handle, fresh=held is None)[0]
             if record and record.forward is not None:
                 # the lock order is the rotation's (old id, then new), so this cannot deadlock with it
                 target = self.lock(record.forward, DEFAULTS["lock_timeout"])
@@ -3305,7 +3399,7 @@ class RedisContainer(Container):
       it takes no session lock, so it may land while an exclusive block of the same session runs.
     * No resurrection: a write-back, touch or rotation of a session that was deleted, rotated away or
       expired by the caller's clock writes nothing and reports it (checked inside the script).
-    * Exclusive mode: ``lock`` sets ``PREFIX{sid}:lock`` to a random owner token with ``NX`` and a lease
+    * Exclusive mode: ``lock`` sets ``PREFIX{TAG}sid:lock`` to a random owner token with ``NX`` and a lease
       of ``lease`` seconds; a waiter polls (0.5 ms growing to ``DEFAULTS["poll_interval"]``: one small
       script per try, so a lock held for a millisecond is picked up at once) until ``lock_timeout``,
       then LockTimeout. Only the owner releases it (compare-and-delete in a script). While held, a thread of
@@ -4051,6 +4145,9 @@ def _default_store():
 ###############################################################################
 
 
+_UNLOADED, _OPEN, _CLOSED = "unloaded", "open", "closed"      # Session._state
+
+
 class Session(MutableMapping):
     """A session: a dict of JSON values with a lifecycle of load, any number of saves, and close.
 
@@ -4083,8 +4180,9 @@ class Session(MutableMapping):
             raise ValueError(f"lock must be one of {', '.join(LOCK_MODES)}, not {lock!r}")
         if codec not in (None, "json", "tagged"):
             raise ValueError(f"codec must be 'json' or 'tagged', not {codec!r}")
-        self._tagged = codec == "tagged"
-        self._decoded = {}            # tagged codec: key -> the value as the caller sees it
+        if codec == "tagged":
+            self._tagged = True
+            self._decoded = {}        # key -> the value as the caller sees it
         self._incoming = sid          # what the client sent (maybe not an id at all)
         self.container = container
         self.mode = lock
@@ -4095,19 +4193,26 @@ class Session(MutableMapping):
         self._max_size = max_size
         self._reap_interval = reap_interval
         self._state = _UNLOADED
-        self._data = None
-        self._held = None             # the held lock (exclusive mode) and the id it locks
-        self._held_sid = None
         self._stored = None           # the id the session's record is stored under; None: not stored
-        self._grace = None            # a pending regenerate(): the grace period of the old id
-        self._forwarded = False       # reached through a rotated id's forward: may not rotate again
         self.id = None
         self.is_new = True
-        self.saved = False
-        self.lost = False
-        self.deleted = False
-        self.stale = False
-        self._touched = False         # a touch moved the expiry (the cookie's Max-Age follows it)
+
+    # State that most sessions never change lives on the class, and an instance gets its own only when
+    # it changes: CPython keeps the attributes of instances in a compact shared layout only up to 30
+    # names per class, and past that each Session's attribute reads and writes were a measurable part
+    # of a request (issue 8).
+    _tagged = False                   # the tagged codec; then _decoded: key -> value as the caller sees it
+    _decoded = None
+    _data = None
+    _held = None                      # the held lock (exclusive mode) and the id it locks
+    _held_sid = None
+    _grace = None                     # a pending regenerate(): the grace period of the old id
+    _forwarded = False                # reached through a rotated id's forward: may not rotate again
+    saved = False
+    lost = False
+    deleted = False
+    stale = False
+    _touched = False                  # a touch moved the expiry (the cookie's Max-Age follows it)
 
     # -- mapping -----------------------------------------------------------------
 
@@ -4134,7 +4239,11 @@ class Session(MutableMapping):
         if type(key) is not str:
             raise TypeError(f"session keys must be str, not {type(key).__name__}: {key!r}")
         if self._tagged:
-            tagged = _tag(value)
+            try:
+                tagged = _tag(value)
+            except RecursionError:                # deeper than the stack: say why, as json would
+                problem = _nesting_problem(value, DEFAULTS["max_depth"]) or "the value nests too deep"
+                raise TypeError(f"session key {key!r}: {problem}") from None
             self._decoded.pop(key, None)
             if tagged is not value:
                 self._decoded[key] = value
@@ -4147,7 +4256,8 @@ class Session(MutableMapping):
         if self.mode == "read":
             raise ReadOnlySession(f"session {_short(self.id)} was opened with lock='read'")
         del data[key]
-        self._decoded.pop(key, None)
+        if self._tagged:
+            self._decoded.pop(key, None)
 
     def _retag(self):
         """Tagged codec: encode again the values handed out decoded (the caller may have edited them
@@ -4223,8 +4333,10 @@ class Session(MutableMapping):
         record = data = None
         if sid is not None:
             sid, record, how = self._resolve(sid, now, locking=True)
-            self._forwarded = how == "forwarded"
-            self.stale = how == "stale"
+            if how == "forwarded":
+                self._forwarded = True
+            elif how == "stale":
+                self.stale = True
         if record is not None:
             try:
                 data = _decode_fast(record.data)
@@ -4382,7 +4494,8 @@ class Session(MutableMapping):
         was_open = self._state is _OPEN
         try:
             if not discard and was_open:
-                self._retag()
+                if self._tagged:
+                    self._retag()
                 self._write_back(now)
         finally:
             self._state = _CLOSED
@@ -4392,12 +4505,14 @@ class Session(MutableMapping):
             self._maybe_reap()
 
     def __exit__(self, exc_type, exc, tb):
-        self.close(discard=exc_type is not None)
+        if self._state is not _CLOSED:                # close(), without one more call per request
+            self._close(self._clock(), exc_type is not None)
         return False
 
     def _save(self, now, create=False):
         """Write back, then go on as if the block had just loaded what it wrote."""
-        self._retag()
+        if self._tagged:
+            self._retag()
         text = _encode_data(self._data)
         wrote = (self._stored is None or self._grace is not None or text != self._loaded
                  or self._timeout != self._stored_timeout or self._max_age != self._stored_max_age)
@@ -4426,7 +4541,8 @@ class Session(MutableMapping):
     def _write_back(self, now, create=False):
         """Store what the session changed: create, update, rotate or touch. Sets ``saved``/``lost``.
         A new session is stored when it holds data, or with ``create`` (an explicit save) when empty."""
-        self._touched = False
+        if self._touched:
+            self._touched = False
         if self.stale:
             if self._data or self._grace is not None or self._timeout != self._stored_timeout:
                 self.lost = True                       # a late request of a rotated id writes nothing
@@ -4543,9 +4659,6 @@ class Session(MutableMapping):
             container.reap(now, budget=DEFAULTS["reap_budget"], interval=self._reap_interval)
         except (SesskitError, OSError):
             pass   # reaping is housekeeping: it must never fail the request that happened to trigger it
-
-
-_UNLOADED, _OPEN, _CLOSED = "unloaded", "open", "closed"
 
 
 def _expiry(created, timeout, max_age, now):
@@ -5862,7 +5975,9 @@ def _main(argv=None, out=None, err=None) -> int:
 
 
 def _admin(args, out, err):
-    """Run the admin command ``args`` (stats, ls, show, reap); return the exit status."""
+    """Run the admin command ``args`` (stats, ls, show, reap); return the exit status. The store is
+    closed on the way out (the CLI's entry point may be called many times in one process)."""
+    container = None
     try:
         container = _open_existing(args.store)
         now = time.time()
@@ -5904,6 +6019,9 @@ def _admin(args, out, err):
             print(f"sesskit: the store belongs to {_user_name(owner[0])}; run the command as that "
                   f"user: sudo -u {shlex.quote(_user_name(owner[0]))} {command}", file=err)
         return 1
+    finally:
+        if container is not None:
+            container.close()
 
 
 def main():

@@ -1612,6 +1612,111 @@ class TestFileContainer:
         assert [f for f in _files_under(store.path) if f.endswith(".tmp")] == []
         assert store.count() == 1
 
+    # -- descriptors a load keeps for the write-back (FileContainer._park) ----------------------
+
+    @staticmethod
+    def _fds_into(path):
+        """How many of this process's descriptors are open on ``path`` or anything under it (other
+        tests' threads and servers open and close descriptors of their own meanwhile)."""
+        count = 0
+        for name in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/self/fd/{name}")
+                if target == path or target.startswith(path + os.sep):
+                    count += 1
+        return count
+
+    def test_a_forked_child_never_uses_the_descriptors_its_parent_parked(self, tmp_path):
+        # The parked file descriptor shares its open file description, and so its flock, with the
+        # parent's copy: a child using it would "hold" the lock together with the parent.
+        store = sesskit.FileContainer(tmp_path / "s")
+        sid = _seed(store, {"n": 0})
+        assert store.load(sid) is not None                # parks this thread's descriptors of sid
+        ready, release = os.pipe(), os.pipe()
+        pid = os.fork()
+        if pid == 0:                                      # the child: lock sid and keep it
+            code = 1
+            try:
+                with store.lock(sid, 5):
+                    os.write(ready[1], b"x")
+                    os.read(release[0], 1)
+                code = 0
+            finally:
+                os._exit(code)
+        try:
+            assert os.read(ready[0], 1) == b"x"
+            with pytest.raises(sesskit.LockTimeout):      # takes the parked descriptor, and must wait
+                store.lock(sid, 0.3)
+        finally:
+            os.write(release[1], b"x")
+            assert os.waitpid(pid, 0)[1] == 0
+        with store.lock(sid, 5):
+            pass
+
+    def test_parked_descriptors_are_this_threads_own(self, tmp_path):
+        store = sesskit.FileContainer(tmp_path / "s")
+        sid = _seed(store, {"n": 0})
+        assert store.load(sid) is not None
+        held = []
+        other = ExThread(target=lambda: held.append(store.lock(sid, 5)))
+        other.start()
+        other.join()
+        try:
+            with pytest.raises(sesskit.LockTimeout):
+                store.lock(sid, 0.3)
+        finally:
+            held[0].release()
+
+    def test_a_write_after_the_load_moved_the_file_is_not_lost(self, tmp_path):
+        # The parked descriptor names the inode the load read; another request then grows the record
+        # into a bigger file renamed over it. This thread's write-back must go to the current file.
+        store = sesskit.FileContainer(tmp_path / "s")
+        sid = _seed(store, {"a": 1})
+        loaded = store.load(sid)
+        path = os.path.join(store.path, sid[:2], sid)
+        inode = os.stat(path).st_ino
+        big = "x" * 20_000
+        other = ExThread(target=lambda: store.update(sid, {"big": big}, [], loaded, T0))
+        other.start()
+        other.join()
+        assert os.stat(path).st_ino != inode              # the record moved to another file
+        assert store.update(sid, {"b": 2}, [], loaded, T0)
+        assert json.loads(store.load(sid).data) == {"a": 1, "big": big, "b": 2}
+
+    def test_a_write_after_a_delete_writes_nothing(self, tmp_path):
+        store = sesskit.FileContainer(tmp_path / "s")
+        sid = _seed(store, {"a": 1})
+        loaded = store.load(sid)
+        other = ExThread(target=lambda: store.delete(sid))
+        other.start()
+        other.join()
+        assert not store.update(sid, {"b": 2}, [], loaded, T0)
+        assert not store.touch(sid, T0 + 10_000, None, T0)
+        assert store.load(sid) is None
+        assert not os.path.exists(os.path.join(store.path, sid[:2], sid))
+
+    def test_parked_descriptors_are_freed_by_thread_end_and_close(self, tmp_path):
+        store = sesskit.FileContainer(tmp_path / "s")
+        sids = [_seed(store, {"i": i}) for i in range(8)]
+        store.close()
+        assert self._fds_into(store.path) == 0
+        threads = [ExThread(target=lambda sid=sid: [store.load(sid) for _ in range(3)]) for sid in sids]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        del t, threads
+        gc.collect()
+        assert self._fds_into(store.path) == 1               # the store's own directory descriptor
+        for sid in sids:                                    # one thread: at most one pair parked
+            assert store.load(sid) is not None
+        assert self._fds_into(store.path) == 3
+        store.close()
+        assert self._fds_into(store.path) == 0
+        with sesskit.open_session(sids[0], store=store) as s:   # and the store still works
+            s["j"] = 1
+        assert _stored(store, sids[0]) == {"i": 0, "j": 1}
+
     def test_touch_racing_a_timeout_change_does_not_undo_it(self, tmp_path, monkeypatch):
         """A touch reads the record and sets the time under the session's lock, so a write that shortens
         the timeout meanwhile waits for it and has the last word."""
@@ -1623,8 +1728,8 @@ class TestFileContainer:
         real_read = sesskit._read_fd
         writers = []
 
-        def read_while_a_write_races(fd):
-            result = real_read(fd)
+        def read_while_a_write_races(fd, st=None):
+            result = real_read(fd, st)
             if not writers:                           # the touch's read: a request shortens the timeout
                 writer = ExThread(target=lambda: store.update(sid, {}, [], shorter, clock.now))
                 writers.append(writer)
@@ -1985,8 +2090,8 @@ class TestFileHardening:
         real_read = sesskit._read_fd
         torn = []
 
-        def torn_unless_locked(fd):
-            blob, st = real_read(fd)
+        def torn_unless_locked(fd, st=None):
+            blob, st = real_read(fd, st)
             probe = os.open(path, os.O_RDONLY)
             try:
                 if sesskit._try_lock(probe):          # nobody holds the session's lock: a write may run
@@ -4949,8 +5054,36 @@ def _soak_fault_redis(url, rnd):
     return url.replace(parts.netloc, f"127.0.0.1:{link.port}", 1) + "&socket_timeout=0.5"
 
 
+def _soak_fault_redis_cluster(url, rnd):
+    """The same on a cluster: the client learns the nodes' addresses from the cluster itself, so a
+    container is made here whose client reaches every node through a relay of its own (redis-py's
+    ``address_remap``), with a short socket_timeout and no retries."""
+    from urllib.parse import parse_qs, urlsplit
+    import redis.backoff
+    import redis.cluster
+    import redis.retry
+    links, made = {}, threading.Lock()
+
+    def remap(address):
+        with made:
+            if address not in links:
+                links[address] = _SoakFaultyLink(address[0], address[1], rnd)
+            return "127.0.0.1", links[address].port
+    parts = urlsplit(url)
+    _soak_fault_redis_cluster.links = links             # kept alive with the worker
+    for attempt in range(50):       # the client connects as it is made, and the relay may cut that
+        try:
+            client = redis.cluster.RedisCluster(
+                host=parts.hostname, port=parts.port, address_remap=remap, socket_timeout=0.5,
+                retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0))
+            break
+        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException):
+            time.sleep(0.01)
+    return sesskit.RedisContainer(client, prefix=parse_qs(parts.query)["prefix"][0])
+
+
 #: How the fault worker of a kind meets real write faults (default: RLIMIT_FSIZE on the store's files).
-_SOAK_FAULTS = {"redis": _soak_fault_redis}
+_SOAK_FAULTS = {"redis": _soak_fault_redis, "redis-cluster": _soak_fault_redis_cluster}
 
 
 # -- worker steps ------------------------------------------------------------------------
@@ -5268,6 +5401,7 @@ _SOAK_DAMAGE = {
     "sqlite": _soak_damage_sqlite,
     "lmdb": _soak_damage_lmdb,
     "redis": _soak_damage_redis,
+    "redis-cluster": _soak_damage_redis,
 }
 SOAK_KINDS = ["memory", *_SOAK_DAMAGE]
 
@@ -5737,8 +5871,8 @@ class TestSoak:
     @pytest.mark.parametrize("kind", SOAK_KINDS)
     def test_soak(self, kind, tmp_path, capsys, request):
         _need_kind(kind)
-        if kind == "redis":
-            request.getfixturevalue("redis_server")      # the run's server; stopped at the end
+        if kind in _SERVER_FIXTURES:
+            request.getfixturevalue(_SERVER_FIXTURES[kind])      # the run's server; stopped at the end
         seed = random.randrange(1 << 30)
         counts, violations = _Soak(kind, tmp_path, SOAK_SECONDS, seed).run()
         line = f"{kind}: " + " ".join(f"{name}={value}" for name, value in counts.items())
@@ -6430,6 +6564,24 @@ class TestCLI:
         assert "no session" in capsys.readouterr().err
         assert sesskit._main(["show", url, "../etc"]) == 1
         assert "not a sesskit session id" in capsys.readouterr().err
+
+    def test_admin_commands_close_the_store(self, monkeypatch, capsys):
+        # _main may run many times in one process (an admin shell, a cron wrapper, these tests): each
+        # command closes what it opened, also when it fails, rather than leave it to the collector
+        closed = []
+
+        class Store(sesskit.MemoryContainer):
+            def close(self):
+                closed.append(self)
+
+        store = Store()
+        sid = _seed(store, {"user": "bob"})
+        monkeypatch.setattr(sesskit, "_open_existing", lambda url: store)
+        commands = [["stats", "memory:"], ["ls", "memory:"], ["show", "memory:", sid], ["reap", "memory:"],
+                    ["show", "memory:", sesskit.new_session_id()]]
+        assert [sesskit._main(command) for command in commands] == [0, 0, 0, 0, 1]
+        capsys.readouterr()
+        assert closed == [store] * len(commands)
 
     def test_reap_reports_progress_on_long_runs(self):
         class Slow(sesskit.MemoryContainer):
@@ -7855,6 +8007,17 @@ class TestTaggedCodec:
             assert type(again["t"]) is tuple and type(again["b"]) is bytes
         with sesskit.open_session(s.id, store=container, reap_interval=0) as plain:
             assert plain["b"] == {"~bytes": "AP8="}          # without the codec: the JSON as stored
+
+    def test_a_value_deeper_than_the_stack_is_refused_with_type_error(self, tmp_path):
+        deep = ()
+        for _ in range(sys.getrecursionlimit() + 100):
+            deep = (deep,)
+        store = sesskit.open_store(f"file:{tmp_path / 's'}")
+        with sesskit.open_session(None, store=store, codec="tagged") as s:
+            s["ok"] = (1, 2)
+            with pytest.raises(TypeError, match="'deep'.*deep"):
+                s["deep"] = deep
+        assert _stored(store, s.id) == {"ok": {"~tuple": [1, 2]}}
 
     def test_in_place_edits_of_decoded_values_are_saved(self, container):
         with sesskit.open_session(None, store=container, codec="tagged", reap_interval=0) as s:
