@@ -3537,7 +3537,8 @@ class TestRedisContainer:
         ('"a"', b"garbage"), ('"a"', b"x:1"), ('"a"', b":1"), ('"a"', b'1:"\xff"'), ("n", b"many"),
         ("n", b"1"), ("n", b"1e15"), ("n", b"99999999999999"), ('"z"', b"1:2"), ("e", b"soon"),
         ("e", b"-inf"),
-        ("f", b"\xff"), ("c", b"x")])
+        ("f", b"\xff"), ("c", b"x"), ('"a"', b'1:"x\ny"'), ('"a\n"', b"2:1"), ('"a"', "\u0661:1".encode()),
+        ("f", b"\n")])
     def test_a_damaged_hash_loads_as_absent(self, store, field, value):
         """Found by the soak: a hash damaged inside the server loads as no session (never raises,
         never as part of its data), and listing, counting, reaping and writing go on around it."""
