@@ -4010,9 +4010,11 @@ _REDIS_POOL_MADE = frozenset(("connection_pool", "himport_registry", "maint_noti
 def _redis_settings(client):
     """What makes a client like ``client``, without its connections (picklable): a plain pool's class
     and keyword arguments, or a Sentinel client's Sentinels, service and options."""
+    import redis.utils
+    unset = getattr(redis.utils, "SENTINEL", None)   # "not given": unpickled it would be a new object
     pool = client.connection_pool
     kwargs = {name: value for name, value in pool.connection_kwargs.items()
-              if name not in _REDIS_POOL_MADE}
+              if name not in _REDIS_POOL_MADE and (unset is None or value is not unset)}
     manager = getattr(pool, "sentinel_manager", None)
     if manager is None:
         return ("pool", type(pool), pool.connection_class, kwargs)

@@ -3403,6 +3403,8 @@ class TestRedisContainer:
         _run_all(ctx, _inherited_worker, [(c, sid, w, 5) for w in range(2)])
         assert c._client() is client                      # the parent's client was left alone
         assert set(_stored(c, sid)) == {"a"} | {f"w{w}-{i}" for w in range(2) for i in range(5)}
+        _run_all(multiprocessing.get_context("spawn"), _inherited_worker, [(c, sid, 2, 3)])   # pickled
+        assert {"w2-0", "w2-2"} <= set(_stored(c, sid))
 
     def test_keys_share_the_session_hash_tag(self, store):
         from redis.crc import key_slot
