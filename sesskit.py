@@ -3068,10 +3068,11 @@ class LMDBContainer(_DatabaseContainer):
 #     "key"           one field per session key, named by the key's JSON text (so it starts with '"' and
 #                     never meets a metadata name); its value is "<seq>:<the value's JSON text>".
 #
-# A load is one script that returns the metadata and the record's JSON text: the key fields joined in
-# order of their sequence number, so keys keep their insertion order, as in SQLite and LMDB. Every write is one Lua script (EVALSHA, then
-# EVAL when the server does not know it: after a restart or failover), and every script checks all its
-# conditions before its first write, so an error leaves nothing half-applied. Over maxmemory, Redis
+# A load is one script that returns the hash as it is, in one string; the client orders the key fields by
+# their sequence number (_redis_record), so keys keep their insertion order, as in SQLite and LMDB.
+# Every write is one Lua script (EVALSHA, then EVAL when the server does not know it: after a restart or
+# failover), and every script checks all its conditions before its first write, so an error leaves
+# nothing half-applied. Over maxmemory, Redis
 # refuses a script's first command that may grow memory (OOM) and lets a script finish once it has
 # written; so every script writes its growing commands first (HSET before HDEL) and a write-back that
 # adds or changes a key is refused whole, while one that only deletes keys still goes through.
