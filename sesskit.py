@@ -44,7 +44,6 @@ import stat
 import struct
 import sys
 import time
-import weakref
 import zlib
 from collections.abc import MutableMapping
 
@@ -1126,6 +1125,7 @@ class FileContainer(Container):
         self._fd_lock = _thread.allocate_lock()
         # per thread: .held, the ids of the sessions whose locks it holds; .parked, see _park
         self._thread_state = _thread._local()
+        import weakref                            # not at import: a CGI script may never make a store
         self._all_parked = weakref.WeakSet()
         self._dir_fd = _open_store_dir(self.path, create)
         self._prefix = self.path + os.sep
