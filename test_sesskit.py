@@ -185,28 +185,38 @@ def _stop_redis(proc):
     _stop(proc, grace=20)
 
 
+def _shared_servers(shared, prefix, start):
+    """The address of a server set this test run shares, started on first use (also by the hypothesis
+    machines, which cannot take fixtures) by ``start(directory) -> (processes, address)`` and stopped
+    by its fixture or at exit. ``shared`` is its registry; a forked child uses its parent's servers."""
+    if "address" not in shared:
+        import atexit
+        import tempfile
+        directory = tempfile.mkdtemp(prefix=prefix)
+        procs, address = start(directory)
+        shared.update(pid=os.getpid(), procs=procs, address=address, dir=directory)
+        atexit.register(_stop_shared, shared)
+    return shared["address"]
+
+
+def _stop_shared(shared):
+    if shared.get("pid") == os.getpid():
+        import shutil
+        for proc in shared.pop("procs"):
+            _stop_redis(proc)
+        shutil.rmtree(shared.pop("dir"), ignore_errors=True)
+        shared.clear()
+
+
 _redis_shared = {}        # the suite's redis-server: started on first use, stopped at the end
 
 
 def _redis_port():
-    """The port of the test run's own redis-server, started on first use (also by the hypothesis
-    machines, which cannot take fixtures) and stopped by the ``redis_server`` fixture or at exit."""
-    if "port" not in _redis_shared:           # a forked child uses its parent's server
-        import atexit
-        import tempfile
-        directory = tempfile.mkdtemp(prefix="sesskit-redis-")
+    """The port of the test run's own redis-server."""
+    def start(directory):
         proc, port = _start_redis(directory)
-        _redis_shared.update(pid=os.getpid(), proc=proc, port=port, dir=directory)
-        atexit.register(_stop_shared_redis)
-    return _redis_shared["port"]
-
-
-def _stop_shared_redis():
-    if _redis_shared.get("pid") == os.getpid():
-        import shutil
-        _stop_redis(_redis_shared.pop("proc"))
-        shutil.rmtree(_redis_shared.pop("dir"), ignore_errors=True)
-        _redis_shared.clear()
+        return [proc], port
+    return _shared_servers(_redis_shared, "sesskit-redis-", start)
 
 
 @pytest.fixture(scope="session")
@@ -214,7 +224,7 @@ def redis_server():
     """The port of a redis-server of this test run (Debian's, on a free loopback port)."""
     _need_kind("redis")
     yield _redis_port()
-    _stop_shared_redis()
+    _stop_shared(_redis_shared)
 
 
 def _free_ports(n):
@@ -271,25 +281,8 @@ _cluster_shared = {}      # the suite's Redis Cluster: started on first use, sto
 
 
 def _redis_cluster_ports():
-    """The ports of the test run's own 3-node Redis Cluster, started on first use (by the fixtures or
-    the hypothesis machine) and stopped by the ``redis_cluster`` fixture or at exit."""
-    if "ports" not in _cluster_shared:
-        import atexit
-        import tempfile
-        directory = tempfile.mkdtemp(prefix="sesskit-cluster-")
-        procs, ports = _start_redis_cluster(directory)
-        _cluster_shared.update(pid=os.getpid(), procs=procs, ports=ports, dir=directory)
-        atexit.register(_stop_shared_cluster)
-    return _cluster_shared["ports"]
-
-
-def _stop_shared_cluster():
-    if _cluster_shared.get("pid") == os.getpid():
-        import shutil
-        for proc in _cluster_shared.pop("procs"):
-            _stop_redis(proc)
-        shutil.rmtree(_cluster_shared.pop("dir"), ignore_errors=True)
-        _cluster_shared.clear()
+    """The ports of the test run's own 3-node Redis Cluster."""
+    return _shared_servers(_cluster_shared, "sesskit-cluster-", _start_redis_cluster)
 
 
 @pytest.fixture(scope="session")
@@ -297,7 +290,7 @@ def redis_cluster():
     """The ports of a 3-node Redis Cluster of this test run (Debian's redis-server)."""
     _need_kind("redis-cluster")
     yield _redis_cluster_ports()
-    _stop_shared_cluster()
+    _stop_shared(_cluster_shared)
 
 
 def _store_url(kind, tmp_path):
